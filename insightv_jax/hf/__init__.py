@@ -1,0 +1,35 @@
+"""Hugging Face interop: safetensors import/export, key maps, tokenizer files.
+
+`load_pretrained(path)` is the one entry point users need: it accepts a model
+directory, a run directory (latest step) or a Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jax.sharding import Mesh
+
+
+def load_pretrained(path: str | Path, mesh: Mesh | None = None):
+    """(model, tokenizer, processor, ModelConfig) from any checkpoint.
+
+    `tokenizer` is a `transformers` tokenizer (None if the checkpoint has none);
+    `processor` is the image processor (None for text-only models).
+    """
+    from insightv_jax.checkpoint import load_model
+
+    model, cfg, tok_dir, proc_dir = load_model(path, mesh)
+    tokenizer = processor = None
+    if tok_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    if proc_dir is not None:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(str(proc_dir))
+    return model, tokenizer, processor, cfg
+
+
+__all__ = ["load_pretrained"]

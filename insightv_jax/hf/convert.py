@@ -1,0 +1,186 @@
+"""Hugging Face folders <-> our models.
+
+Import reads one HF tensor at a time, converts it to our layout and places it
+straight into its target sharding (each device receives only its slice).
+Export streams parameters back out as safetensors in the hub's key layout, with
+`config.json`, `generation_config.json` and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from insightv_jax.config import ModelConfig
+from insightv_jax.errors import CheckpointError
+from insightv_jax.hf.configs import model_from_hf, model_to_hf, read_hf_config
+from insightv_jax.hf.keymap import IGNORED_KEY_SUFFIXES, ParamMap, decoder_keymap
+from insightv_jax.hf.safetensors_io import SafetensorsFolder, write_folder
+from insightv_jax.models.factory import abstract_model
+
+
+def keymap_for(cfg: ModelConfig) -> list[ParamMap]:
+    """The key map of a model config."""
+    if cfg.kind == "causal_lm":
+        return decoder_keymap(cfg.decoder)
+    raise CheckpointError(f"no Hugging Face key map for model kind {cfg.kind!r}")
+
+
+def _num_layers(cfg: ModelConfig, pm: ParamMap) -> int:
+    return cfg.decoder.num_layers
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+def _leaf_paths(tree, prefix=()) -> set[tuple[str, ...]]:
+    if isinstance(tree, dict):
+        out = set()
+        for k, v in tree.items():
+            out |= _leaf_paths(v, (*prefix, str(k)))
+        return out
+    return {prefix}
+
+
+def _host_value(folder: SafetensorsFolder, pm: ParamMap, n_layers: int) -> tuple[np.ndarray, str]:
+    if pm.stacked:
+        keys = [pm.hf_key.format(i=i) for i in range(n_layers)]
+        return np.stack([pm.to_ours(folder.read(k)) for k in keys]), keys[0]
+    return pm.to_ours(folder.read(pm.hf_key)), pm.hf_key
+
+
+def import_hf(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = None):
+    """Load a HF folder into our model, sharded on `mesh`. Returns (model, cfg)."""
+    folder = Path(folder)
+    cfg = cfg or model_from_hf(read_hf_config(folder), str(folder / "config.json"))
+    tensors = SafetensorsFolder(folder)
+    graphdef, abstract = abstract_model(cfg, mesh)
+    target = nnx.to_pure_dict(abstract)
+    maps = keymap_for(cfg)
+    missing = _leaf_paths(target) - {pm.path for pm in maps}
+    if missing:
+        raise CheckpointError(f"internal: no HF key maps parameter {'.'.join(sorted(missing)[0])}")
+
+    used: set[str] = set()
+    for pm in maps:
+        spec = _get(target, pm.path)
+        n_layers = _num_layers(cfg, pm)
+        host, first_key = _host_value(tensors, pm, n_layers)
+        if host.shape != spec.shape:
+            raise CheckpointError(
+                f"{tensors.key_to_file[first_key]}: tensor {first_key!r} does not fit the config "
+                f"(converted shape {host.shape}, config expects {spec.shape})"
+            )
+        host = host.astype(spec.dtype)
+        _set(
+            target,
+            pm.path,
+            jax.make_array_from_callback(spec.shape, spec.sharding, lambda i, h=host: h[i]),
+        )
+        if pm.stacked:
+            used.update(pm.hf_key.format(i=i) for i in range(n_layers))
+        else:
+            used.add(pm.hf_key)
+
+    tied_head = cfg.kind == "causal_lm" and cfg.decoder.tie_embeddings
+    extra = [
+        k
+        for k in tensors.keys()
+        if k not in used
+        and not k.endswith(IGNORED_KEY_SUFFIXES)
+        and not (tied_head and k.endswith("lm_head.weight"))
+    ]
+    if extra:
+        raise CheckpointError(
+            f"{tensors.key_to_file[extra[0]]}: tensor {extra[0]!r} is not used by the config "
+            f"({len(extra)} unused tensors; does config.json match the weights?)"
+        )
+    nnx.replace_by_pure_dict(abstract, target)
+    return nnx.merge(graphdef, abstract), cfg
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(model: nnx.Module, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF key, numpy array) for every parameter, one at a time."""
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for pm in keymap_for(cfg):
+        value = _to_host(_get(state, pm.path))
+        if pm.stacked:
+            for i in range(value.shape[0]):
+                yield pm.hf_key.format(i=i), pm.to_hf(value[i])
+        else:
+            yield pm.hf_key, pm.to_hf(value)
+
+
+def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
+    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def export_hf(
+    model: nnx.Module,
+    cfg: ModelConfig,
+    out: Path,
+    tokenizer_dir: Path | None = None,
+    processor_dir: Path | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> None:
+    """Write a `save_pretrained`-style folder into `out` (which must exist)."""
+    from insightv_jax.checkpoint import copy_aux_dirs
+
+    out = Path(out)
+    hf_cfg = model_to_hf(cfg)
+    special = _special_ids(tokenizer_dir)
+    hf_cfg.update(special)
+    if jax.process_index() == 0:
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        gen = {
+            k: v
+            for k, v in special.items()
+            if k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        }
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tensors = hf_tensors(model, cfg)
+    if jax.process_index() == 0:
+        write_folder(tensors, out, max_shard_bytes=max_shard_bytes)
+        copy_aux_dirs(out, tokenizer_dir, processor_dir)
+        for sub in ("tokenizer", "processor"):  # HF wants them at the top level
+            d = out / sub
+            if d.is_dir():
+                for f in d.iterdir():
+                    f.rename(out / f.name)
+                d.rmdir()
+    else:
+        for _ in tensors:  # take part in the collective gathers
+            pass

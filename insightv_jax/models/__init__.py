@@ -1,0 +1,1 @@
+"""Model definitions: decoder, vision towers, LLaVA composition, KV cache."""

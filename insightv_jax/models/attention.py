@@ -1,0 +1,184 @@
+"""Scaled dot-product attention behind one function, with three backends.
+
+Masks are built from *positions*, never from array offsets: a query at position
+p may see a key at position <= p (causal) whose slot is valid. The same rule
+covers training batches, left/right padding and a KV cache whose slots are
+partly filled, so no backend needs `is_causal` (top-left aligned in JAX when
+query and key lengths differ).
+
+Backends:
+  xla        `jax.nn.dot_product_attention` (cuDNN on GPU where it applies).
+  blockwise  pure JAX, online softmax over key blocks inside a map over query
+             blocks: never materialises the full attention matrix.
+  splash     TPU splash attention (Pallas) for training/prefill without a cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite "minus infinity": keeps fully masked rows NaN-free
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    kv_valid: jax.Array,
+    *,
+    causal: bool = True,
+    backend: str = "xla",
+    block_size: int = 512,
+) -> jax.Array:
+    """Attention of q (B, T, N, H) over k, v (B, S, K, H), N a multiple of K.
+
+    `q_positions` (B, T) and `kv_positions` (B, S) are token positions;
+    `kv_valid` (B, S) marks real keys (False for padding and empty cache slots).
+    Returns (B, T, N, H) in q's dtype. Query rows with no visible key are
+    undefined (they belong to padding) but finite.
+    """
+    if backend == "xla":
+        return _xla(q, k, v, q_positions, kv_positions, kv_valid, causal)
+    if backend == "blockwise":
+        return _blockwise(q, k, v, q_positions, kv_positions, kv_valid, causal, block_size)
+    if backend == "splash":
+        return _splash(q, k, v, kv_valid, causal, block_size)
+    raise ValueError(f"unknown attention backend {backend!r} (xla, blockwise, splash)")
+
+
+def visibility_mask(q_positions, kv_positions, kv_valid, causal: bool) -> jax.Array:
+    """Boolean (B, T, S): which keys each query may attend to."""
+    mask = kv_valid[:, None, :]
+    if causal:
+        mask = mask & (kv_positions[:, None, :] <= q_positions[:, :, None])
+    return mask
+
+
+def _xla(q, k, v, q_positions, kv_positions, kv_valid, causal):
+    mask = visibility_mask(q_positions, kv_positions, kv_valid, causal)[:, None]
+    impl = "xla" if jax.default_backend() == "cpu" else None
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _blockwise(q, k, v, q_positions, kv_positions, kv_valid, causal, block_size):
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    bq, bk = min(block_size, T), min(block_size, S)
+    nq, nk = -(-T // bq), -(-S // bk)
+    pad_q, pad_k = nq * bq - T, nk * bk - S
+    if pad_q:
+        q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+        q_positions = jnp.pad(q_positions, ((0, 0), (0, pad_q)))
+    if pad_k:
+        k = jnp.pad(k, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad_k), (0, 0), (0, 0)))
+        kv_positions = jnp.pad(kv_positions, ((0, 0), (0, pad_k)))
+        kv_valid = jnp.pad(kv_valid, ((0, 0), (0, pad_k)))
+    scale = H**-0.5
+    # (nq, B, bq, K, G, H) query blocks; (nk, B, bk, K, H) key/value blocks.
+    qb = q.reshape(B, nq, bq, K, G, H).transpose(1, 0, 2, 3, 4, 5)
+    qpb = q_positions.reshape(B, nq, bq).transpose(1, 0, 2)
+    kb = k.reshape(B, nk, bk, K, H).transpose(1, 0, 2, 3, 4)
+    vb = v.reshape(B, nk, bk, K, H).transpose(1, 0, 2, 3, 4)
+    kpb = kv_positions.reshape(B, nk, bk).transpose(1, 0, 2)
+    kvb = kv_valid.reshape(B, nk, bk).transpose(1, 0, 2)
+
+    def one_query_block(args):
+        q_blk, qp_blk = args  # (B, bq, K, G, H), (B, bq)
+        q32 = q_blk.astype(jnp.float32) * scale
+
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def update(carry, kv):
+            m, denom, acc = carry
+            k_blk, v_blk, kp_blk, valid_blk = kv
+            mask = valid_blk[:, None, None, None, :]
+            if causal:
+                mask = mask & (kp_blk[:, None, None, None, :] <= qp_blk[:, None, None, :, None])
+            s = jnp.einsum("bqkgh,bskh->bkgqs", q32, k_blk.astype(jnp.float32))
+            s = jnp.where(mask, s, _NEG)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            denom_new = denom * corr + p.sum(-1)
+            acc_new = acc * corr[..., None] + jnp.einsum(
+                "bkgqs,bskh->bkgqh", p, v_blk.astype(jnp.float32)
+            )
+            return m_new, denom_new, acc_new
+
+        def step(carry, kv):
+            _, _, kp_blk, valid_blk = kv
+            # Skip key blocks no query of this block can see (causal upper triangle).
+            visible = valid_blk.any()
+            if causal:
+                visible = visible & (kp_blk.min() <= qp_blk.max())
+            carry = jax.lax.cond(visible, update, lambda c, _: c, carry, kv)
+            return carry, None
+
+        init = (
+            jnp.full((B, K, G, bq), _NEG, jnp.float32),
+            jnp.zeros((B, K, G, bq), jnp.float32),
+            jnp.zeros((B, K, G, bq, H), jnp.float32),
+        )
+        (_, denom, acc), _ = jax.lax.scan(step, init, (kb, vb, kpb, kvb))
+        out = acc / jnp.maximum(denom, 1e-30)[..., None]  # (B, K, G, bq, H)
+        return out.transpose(0, 3, 1, 2, 4).reshape(B, bq, N, H)
+
+    out = jax.lax.map(one_query_block, (qb, qpb))  # (nq, B, bq, N, H)
+    out = out.transpose(1, 0, 2, 3, 4).reshape(B, nq * bq, N, H)[:, :T]
+    return out.astype(q.dtype)
+
+
+def _splash(q, k, v, kv_valid, causal, block_size, interpret: bool = False):
+    """TPU splash attention for full (uncached) sequences: T == S, positions
+    0..T-1, padding given by `kv_valid`. Heads are not sharded inside the kernel."""
+    if jax.default_backend() != "tpu" and not interpret:
+        raise ValueError(
+            f"attention backend 'splash' needs a TPU (running on {jax.default_backend()}); "
+            "use 'xla' or 'blockwise'"
+        )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
+
+    B, T, N, H = q.shape
+    if k.shape[1] != T:
+        raise ValueError("attention backend 'splash' needs equal query and key lengths (no cache)")
+    K = k.shape[2]
+    block = min(block_size, T)
+    one = sm.CausalMask((T, T)) if causal else sm.FullMask((T, T))
+    kernel = sk.make_splash_mha_single_device(
+        mask=sm.MultiHeadMask([one] * N),
+        block_sizes=sk.BlockSizes(
+            block_q=block,
+            block_kv=block,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_q_dq=block,
+            block_kv_dq=block,
+        ),
+        interpret=interpret,
+    )
+    # Padding is a second segment: real tokens (id 1) never see padding (id 0).
+    seg = kv_valid.astype(jnp.int32)
+    k = jnp.repeat(k, N // K, axis=2)
+    v = jnp.repeat(v, N // K, axis=2)
+    q = q * (H**-0.5)
+
+    def one(qi, ki, vi, si):
+        return kernel(
+            qi.swapaxes(0, 1),
+            ki.swapaxes(0, 1),
+            vi.swapaxes(0, 1),
+            segment_ids=sk.SegmentIds(q=si, kv=si),
+        ).swapaxes(0, 1)
+
+    return jax.vmap(one)(q, k, v, seg)

@@ -1,0 +1,232 @@
+"""The Llama-3 / Qwen2 family decoder in Flax NNX.
+
+Read top to bottom: RMSNorm, rotary embeddings, attention, SwiGLU MLP, one
+pre-norm block, and the decoder that embeds tokens, scans the stacked blocks,
+normalises and projects to the vocabulary.
+
+Shapes: B batch, T tokens, D hidden, N query heads, K key/value heads, H head
+dim, F MLP width, V vocabulary. Every parameter carries logical axis names
+(see `parallel.LOGICAL_RULES`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from insightv_jax.config import DecoderConfig, RopeScaling
+from insightv_jax.models.attention import attention
+from insightv_jax.models.stack import scan_layers, stack_layers
+from insightv_jax.parallel import constrain
+
+INIT_STD = 0.02  # HF's default initializer_range
+
+
+def param(rngs: nnx.Rngs, shape, axes, dtype, std: float = INIT_STD) -> nnx.Param:
+    """A normal(0, std) parameter tagged with logical axis names."""
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=axes)
+
+
+def zeros(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------- rotary
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies (H/2,), with Llama-3.1 or linear scaling if configured."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if scaling is None:
+        return inv.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv / scaling.factor).astype(np.float32)
+    old = scaling.original_max_position_embeddings
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x (B, T, heads, H) by its positions (B, T); HF's half-split layout."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # (B, T, H/2)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+# ------------------------------------------------------------ attention, MLP
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with optional q/k/v (and output) bias."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.q_proj = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.q_bias = zeros((N, H), ("heads", "head_dim"), pd)
+            self.k_bias = zeros((K, H), ("kv_heads", "head_dim"), pd)
+            self.v_bias = zeros((K, H), ("kv_heads", "head_dim"), pd)
+        if cfg.o_bias:
+            self.o_bias = zeros((D,), ("embed",), pd)
+
+    def __call__(self, x, positions, kv_valid):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q = constrain(
+            apply_rope(q, positions, inv_freq), "act_batch", "act_length", "act_heads", None
+        )
+        k = constrain(
+            apply_rope(k, positions, inv_freq), "act_batch", "act_length", "act_kv_heads", None
+        )
+        out = attention(
+            q,
+            k,
+            v,
+            positions,
+            positions,
+            kv_valid,
+            causal=True,
+            backend=cfg.attention,
+            block_size=cfg.attention_block_size,
+        )
+        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+        if cfg.o_bias:
+            y = y + self.o_bias[...].astype(dt)
+        return y
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        pd = jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate_proj = param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.up_proj = param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.down_proj = param(rngs, (F, D), ("mlp", "embed"), pd)
+
+    def __call__(self, x):
+        dt = self.dtype
+        gate = x @ self.gate_proj[...].astype(dt)
+        up = x @ self.up_proj[...].astype(dt)
+        h = constrain(jax.nn.silu(gate) * up, "act_batch", "act_length", "mlp")
+        return h @ self.down_proj[...].astype(dt)
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, kv_valid):
+        x = x + self.attn(self.input_norm(x), positions, kv_valid)
+        x = x + self.mlp(self.post_attn_norm(x))
+        return constrain(x, "act_batch", "act_length", "act_embed")
+
+
+# ------------------------------------------------------------------ decoder
+
+
+class Decoder(nnx.Module):
+    """Token embeddings -> stacked blocks (scanned) -> final norm -> LM head."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.layers = stack_layers(lambda r: DecoderBlock(cfg, rngs=r), cfg.num_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """(B, T) ids -> (B, T, D) embeddings in the compute dtype."""
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
+        return constrain(x, "act_batch", "act_length", "act_embed")
+
+    def hidden_states(
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        collect: bool = False,
+    ):
+        """Run the blocks and the final norm over embeddings (B, T, D).
+
+        `attention_mask` (B, T): 1 for real tokens; `positions` default to
+        0..T-1 (as Hugging Face does when none are given). Returns the normed
+        hidden states, and with `collect` also each block's output (L, B, T, D).
+        """
+        B, T, _ = inputs_embeds.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if attention_mask is None:
+            kv_valid = jnp.ones((B, T), bool)
+        else:
+            kv_valid = attention_mask.astype(bool)
+        x, per_layer = scan_layers(
+            self.layers, inputs_embeds, positions, kv_valid, remat=self.cfg.remat, collect=collect
+        )
+        x = self.norm(x)
+        return (x, per_layer) if collect else x
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Project hidden states to fp32 vocabulary logits."""
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        out = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
+        return constrain(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, inputs_embeds=None):
+        """Logits (B, T, V) in fp32 for token ids (or precomputed embeddings)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        return self.logits(self.hidden_states(inputs_embeds, attention_mask, positions))
