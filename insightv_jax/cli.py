@@ -48,6 +48,43 @@ def _convert_jax2hf(args: argparse.Namespace) -> None:
     print(f"exported {args.src} -> {args.out} ({cfg.kind}, {time.time() - t0:.1f}s)")
 
 
+def _infer(args: argparse.Namespace) -> None:
+    import json
+
+    from insightv_jax.sample.infer import InferSettings, _check_row, infer, read_rows
+
+    settings = InferSettings(
+        reason_max_tokens=args.max_reason_tokens,
+        summary_max_tokens=args.max_summary_tokens,
+        seed=args.seed,
+    )
+    if args.batch:
+        rows, errors = read_rows(Path(args.batch))
+        for e in errors:
+            print(f"skipped {e}", file=sys.stderr)
+        if not rows:
+            raise InsightVError(f"{args.batch}: no valid rows")
+    else:
+        if args.question is None:
+            raise InsightVError("give --question (and optionally --image) or --batch FILE.jsonl")
+        rows, errors = (
+            [_check_row({"question": args.question, "image": args.image}, "--question")],
+            [],
+        )
+    results = infer(args.reason, args.summary, rows, settings)
+    out = open(args.out, "w") if args.out else None
+    for r in results:
+        if out:
+            out.write(json.dumps(r) + "\n")
+        if args.show_chain:
+            print(f"[{r['id']}] chain:\n{r['chain']}")
+        print(f"[{r['id']}] answer: {r['answer']}")
+    if out:
+        out.close()
+    if errors:
+        print(f"{len(errors)} bad rows skipped, {len(results)} answered", file=sys.stderr)
+
+
 def _demo(args: argparse.Namespace) -> None:
     print(
         "insightv demo: the end-to-end Insight-V pipeline (synthetic suite -> base VLM -> "
@@ -57,7 +94,123 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+def _synth(args: argparse.Namespace) -> None:
+    from insightv_jax.data.synthetic.scenes import Knobs
+
+    knobs = Knobs(grid_size=args.grid_size, max_hops=args.max_hops)
+    t0 = time.time()
+    if args.format == "arrayrecord":
+        from insightv_jax.data.synthetic.tfds_builder import write_arrayrecord
+
+        where = write_arrayrecord(args.out, args.n, args.seed, knobs)
+        print(
+            f"wrote {args.n} items per split (train/val/test) to {where} ({time.time() - t0:.1f}s)"
+        )
+    else:
+        from insightv_jax.data.synthetic.writer import write_llava
+
+        counts = write_llava(args.out, args.n, args.seed, knobs)
+        print(f"wrote {counts} to {args.out} ({time.time() - t0:.1f}s)")
+
+
+def _data_validate(args: argparse.Namespace) -> None:
+    from insightv_jax.data.sources import open_source
+    from insightv_jax.data.validate import Limits, approx_token_count, validate_source
+    from insightv_jax.errors import DataError
+
+    count = approx_token_count
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    source = open_source(args.file, split=args.split, root=args.root)
+    limits = Limits(max_length=args.max_length, image_tokens=args.image_tokens, count_tokens=count)
+    report = validate_source(source, limits)
+    for rid, reason in report.bad:
+        print(f"{rid}: {reason}")
+    print(f"{report.total} records: {len(report.good)} ok, {len(report.bad)} bad")
+    if report.bad:
+        raise DataError(f"{args.file}: {len(report.bad)} bad record(s)")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    from insightv_jax.bench import BENCHES
+
+    print(json.dumps({args.name: BENCHES[args.name]()}, indent=2))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from insightv_jax.config import load_config
+    from insightv_jax.eval.harness import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    evaluate(cfg)
+    print(f"report written to {cfg.eval.out}/report.json (+ report.txt, report.png)")
+
+
+def _sft(args: argparse.Namespace) -> None:
+    from insightv_jax.config import load_config
+    from insightv_jax.train import run_sft
+
+    run_sft(load_config(args.config, args.overrides))
+
+
+def _dpo(args: argparse.Namespace) -> None:
+    from insightv_jax.config import load_config
+    from insightv_jax.train.dpo import run_dpo
+
+    run_dpo(load_config(args.config, args.overrides))
+
+
+def _iterate(args: argparse.Namespace) -> None:
+    from insightv_jax.config import load_config
+    from insightv_jax.train.iterate import run_iterate
+
+    run_iterate(load_config(args.config, args.overrides), rounds=args.rounds)
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    import json
+
+    from insightv_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "generate":
+        from insightv_jax.pipeline.generate import run_generate
+
+        print(json.dumps(run_generate(cfg), indent=1))
+    elif args.command == "assess":
+        from insightv_jax.pipeline.assess import run_assess
+
+        print(json.dumps(run_assess(cfg), indent=1))
+    else:
+        from insightv_jax.pipeline.build import format_table, run_build
+
+        print(format_table(run_build(cfg)))
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from insightv_jax.config import load_config
+    from insightv_jax.train.plan import plan_in_subprocess
+
+    devices = args.devices
+    cfg = load_config(args.config, args.overrides)  # bad config: one-line error here
+    if devices is None:  # the mesh's size when it names every axis
+        m = cfg.mesh
+        if -1 in (m.data, m.fsdp, m.tensor):
+            raise InsightVError(f"{args.config}: mesh has a -1 axis; pass --devices N")
+        devices = m.data * m.fsdp * m.tensor
+    proc = plan_in_subprocess(args.config, args.overrides, devices)
+    if proc.returncode:
+        raise InsightVError(f"plan for {args.config} on {devices} devices failed")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from insightv_jax.bench import BENCHES  # stdlib-only at import time
+
     parser = argparse.ArgumentParser(
         prog="insightv", description="Insight-V long-chain visual reasoning in JAX."
     )
@@ -74,6 +227,80 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help=out_help)
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         p.set_defaults(func=fn)
+
+    synth = sub.add_parser("synth", help="write the synthetic visual-reasoning dataset")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--n", type=int, default=1000, help="items per split")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--format", choices=["llava", "arrayrecord"], default="llava")
+    synth.add_argument("--grid-size", type=int, default=4, help="grid cells per side")
+    synth.add_argument("--max-hops", type=int, default=2, help="most spatial hops per question")
+    synth.set_defaults(func=_synth)
+
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    val = dsub.add_parser("validate", help="check every record; one line per bad record")
+    val.add_argument("file", help=".json, .jsonl or a tfds ArrayRecord directory")
+    val.add_argument("--split", default="train", help="split of a tfds directory")
+    val.add_argument("--root", default=None, help="image root (default: the file's folder)")
+    val.add_argument("--max-length", type=int, default=4096, help="tokens after image expansion")
+    val.add_argument("--image-tokens", type=int, default=16, help="tokens per image")
+    val.add_argument("--tokenizer", default=None, help="tokenizer folder (default: word count)")
+    val.set_defaults(func=_data_validate)
+
+    bench = sub.add_parser("bench", help="throughput benchmarks")
+    bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    bench.set_defaults(func=_bench)
+
+    inf = sub.add_parser("infer", help="two-agent answer: reasoning agent -> summary agent")
+    inf.add_argument("--reason", required=True, help="reasoning agent checkpoint")
+    inf.add_argument("--summary", required=True, help="summary agent checkpoint")
+    inf.add_argument("--question", help="one question")
+    inf.add_argument("--image", help="its image (vision-language agents)")
+    inf.add_argument("--batch", help="JSONL file of {id, question, image} rows")
+    inf.add_argument("--out", help="write results as JSONL here")
+    inf.add_argument("--show-chain", action="store_true", help="print the reasoning chain")
+    inf.add_argument("--max-reason-tokens", type=int, default=256)
+    inf.add_argument("--max-summary-tokens", type=int, default=64)
+    inf.add_argument("--seed", type=int, default=0)
+    inf.set_defaults(func=_infer)
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning (reasoning or summary agent)")
+    sft.add_argument("--config", required=True, help="run config YAML (configs/train/...)")
+    sft.add_argument("overrides", nargs="*", help="key=value config overrides")
+    sft.set_defaults(func=_sft)
+
+    dpo = sub.add_parser("dpo", help="DPO of the reasoning agent on a preference-pair file")
+    dpo.add_argument("--config", required=True, help="run config YAML (configs/dpo/...)")
+    dpo.add_argument("overrides", nargs="*", help="key=value config overrides")
+    dpo.set_defaults(func=_dpo)
+
+    it = sub.add_parser("iterate", help="iterative DPO: sample, judge, score, pairs, DPO per round")
+    it.add_argument("--config", required=True, help="run config YAML (configs/dpo/...)")
+    it.add_argument("--rounds", type=int, default=None, help="rounds T (default: dpo.rounds)")
+    it.add_argument("overrides", nargs="*", help="key=value config overrides")
+    it.set_defaults(func=_iterate)
+
+    plan = sub.add_parser("plan", help="compile the real-size train step; per-device memory")
+    plan.add_argument("--config", required=True, help="run config YAML")
+    plan.add_argument("--devices", type=int, default=None, help="fake devices (default: mesh)")
+    plan.add_argument("overrides", nargs="*", help="key=value config overrides")
+    plan.set_defaults(func=_plan)
+
+    for name, what in (
+        ("generate", "data pipeline 1/3: N reasoning chains per query (resumable shards)"),
+        ("assess", "data pipeline 2/3: judge answers, score and bucket the paths"),
+        ("build", "data pipeline 3/3: reasoning/summary/CoT SFT sets and preference pairs"),
+    ):
+        stage = sub.add_parser(name, help=what)
+        stage.add_argument("--config", required=True, help="run config YAML (configs/pipeline/...)")
+        stage.add_argument("overrides", nargs="*", help="key=value config overrides")
+        stage.set_defaults(func=_pipeline)
+
+    ev = sub.add_parser("eval", help="benchmark evaluation: table, JSON report and chart")
+    ev.add_argument("--config", required=True, help="eval config YAML (configs/eval/...)")
+    ev.add_argument("overrides", nargs="*", help="key=value config overrides")
+    ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic suite")
     demo.add_argument("--preset", choices=["tiny", "small"], default="tiny")

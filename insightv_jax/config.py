@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from insightv_jax.data.prompts import Prompts
 from insightv_jax.errors import InsightVError
 
 
@@ -90,14 +91,367 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The model: its kind and its parts. `vision` etc. arrive with the VLM."""
+class VisionConfig:
+    """A ViT image tower: CLIP (class token, pre-layernorm) or SigLIP (neither)."""
 
-    kind: Literal["causal_lm"] = "causal_lm"
+    family: Literal["clip", "siglip"] = "clip"
+    image_size: int = 40  # tile side in pixels (a remainder after patches is ignored)
+    patch_size: int = 10
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 1
+    num_heads: int = 4
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: Literal["quick_gelu", "gelu", "gelu_pytorch_tanh"] = "quick_gelu"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    attention: Literal["xla", "blockwise", "splash"] = "xla"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    def validate(self) -> None:
+        if self.patch_size > self.image_size:
+            raise ConfigError(
+                f"vision.patch_size={self.patch_size} exceeds vision.image_size={self.image_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision.hidden_size={self.hidden_size} is not a multiple of "
+                f"vision.num_heads={self.num_heads}"
+            )
+        for key in ("param_dtype", "dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ConfigError(f"vision.{key}={getattr(self, key)!r} is not one of {DTYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """How image features reach the decoder (LLaVA-1.5 single view or LLaVA-NeXT anyres).
+
+    `image_grid_pinpoints` are (height, width) canvas sizes in pixels, multiples of
+    the tile size (`vision.image_size`); only `kind: llava_next` uses them.
+    """
+
+    image_token_id: int = 3
+    feature_layer: int = -2  # index into the tower's hidden states (0 = embeddings)
+    feature_strategy: Literal["default", "full"] = "default"  # default drops the CLS token
+    projector: Literal["mlp2x_gelu"] = "mlp2x_gelu"
+    projector_bias: bool = True
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    images_per_sample: int = 1  # I of the per-sample padded batch layout
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model: its kind and its parts (`vision`, `llava` for the VLM kinds)."""
+
+    kind: Literal["causal_lm", "llava", "llava_next"] = "causal_lm"
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    vision: VisionConfig | None = None
+    llava: LlavaConfig | None = None
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.kind in ("llava", "llava_next")
 
     def validate(self) -> None:
         self.decoder.validate()
+        if not self.is_vlm:
+            return
+        if self.vision is None or self.llava is None:
+            raise ConfigError(f"model.kind={self.kind!r} needs model.vision and model.llava")
+        self.vision.validate()
+        tile = self.vision.image_size
+        if self.kind == "llava_next":
+            if not self.llava.image_grid_pinpoints:
+                raise ConfigError("model.llava.image_grid_pinpoints is empty (llava_next)")
+            for h, w in self.llava.image_grid_pinpoints:
+                if h % tile or w % tile or h <= 0 or w <= 0:
+                    raise ConfigError(
+                        f"model.llava.image_grid_pinpoints: {[h, w]} is not a positive "
+                        f"multiple of the tile size {tile}"
+                    )
+            want = "default" if self.vision.family == "clip" else "full"
+            if self.llava.feature_strategy != want:
+                raise ConfigError(
+                    f"model.llava.feature_strategy must be {want!r} for anyres with a "
+                    f"{self.vision.family} tower (tile features must form a square grid)"
+                )
+        if self.llava.images_per_sample < 1:
+            raise ConfigError("model.llava.images_per_sample must be >= 1")
+
+
+TRAINABLE_PARTS = ("vision", "projector", "llm")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Supervised fine-tuning (the `train:` section): optimiser, schedule, batch,
+    checkpointing and logging. Defaults follow METHOD.md §5."""
+
+    lr: float = 1e-5
+    warmup_fraction: float = 0.05
+    schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: int = 1
+    steps: int = 0  # > 0: train exactly this many steps (overrides epochs)
+    global_batch: int = 8  # sequences per optimizer step, over all hosts
+    micro_batches: int = 1  # gradient accumulation: global_batch split in this many
+    seq_len: int = 2048  # padded sequence length (bucket) used by plan and bench
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    trainable: tuple[str, ...] = ("projector", "llm")
+    remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None  # None: model's
+    loss_chunk: int = 1024  # tokens per chunk of the cross-entropy (bounds fp32 logits)
+    checkpoint_every: int = 500  # steps; 0 = only the final checkpoint
+    keep: int = 3  # checkpoints kept
+    log_every: int = 10
+    workdir: str = "runs/sft"  # the run directory
+    init: str | None = None  # model dir, run dir or HF folder; None = random init (preset)
+    data: str | None = None  # training data (read by the data loader); None = toy data
+    tokenizer: str | None = None  # tokenizer folder when training a preset from scratch
+    resume: bool = True  # continue from the latest checkpoint in workdir if there is one
+
+    def validate(self) -> None:
+        for part in self.trainable:
+            if part not in TRAINABLE_PARTS:
+                raise ConfigError(f"train.trainable: {part!r} is not one of {TRAINABLE_PARTS}")
+        if self.global_batch < 1 or self.micro_batches < 1:
+            raise ConfigError("train.global_batch and train.micro_batches must be >= 1")
+        if self.global_batch % self.micro_batches:
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} is not divisible by "
+                f"train.micro_batches={self.micro_batches}"
+            )
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"train.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if self.loss_chunk < 1:
+            raise ConfigError("train.loss_chunk must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How the loader reads the training data (`train.data` names the dataset):
+    a .json / .jsonl file or a tfds ArrayRecord directory (see data/loader.py)."""
+
+    split: str = "train"  # split of a tfds directory
+    image_root: str | None = None  # None: the dataset file's folder
+    max_length: int = 2048  # tokens after <image> expansion; longer records are bad
+    buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # padded lengths
+    shuffle_seed: int = 0
+    workers: int = 0  # grain worker processes (0 = in the training process)
+    on_bad_record: Literal["skip", "fail"] = "fail"
+
+    def validate(self) -> None:
+        if not self.buckets or max(self.buckets) < self.max_length:
+            raise ConfigError(
+                f"data.buckets={list(self.buckets)} must include a bucket >= "
+                f"data.max_length={self.max_length}"
+            )
+        if self.workers < 0:
+            raise ConfigError(f"data.workers={self.workers} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Data generation (`insightv generate | assess | build`, METHOD.md §1–3).
+
+    Each role (generator, judge, scorer) names its backend; `openai` reads the
+    API key from the environment variable `api_key_env` (never from a config).
+    """
+
+    data: str | None = None  # queries: LLaVA JSON / JSONL (the synthetic suite's train.json)
+    out: str = "runs/pipeline"  # generate/, assess/, build/ are written under it
+    generator: Literal["oracle", "openai", "local"] = "oracle"
+    judge: Literal["oracle", "openai", "local"] = "oracle"
+    scorer: Literal["oracle", "openai", "local"] = "oracle"
+    # openai-compatible endpoint (vLLM, SGLang, a hosted API)
+    endpoint: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    generator_model: str = "generator"
+    judge_model: str = "judge"
+    scorer_model: str = "scorer"
+    concurrency: int = 8  # requests in flight
+    timeout_s: float = 120.0  # per request
+    retries: int = 3  # per request, on timeouts, 5xx, 429 and malformed replies
+    backoff_s: float = 1.0  # doubled after every retry
+    json_retries: int = 3  # invalid step JSON: re-ask this often, then an Error step
+    # local backend: checkpoints (model dir, run dir or HF folder) of each role
+    generator_checkpoint: str | None = None
+    judge_checkpoint: str | None = None
+    scorer_checkpoint: str | None = None
+    step_tokens: int = 256  # local backend: new tokens per constrained step
+    final_tokens: int = 256  # new tokens for the final-answer call
+    # sampling (METHOD.md §1, §2)
+    num_samples: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.95
+    repetition_penalty: float = 1.05  # set 1.0 for hosted APIs that reject the field
+    max_new_tokens: int = 1024
+    judge_temperature: float = 0.2
+    judge_top_p: float = 0.7
+    judge_max_tokens: int = 16
+    scorer_temperature: float = 0.2
+    scorer_max_tokens: int = 512
+    # oracle teacher (synthetic suite)
+    error_rate: float = 0.3
+    oracle_style: Literal["full", "terse"] = "full"
+    oracle_delay_s: float = 0.0  # sleep per chain (a slow teacher, for tests)
+    # assessment and datasets
+    floor_score: float = 1.0
+    high_threshold: float = 80.0  # score >= this: high
+    mid_threshold: float = 50.0  # score >= this: mid, else low
+    min_gap: float = 10.0  # preference pairs: chosen - rejected >= min_gap
+    summary_mix: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"high": 1.0, "mid": 1.0, "low": 1.0, "wrong": 1.0, "general": 1.0}
+    )
+    general_data: str | None = None  # general QA (LLaVA JSON); None: the queries answered directly
+    batch_size: int = 32  # queries per unit of work (generate, assess)
+    shard: int | None = None  # this process's share; None: jax.process_index()
+    num_shards: int | None = None  # None: jax.process_count()
+    prompts: Prompts = dataclasses.field(default_factory=Prompts)
+
+    def validate(self) -> None:
+        if self.num_samples < 1 or self.concurrency < 1 or self.batch_size < 1:
+            raise ConfigError("pipeline.num_samples, concurrency and batch_size must be >= 1")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ConfigError(f"pipeline.error_rate={self.error_rate} is not in [0, 1]")
+        if not self.mid_threshold <= self.high_threshold:
+            raise ConfigError("pipeline.mid_threshold must be <= pipeline.high_threshold")
+        unknown = sorted(set(self.summary_mix) - {"high", "mid", "low", "wrong", "general"})
+        if unknown or any(v < 0 for v in self.summary_mix.values()):
+            raise ConfigError(
+                f"pipeline.summary_mix: keys must be high/mid/low/wrong/general with weights "
+                f">= 0 (got {dict(self.summary_mix)})"
+            )
+        if (self.shard is None) != (self.num_shards is None):
+            raise ConfigError("pipeline.shard and pipeline.num_shards are set together")
+        if self.num_shards is not None and not 0 <= self.shard < self.num_shards:
+            raise ConfigError(f"pipeline.shard={self.shard} is not in [0, {self.num_shards})")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+    """One benchmark file of an evaluation (see eval/readers.py for the layouts)."""
+
+    path: str = ""
+    name: str | None = None  # default: the file's stem
+    layout: Literal["auto", "tsv", "json", "jsonl", "parquet", "synthetic"] = "auto"
+    kind: Literal["auto", "mc", "yesno", "numeric", "open", "chartqa"] = "auto"
+    split: str = "test"  # the synthetic suite's split
+    image_root: str | None = None  # relative image paths; default: the file's folder
+    instruction: str | None = None  # after the question; None: the kind's default wording
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemConfig:
+    """A system under evaluation: `direct` / `cot` use `model`; `two_agent` uses
+    `reason` + `summary` (each a model dir, run dir or HF folder)."""
+
+    name: str = ""
+    mode: Literal["direct", "cot", "two_agent"] = "direct"
+    model: str | None = None
+    reason: str | None = None
+    summary: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSampling:
+    """Decoding for benchmarks (METHOD.md §6): direct and CoT greedy by default."""
+
+    direct_temperature: float = 0.0
+    cot_temperature: float = 0.0
+    reason_temperature: float = 0.7
+    summary_temperature: float = 0.2
+    top_p: float = 0.95
+    direct_max_tokens: int = 32
+    cot_max_tokens: int = 320
+    reason_max_tokens: int = 256
+    summary_max_tokens: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`insightv eval`: benchmarks x systems, paired comparisons, the report."""
+
+    benchmarks: tuple[BenchmarkConfig, ...] = ()
+    systems: tuple[SystemConfig, ...] = ()
+    compare: tuple[tuple[str, str], ...] = ()  # (a, b): paired 95% CI of acc(a) - acc(b)
+    sampling: EvalSampling = dataclasses.field(default_factory=EvalSampling)
+    paired_method: Literal["bootstrap", "mcnemar"] = "bootstrap"
+    bootstrap: int = 2000  # resamples of the paired bootstrap
+    batch_size: int = 8
+    limit: int = 0  # questions per benchmark (the first ones); 0 = all
+    seed: int = 0  # sampling and the multiple-choice fallback guesses
+    out: str = "runs/eval"  # report.json, report.txt, report.png, predictions.jsonl
+
+    def validate(self) -> None:
+        names = [s.name for s in self.systems]
+        if len(set(names)) != len(names) or "" in names:
+            raise ConfigError(f"eval.systems: names must be non-empty and unique (got {names})")
+        for s in self.systems:
+            need = ("reason", "summary") if s.mode == "two_agent" else ("model",)
+            for key in need:
+                if not getattr(s, key):
+                    raise ConfigError(f"eval.systems[{s.name}]: mode {s.mode} needs {key}")
+        for a, b in self.compare:
+            for n in (a, b):
+                if n not in names:
+                    raise ConfigError(f"eval.compare: {n!r} is not a system ({names})")
+        for bench in self.benchmarks:
+            if not bench.path:
+                raise ConfigError("eval.benchmarks: every benchmark needs a path")
+        if self.batch_size < 1 or self.limit < 0 or self.bootstrap < 100:
+            raise ConfigError("eval: batch_size >= 1, limit >= 0 and bootstrap >= 100")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Preference optimisation of the reasoning agent (`insightv dpo`) and the
+    iterative rounds (`insightv iterate`), METHOD.md §3, §5. The optimiser,
+    batch (`train.global_batch` = pairs per step) and run directory come from
+    `train:`; `train.init` is the policy to start from (M_1)."""
+
+    beta: float = 0.1
+    gamma: float = 1.0  # weight of the token-mean CE on the chosen response
+    label_smoothing: float = 0.0  # sigmoid / ref_free losses only
+    loss: Literal["sigmoid", "ipo", "ref_free"] = "sigmoid"
+    ref_logps: Literal["precomputed", "on_the_fly"] = "precomputed"
+    pairs: str | None = None  # `insightv dpo`: the preference-pair JSONL
+    reference: str | None = None  # reference checkpoint; None: train.init (the start policy)
+    logprob_batch: int = 8  # pairs per call of the reference log-prob pass
+    # iterate: sampling from M_t, judging, scoring, pairs
+    questions: str | None = None  # LLaVA JSON / JSONL questions (the synthetic suite's train.json)
+    questions_per_round: int = 0  # the first K questions each round; 0 = all
+    summary: str | None = None  # the summary agent's checkpoint (fixed over rounds)
+    samples_per_question: int = 4
+    reason_temperature: float = 0.7
+    summary_temperature: float = 0.2
+    top_p: float = 0.95
+    reason_max_tokens: int = 256
+    summary_max_tokens: int = 64
+    sample_batch: int = 16  # chains decoded per sampler call
+    min_gap: float = 10.0  # chosen_score - rejected_score >= min_gap
+    floor_score: float = 1.0  # the score of wrong-answer chains
+    rounds: int = 3
+    eval_data: str | None = None  # held-out questions: two-agent accuracy after each round
+    eval_limit: int = 0  # the first K held-out questions; 0 = all
+
+    def validate(self) -> None:
+        if self.beta <= 0 or self.gamma < 0:
+            raise ConfigError(f"dpo: beta={self.beta} must be > 0 and gamma={self.gamma} >= 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.samples_per_question < 2:
+            raise ConfigError("dpo.samples_per_question must be >= 2 (pairs need two chains)")
+        if min(self.logprob_batch, self.sample_batch, self.rounds) < 1:
+            raise ConfigError("dpo.logprob_batch, dpo.sample_batch and dpo.rounds must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +460,20 @@ class RunConfig:
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     seed: int = 0
 
     def validate(self) -> None:
         self.model.validate()
+        self.train.validate()
+        self.data.validate()
+        self.pipeline.validate()
+        self.eval.validate()
+        self.dpo.validate()
 
 
 # ---------------------------------------------------------------- conversion
@@ -258,13 +622,39 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section."""
+    out = _deep_copy(base)
+    for k, v in top.items():
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def read_with_includes(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """A YAML config whose optional `include:` lists files (relative to it) that
+    it extends: included files first, this file's keys on top."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: include cycle")
+    data = read_yaml(path)
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = deep_merge(merged, read_with_includes(path.parent / inc, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     cls: type[T] = RunConfig,
 ) -> T:
     """Load `cls` from a YAML file (optional) plus `key=value` overrides, validated."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_with_includes(path) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     cfg = from_dict(cls, data)
     if hasattr(cfg, "validate"):

@@ -86,3 +86,113 @@ def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.n
         if mask is not None:
             kw["attention_mask"] = torch.tensor(mask)
         return model(torch.tensor(ids), **kw).logits.float().numpy()
+
+
+# ------------------------------------------------------------------ LLaVA
+
+TILE = 20  # tower input side: 20-px tiles of 10-px patches (2x2 patches per tile)
+PINPOINTS = [[20, 40], [40, 20], [40, 40], [20, 60], [60, 20]]
+IMAGE_TOKEN = 96
+
+
+def build_llava(kind: str = "llava_next", tower: str = "clip", seed: int = 0, layer: int = -2):
+    """A tiny random LlavaNextForConditionalGeneration / LlavaForConditionalGeneration
+    (CLIP or SigLIP tower, Llama decoder), every weight perturbed so biases and
+    norms matter."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    vkw = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=TILE,
+        patch_size=10,
+    )
+    vision = CLIPVisionConfig(**vkw) if tower == "clip" else SiglipVisionConfig(**vkw)
+    text = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    common = dict(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=layer,
+        vision_feature_select_strategy="default" if tower == "clip" else "full",
+    )
+    if kind == "llava_next":
+        model = LlavaNextForConditionalGeneration(
+            LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common)
+        )
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig(**common))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.15 * torch.randn_like(p))
+    return model.eval()
+
+
+def llava_image_processor():
+    """The transformers LLaVA-NeXT image processor (PIL backend) for the tiny towers."""
+    from transformers import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": TILE},
+        crop_size={"height": TILE, "width": TILE},
+        image_grid_pinpoints=PINPOINTS,
+    )
+
+
+def random_images(sizes, seed: int = 0, mode: str = "RGB"):
+    """PIL images of the given (height, width) sizes with smooth random content."""
+    from PIL import Image
+
+    rs = np.random.RandomState(seed)
+    out = []
+    for h, w in sizes:
+        base = rs.randint(0, 256, (max(h // 4, 1) + 1, max(w // 4, 1) + 1, 4), dtype=np.uint8)
+        img = Image.fromarray(base, "RGBA").resize((w, h), Image.BILINEAR)
+        out.append(img.convert(mode) if mode != "RGBA" else img)
+    return out
+
+
+def token_row(image_counts, length: int, start: int = 5, image_token: int = IMAGE_TOKEN):
+    """A row of ids: a text token, then per image its image tokens and a text
+    token, right-padded with 0 to `length`; returns (ids, attention mask)."""
+    ids = [start]
+    for n in image_counts:
+        ids += [image_token] * n + [start + 1]
+    ids += [start + 2, start + 3]
+    mask = [1] * len(ids) + [0] * (length - len(ids))
+    ids = ids + [0] * (length - len(ids))
+    return ids, mask
+
+
+def torch_llava_logits(model, ids, pixel_values=None, image_sizes=None, mask=None):
+    import torch
+
+    kw = {}
+    if pixel_values is not None:
+        kw["pixel_values"] = torch.tensor(np.asarray(pixel_values))
+    if image_sizes is not None:
+        kw["image_sizes"] = torch.tensor(np.asarray(image_sizes))
+    if mask is not None:
+        kw["attention_mask"] = torch.tensor(np.asarray(mask))
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(np.asarray(ids)), **kw).logits.float().numpy()

@@ -58,3 +58,17 @@ def test_every_shipped_config_loads():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_include_extends_a_preset(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "model:\n  decoder:\n    hidden_size: 96\n    num_layers: 3\n"
+    )
+    (tmp_path / "run.yaml").write_text(
+        "include: base.yaml\nmodel:\n  decoder:\n    num_layers: 5\n"
+    )
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.model.decoder.hidden_size == 96 and cfg.model.decoder.num_layers == 5
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "loop.yaml")

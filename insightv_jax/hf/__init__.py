@@ -15,7 +15,8 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
     """(model, tokenizer, processor, ModelConfig) from any checkpoint.
 
     `tokenizer` is a `transformers` tokenizer (None if the checkpoint has none);
-    `processor` is the image processor (None for text-only models).
+    `processor` is our `data.images.ImageProcessor` (same pixels as the
+    transformers LLaVA-NeXT processor; None for text-only models).
     """
     from insightv_jax.checkpoint import load_model
 
@@ -25,10 +26,10 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    if proc_dir is not None:
-        from transformers import AutoImageProcessor
+    if proc_dir is not None and (Path(proc_dir) / "preprocessor_config.json").is_file():
+        from insightv_jax.data.images import ImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(str(proc_dir))
+        processor = ImageProcessor.from_pretrained(proc_dir)
     return model, tokenizer, processor, cfg
 
 

@@ -14,7 +14,8 @@ from insightv_jax.config import ConfigError, DecoderConfig, ModelConfig, RopeSca
 from insightv_jax.errors import CheckpointError
 
 DECODER_TYPES = ("llama", "qwen2")
-SUPPORTED_TYPES = DECODER_TYPES
+LLAVA_TYPES = ("llava", "llava_next")
+SUPPORTED_TYPES = DECODER_TYPES + LLAVA_TYPES
 
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -133,9 +134,18 @@ def decoder_to_hf(cfg: DecoderConfig, dtype: str | None = None) -> dict[str, Any
     return out
 
 
-def model_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """Our ModelConfig for any supported HF config dict."""
+def model_from_hf(d: dict[str, Any], where: str = "config.json", tensors=None) -> ModelConfig:
+    """Our ModelConfig for any supported HF config dict (`tensors`, a
+    SafetensorsFolder, is needed for the original LLaVA-NeXT repository format)."""
+    from insightv_jax.hf import llava
+
     model_type = d.get("model_type")
+    if llava.is_original_format(d):
+        if tensors is None:
+            raise CheckpointError(f"{where}: the LLaVA-NeXT repository format needs its weights")
+        return llava.original_from_hf(d, tensors, where)
+    if model_type in LLAVA_TYPES:
+        return llava.llava_from_hf(d, where)
     if model_type in DECODER_TYPES:
         return ModelConfig(kind="causal_lm", decoder=decoder_from_hf(d, where))
     raise CheckpointError(
@@ -146,4 +156,8 @@ def model_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
 def model_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.kind == "causal_lm":
         return decoder_to_hf(cfg.decoder)
+    if cfg.is_vlm:
+        from insightv_jax.hf.llava import llava_to_hf
+
+        return llava_to_hf(cfg)
     raise CheckpointError(f"model kind {cfg.kind!r} cannot be exported to Hugging Face")

@@ -25,15 +25,19 @@ from insightv_jax.hf.safetensors_io import SafetensorsFolder, write_folder
 from insightv_jax.models.factory import abstract_model
 
 
-def keymap_for(cfg: ModelConfig) -> list[ParamMap]:
-    """The key map of a model config."""
+def keymap_for(cfg: ModelConfig, layout: str = "hub") -> list[ParamMap]:
+    """The key map of a model config (VLMs: in one of `hf.llava.LAYOUTS`)."""
     if cfg.kind == "causal_lm":
         return decoder_keymap(cfg.decoder)
+    if cfg.is_vlm:
+        from insightv_jax.hf.llava import llava_keymap
+
+        return llava_keymap(cfg, layout)
     raise CheckpointError(f"no Hugging Face key map for model kind {cfg.kind!r}")
 
 
 def _num_layers(cfg: ModelConfig, pm: ParamMap) -> int:
-    return cfg.decoder.num_layers
+    return cfg.vision.num_layers if pm.path[0] == "vision" else cfg.decoder.num_layers
 
 
 def _get(tree: dict, path: tuple[str, ...]):
@@ -67,11 +71,17 @@ def _host_value(folder: SafetensorsFolder, pm: ParamMap, n_layers: int) -> tuple
 def import_hf(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = None):
     """Load a HF folder into our model, sharded on `mesh`. Returns (model, cfg)."""
     folder = Path(folder)
-    cfg = cfg or model_from_hf(read_hf_config(folder), str(folder / "config.json"))
+    hf_cfg = read_hf_config(folder) if cfg is None else None
     tensors = SafetensorsFolder(folder)
+    cfg = cfg or model_from_hf(hf_cfg, str(folder / "config.json"), tensors)
     graphdef, abstract = abstract_model(cfg, mesh)
     target = nnx.to_pure_dict(abstract)
-    maps = keymap_for(cfg)
+    layout = "hub"
+    if cfg.is_vlm:
+        from insightv_jax.hf.llava import detect_layout, ignored_key
+
+        layout = detect_layout(tensors.keys())
+    maps = keymap_for(cfg, layout)
     missing = _leaf_paths(target) - {pm.path for pm in maps}
     if missing:
         raise CheckpointError(f"internal: no HF key maps parameter {'.'.join(sorted(missing)[0])}")
@@ -97,13 +107,14 @@ def import_hf(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = None):
         else:
             used.add(pm.hf_key)
 
-    tied_head = cfg.kind == "causal_lm" and cfg.decoder.tie_embeddings
+    tied_head = cfg.decoder.tie_embeddings
     extra = [
         k
         for k in tensors.keys()
         if k not in used
         and not k.endswith(IGNORED_KEY_SUFFIXES)
         and not (tied_head and k.endswith("lm_head.weight"))
+        and not (cfg.is_vlm and ignored_key(k, layout))
     ]
     if extra:
         raise CheckpointError(

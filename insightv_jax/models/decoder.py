@@ -20,6 +20,7 @@ from flax import nnx
 
 from insightv_jax.config import DecoderConfig, RopeScaling
 from insightv_jax.models.attention import attention
+from insightv_jax.models.cache import KVCache, write_rows
 from insightv_jax.models.stack import scan_layers, stack_layers
 from insightv_jax.parallel import constrain
 
@@ -104,7 +105,11 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = zeros((D,), ("embed",), pd)
 
-    def __call__(self, x, positions, kv_valid):
+    def __call__(self, x, positions, kv_valid, offsets=None, layer_kv=None):
+        """Self-attention over x; with a cache (`offsets` (B,), `layer_kv` =
+        this layer's (k, v) of shape (B, S, K, H)) the new keys/values are
+        written at each row's offset, attention runs over the cache slots
+        (`kv_valid` is then (B, S)), and (y, (k, v)) is returned."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
@@ -120,21 +125,28 @@ class Attention(nnx.Module):
         k = constrain(
             apply_rope(k, positions, inv_freq), "act_batch", "act_length", "act_kv_heads", None
         )
+        kv_positions = positions
+        backend = cfg.attention
+        if layer_kv is not None:
+            k = write_rows(layer_kv[0], k, offsets)
+            v = write_rows(layer_kv[1], v, offsets)
+            kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), kv_valid.shape)
+            backend = "xla" if backend == "splash" else backend
         out = attention(
             q,
-            k,
-            v,
+            k.astype(dt),
+            v.astype(dt),
             positions,
-            positions,
+            kv_positions,
             kv_valid,
             causal=True,
-            backend=cfg.attention,
+            backend=backend,
             block_size=cfg.attention_block_size,
         )
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dt)
-        return y
+        return y if layer_kv is None else (y, (k, v))
 
 
 class MLP(nnx.Module):
@@ -166,10 +178,15 @@ class DecoderBlock(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, kv_valid):
-        x = x + self.attn(self.input_norm(x), positions, kv_valid)
+    def __call__(self, x, positions, kv_valid, offsets=None, layer_kv=None):
+        if layer_kv is None:
+            x = x + self.attn(self.input_norm(x), positions, kv_valid)
+        else:
+            y, layer_kv = self.attn(self.input_norm(x), positions, kv_valid, offsets, layer_kv)
+            x = x + y
         x = x + self.mlp(self.post_attn_norm(x))
-        return constrain(x, "act_batch", "act_length", "act_embed")
+        x = constrain(x, "act_batch", "act_length", "act_embed")
+        return x if layer_kv is None else (x, layer_kv)
 
 
 # ------------------------------------------------------------------ decoder
@@ -219,11 +236,54 @@ class Decoder(nnx.Module):
         x = self.norm(x)
         return (x, per_layer) if collect else x
 
+    def decode_hidden(self, inputs_embeds: jax.Array, cache: KVCache, attention_mask=None):
+        """Run new tokens (B, T, D) against a KV cache; returns (normed hidden, cache).
+
+        Row b's new tokens take positions lengths[b] .. lengths[b]+T-1; with a
+        right-padded chunk, `attention_mask` (B, T) says how many are real and
+        the row's length advances by that many.
+        """
+        B, T, _ = inputs_embeds.shape
+        counts = jnp.full((B,), T, jnp.int32) if attention_mask is None else attention_mask.sum(-1)
+        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+        slots = jnp.arange(cache.max_length, dtype=jnp.int32)
+        slot_valid = slots[None, :] < (cache.lengths + counts)[:, None]
+        x, _, (k, v) = scan_layers(
+            self.layers,
+            inputs_embeds,
+            positions,
+            slot_valid,
+            cache.lengths,
+            per_layer=(cache.k, cache.v),
+            remat="none",
+        )
+        new_cache = KVCache(k=k, v=v, lengths=cache.lengths + counts.astype(jnp.int32))
+        return self.norm(x), new_cache
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states to fp32 vocabulary logits."""
         head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         out = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
         return constrain(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+
+    def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None) -> jax.Array:
+        """Input embeddings (B, T, D); the VLM merges image features here."""
+        if pixel_values is not None or image_sizes is not None:
+            raise ValueError("a text-only causal_lm model takes no images")
+        return self.embed_tokens(input_ids)
+
+    @property
+    def decoder_config(self) -> DecoderConfig:
+        return self.cfg
+
+    def forward_hidden(
+        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
+    ):
+        """Final-normed hidden states (B, T, D): the shared entry point of every
+        top-level model (training steps call this, then `logits` in chunks)."""
+        if pixel_values is not None or image_sizes is not None:
+            raise ValueError("a text-only causal_lm model takes no images")
+        return self.hidden_states(self.embed_tokens(input_ids), attention_mask, positions)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, inputs_embeds=None):
         """Logits (B, T, V) in fp32 for token ids (or precomputed embeddings)."""

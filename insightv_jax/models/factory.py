@@ -21,6 +21,10 @@ def construct(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
     with nnx.use_eager_sharding(False):
         if cfg.kind == "causal_lm":
             return Decoder(cfg.decoder, rngs=nnx.Rngs(seed))
+        if cfg.kind in ("llava", "llava_next"):
+            from insightv_jax.models.llava import LlavaModel
+
+            return LlavaModel(cfg, rngs=nnx.Rngs(seed))
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 

@@ -39,22 +39,31 @@ def scan_layers(
     layers: nnx.Module,
     x: jax.Array,
     *args: Any,
+    per_layer: Any = None,
     remat: str = "none",
     collect: bool = False,
 ):
     """Run stacked `layers` over `x`: x = layer_i(x, *args) for i in order.
 
     Returns (x, per-layer outputs stacked on axis 0, or None unless `collect`).
+    With `per_layer` (a pytree with a leading layers axis, e.g. a KV cache),
+    layer i is called as `layer_i(x, *args, per_layer[i])` and must return
+    `(x, new_per_layer_i)`; the stacked new values come back as a third result.
     """
     graphdef, state = nnx.split(layers)
 
-    def body(h, layer_state):
+    def body(h, xs):
+        layer_state, extra = xs
         layer = nnx.merge(graphdef, layer_state)
-        h = layer(h, *args)
-        return h, (h if collect else None)
+        if per_layer is None:
+            h, out = layer(h, *args), None
+        else:
+            h, out = layer(h, *args, extra)
+        return h, (h if collect else None, out)
 
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r} ({', '.join(REMAT_POLICIES)})")
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, x, state)
+    h, (collected, outs) = jax.lax.scan(body, x, (state, per_layer))
+    return (h, collected) if per_layer is None else (h, collected, outs)

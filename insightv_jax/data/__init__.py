@@ -1,0 +1,1 @@
+"""Data: chat templates, images, the synthetic suite, sources, loaders and preference pairs."""

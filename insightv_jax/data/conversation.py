@@ -1,0 +1,232 @@
+"""Chat templates, conversation rendering with assistant-only labels, and a
+small BPE tokenizer builder.
+
+A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}`;
+`<image>` in a user turn marks an image. One template serves SFT, DPO and
+generation prompts:
+
+  llama3   <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n…<|eot_id|>
+           <|start_header_id|>user<|end_header_id|>\\n\\n…<|eot_id|> … (llava_llama_3)
+  chatml   <|im_start|>system\\n…<|im_end|>\\n<|im_start|>user\\n…<|im_end|>\\n … (Qwen2)
+  minimal  <s><u>…<a>…</s>   (terse markers: the tiny demo stays under ~64 tokens)
+
+Text pieces are tokenized separately (never across a role marker or an image),
+so `render` and `render_prompt` agree token for token with each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from insightv_jax.errors import DataError
+
+IMAGE_TOKEN = "<image>"
+THINK_TOKENS = ("<thoughts>", "</thoughts>", "<output>", "</output>")
+PAD_TOKEN = "<pad>"
+IGNORE = -100
+
+LLAVA_LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    name: str
+    bos: str  # "" = none
+    eos: str  # ends every turn; supervised after assistant content
+    default_system: str | None
+    turn_prefix: dict  # role -> text before the content
+    turn_suffix: str  # text after the end-of-turn token (not supervised)
+    specials: tuple[str, ...]
+
+
+TEMPLATES = {
+    "llama3": Template(
+        "llama3",
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        default_system=LLAVA_LLAMA3_SYSTEM,
+        turn_prefix={
+            r: f"<|start_header_id|>{r}<|end_header_id|>\n\n"
+            for r in ("system", "user", "assistant")
+        },
+        turn_suffix="",
+        specials=("<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+    ),
+    "chatml": Template(
+        "chatml",
+        bos="",
+        eos="<|im_end|>",
+        default_system="You are a helpful assistant.",
+        turn_prefix={r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")},
+        turn_suffix="\n",
+        specials=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+    ),
+    "minimal": Template(
+        "minimal",
+        bos="<s>",
+        eos="</s>",
+        default_system=None,
+        turn_prefix={"system": "<sys>", "user": "<u>", "assistant": "<a>"},
+        turn_suffix="",
+        specials=("<s>", "</s>", "<sys>", "<u>", "<a>"),
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise DataError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)})")
+    return TEMPLATES[name]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def _content_ids(tokenizer, text: str, image_counts: list[int], image_id: int) -> list[int]:
+    """Tokenize content, expanding each `<image>` into its count of image ids."""
+    parts = text.split(IMAGE_TOKEN)
+    ids = _encode(tokenizer, parts[0])
+    for part in parts[1:]:
+        if not image_counts:
+            raise DataError("more <image> placeholders than images")
+        ids += [image_id] * image_counts.pop(0) + _encode(tokenizer, part)
+    return ids
+
+
+def _turns(conversation, template: Template):
+    turns = list(conversation)
+    if template.default_system and (not turns or turns[0].get("role") != "system"):
+        turns.insert(0, {"role": "system", "content": template.default_system})
+    for k, turn in enumerate(turns):
+        if turn.get("role") not in ("system", "user", "assistant"):
+            raise DataError(f"turn {k}: role {turn.get('role')!r} is not system/user/assistant")
+    return turns
+
+
+def render(
+    conversation, tokenizer, template: str = "llama3", num_image_tokens=0, *, name: str = "sample"
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels equal the ids on assistant content and its
+    end-of-turn token, -100 elsewhere. `num_image_tokens` is an int (every image)
+    or a list (per image, in order); `name` prefixes error messages."""
+    t = get_template(template)
+    turns = _turns(conversation, t)
+    n_images = sum(str(x.get("content", "")).count(IMAGE_TOKEN) for x in turns)
+    counts = (
+        list(num_image_tokens)
+        if isinstance(num_image_tokens, (list, tuple))
+        else [int(num_image_tokens)] * n_images
+    )
+    if len(counts) != n_images:
+        raise DataError(f"{name}: {n_images} <image> placeholders but {len(counts)} images")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids = _encode(tokenizer, t.bos)
+    labels = [IGNORE] * len(ids)
+    try:
+        for turn in turns:
+            head = _encode(tokenizer, t.turn_prefix[turn["role"]])
+            body = _content_ids(tokenizer, str(turn.get("content", "")), counts, image_id)
+            body += _encode(tokenizer, t.eos)
+            tail = _encode(tokenizer, t.turn_suffix)
+            ids += head + body + tail
+            supervised = turn["role"] == "assistant"
+            labels += [IGNORE] * len(head) + (body if supervised else [IGNORE] * len(body))
+            labels += [IGNORE] * len(tail)
+    except DataError as e:
+        raise DataError(f"{name}: {e}") from None
+    return ids, labels
+
+
+def render_prompt(conversation, tokenizer, template: str = "llama3", num_image_tokens=0):
+    """Ids of a conversation (ending with a user turn) plus the assistant header:
+    the generation prompt, token-identical to the prefix `render` produces."""
+    ids, _ = render(conversation, tokenizer, template, num_image_tokens)
+    return ids + _encode(tokenizer, get_template(template).turn_prefix["assistant"])
+
+
+# ------------------------------------------------------------- tokenizer
+
+
+def chat_template_jinja(template: str) -> str:
+    """A Hugging Face chat template producing the same text as `render`."""
+    t = get_template(template)
+    system = ""
+    if t.default_system:
+        system = (
+            "{% if messages[0]['role'] != 'system' %}"
+            + _jinja_turn("system", repr(t.default_system), t)
+            + "{% endif %}"
+        )
+    return (
+        f"{t.bos}{system}"
+        "{% for message in messages %}"
+        + "".join(
+            f"{{% if message['role'] == '{r}' %}}"
+            + _jinja_turn(r, "message['content']", t)
+            + "{% endif %}"
+            for r in ("system", "user", "assistant")
+        )
+        + "{% endfor %}"
+        + "{% if add_generation_prompt %}"
+        + t.turn_prefix["assistant"]
+        + "{% endif %}"
+    )
+
+
+def _jinja_turn(role: str, content_expr: str, t: Template) -> str:
+    return t.turn_prefix[role] + "{{ " + content_expr + " }}" + t.eos + t.turn_suffix
+
+
+def build_tokenizer(
+    corpus_lines, out_dir: str | Path, template: str = "minimal", vocab_size: int = 512
+):
+    """Train a byte-level BPE tokenizer on `corpus_lines`, with the template's
+    special tokens, `<image>`, `<pad>` and the think tokens (non-special, so
+    decoding keeps them), plus a chat template; save it to `out_dir` and return
+    the `transformers` tokenizer loaded back from there."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    t = get_template(template)
+    specials = [*t.specials, IMAGE_TOKEN, PAD_TOKEN]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus_lines), trainer=trainer)
+    tok.add_tokens([AddedToken(x, special=False, normalized=False) for x in THINK_TOKENS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=t.bos or None,
+        eos_token=t.eos,
+        pad_token=PAD_TOKEN,
+        chat_template=chat_template_jinja(template),
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return AutoTokenizer.from_pretrained(str(out_dir))
+
+
+def add_think_tokens(tokenizer) -> list[int]:
+    """Add `<thoughts>`, `</thoughts>`, `<output>`, `</output>` as non-special
+    tokens (if missing); returns their ids. Grow the model with
+    `models.vocab.grow_vocab` when `len(tokenizer)` exceeds its vocabulary."""
+    from tokenizers import AddedToken
+
+    missing = [x for x in THINK_TOKENS if x not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens([AddedToken(x, special=False, normalized=False) for x in missing])
+    return [tokenizer.convert_tokens_to_ids(x) for x in THINK_TOKENS]

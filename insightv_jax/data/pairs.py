@@ -1,0 +1,151 @@
+"""Preference-pair records (DPO) with validation and a pair loader.
+
+A record:
+    {"id", "image" (path or list), "prompt" [turns, human first and last],
+     "chosen" str, "rejected" str, "answer" str, "chosen_score", "rejected_score",
+     "round" int >= 0, optional "ref_logps" {"chosen": float, "rejected": float}}
+
+A pair batch is `{"chosen": batch, "rejected": batch, "scores": (B, 2) f32,
+["ref_logps": (B, 2) f32]}` where `chosen`/`rejected` are each a full training
+batch (input_ids, attention_mask, labels, pixel_values, image_sizes) padded to
+the same length, so one forward function serves both sides.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from insightv_jax.data.loader import Collate, Loader
+from insightv_jax.data.sources import BadRecord
+from insightv_jax.data.validate import Limits, check_record
+
+REQUIRED = {
+    "id": (str,),
+    "prompt": (list,),
+    "chosen": (str,),
+    "rejected": (str,),
+    "answer": (str,),
+    "chosen_score": (int, float),
+    "rejected_score": (int, float),
+    "round": (int,),
+}
+
+
+def make_pair(
+    rid: str,
+    image,
+    prompt: list[dict],
+    chosen: str,
+    rejected: str,
+    answer: str,
+    chosen_score: float,
+    rejected_score: float,
+    round: int,
+    ref_logps: tuple[float, float] | None = None,
+) -> dict:
+    """A preference-pair record (the format the pipeline writes and DPO reads)."""
+    rec = {
+        "id": rid,
+        "image": image,
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "answer": answer,
+        "chosen_score": chosen_score,
+        "rejected_score": rejected_score,
+        "round": round,
+    }
+    if ref_logps is not None:
+        rec["ref_logps"] = {"chosen": float(ref_logps[0]), "rejected": float(ref_logps[1])}
+    return rec
+
+
+def side(rec: dict, which: str) -> dict:
+    """The conversation record of one side of a pair (prompt + that response)."""
+    conv = [*rec["prompt"], {"from": "gpt", "value": rec[which]}]
+    out = {"id": rec["id"], "conversations": conv}
+    for key in ("image", "image_arrays"):
+        if key in rec:
+            out[key] = rec[key]
+    return out
+
+
+def check_pair(rec, root: Path, limits: Limits) -> str | None:
+    """The reason a pair record is bad, or None."""
+    if isinstance(rec, BadRecord):
+        return rec.reason
+    for key, types in REQUIRED.items():
+        if key not in rec:
+            return f"missing key {key!r}"
+        if not isinstance(rec[key], types) or isinstance(rec[key], bool):
+            return f"{key!r} has type {type(rec[key]).__name__}"
+    if rec["round"] < 0:
+        return f"round {rec['round']} is negative"
+    if rec["chosen"] == rec["rejected"]:
+        return "chosen and rejected are identical"
+    if rec["chosen_score"] < rec["rejected_score"]:
+        return f"chosen_score {rec['chosen_score']} < rejected_score {rec['rejected_score']}"
+    ref = rec.get("ref_logps")
+    if ref is not None:
+        ok = isinstance(ref, dict) and all(
+            isinstance(ref.get(k), (int, float)) and math.isfinite(ref[k])
+            for k in ("chosen", "rejected")
+        )
+        if not ok:
+            return "ref_logps must be {chosen: float, rejected: float} (finite)"
+    for which in ("chosen", "rejected"):
+        reason = check_record(side(rec, which), root, limits)
+        if reason is not None:
+            return f"{which}: {reason}"
+    return None
+
+
+class PairTransform:
+    """Tokenises both sides of a pair with a record transform (picklable)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, rec: dict) -> dict:
+        out = {"chosen": self.transform(side(rec, "chosen"))}
+        out["rejected"] = self.transform(side(rec, "rejected"))
+        out["scores"] = np.asarray([rec["chosen_score"], rec["rejected_score"]], np.float32)
+        if rec.get("ref_logps") is not None:
+            ref = rec["ref_logps"]
+            out["ref_logps"] = np.asarray([ref["chosen"], ref["rejected"]], np.float32)
+        return out
+
+
+class PairCollate:
+    """Pads chosen and rejected to one common bucket length."""
+
+    def __init__(self, buckets: tuple[int, ...], pad_id: int = 0):
+        self.buckets, self.pad_id = tuple(buckets), pad_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        longest = max(len(e[s]["input_ids"]) for e in examples for s in ("chosen", "rejected"))
+        common = Collate(
+            tuple(b for b in self.buckets if b >= longest) or self.buckets, self.pad_id
+        )
+        batch = {s: common([e[s] for e in examples]) for s in ("chosen", "rejected")}
+        batch["scores"] = np.stack([e["scores"] for e in examples])
+        if all("ref_logps" in e for e in examples):
+            batch["ref_logps"] = np.stack([e["ref_logps"] for e in examples])
+        return batch
+
+
+def pair_loader(source, transform, *, batch_size: int, buckets: tuple[int, ...], **kw) -> Loader:
+    """A `Loader` over preference pairs: validation with `check_pair`, pair batches."""
+    pad_id = kw.pop("pad_id", 0)
+    return Loader(
+        source,
+        PairTransform(transform),
+        batch_size=batch_size,
+        buckets=buckets,
+        collate=PairCollate(buckets, pad_id),
+        check=check_pair,
+        **kw,
+    )

@@ -1,0 +1,1 @@
+"""The procedural visual-reasoning suite (the embedded default dataset) and its oracle."""

@@ -1,0 +1,116 @@
+"""The training transform: a LLaVA record -> one example of the batch format.
+
+It renders the conversation with the model's chat template
+(`data.conversation.render`: labels only on assistant content), expands each
+`<image>` to the number of image tokens the model consumes for that image's
+size, and preprocesses images exactly like the Hugging Face processor. It is
+picklable (grain workers): the tokenizer and processor load lazily from paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from insightv_jax.config import ModelConfig
+from insightv_jax.data import conversation as conv
+from insightv_jax.data.validate import Limits
+from insightv_jax.errors import DataError
+
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+def to_messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA `{from, value}` turns -> chat `{role, content}` messages."""
+    out = []
+    for turn in conversations:
+        role = ROLES.get(turn.get("from", turn.get("role")))
+        if role is None:
+            raise DataError(f"turn role {turn.get('from')!r} is not human/gpt/system")
+        out.append({"role": role, "content": turn.get("value", turn.get("content", ""))})
+    return out
+
+
+def record_images(rec: dict) -> list:
+    img = rec.get("image")
+    if img is None:
+        return []
+    return [img] if isinstance(img, str) else list(img)
+
+
+class ChatTransform:
+    """`record -> {input_ids, labels[, pixel_values (I, tiles, 3, H, W), image_sizes (I, 2)]}`."""
+
+    def __init__(
+        self, tokenizer_dir: str | Path, template: str, model_cfg: ModelConfig, root: str | Path
+    ):
+        self.tokenizer_dir = str(tokenizer_dir)
+        self.template = template
+        self.cfg = model_cfg
+        self.root = Path(root)
+        self._tok = self._proc = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None, "_proc": None}
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        return self._tok
+
+    @property
+    def processor(self):
+        if self._proc is None:
+            from insightv_jax.data.images import ImageProcessor
+
+            self._proc = ImageProcessor.for_model(self.cfg)
+        return self._proc
+
+    def image_tokens(self, size: tuple[int, int]) -> int:
+        from insightv_jax.models.anyres import num_image_tokens
+
+        return num_image_tokens(tuple(int(x) for x in size), self.cfg)
+
+    def __call__(self, rec: dict) -> dict[str, np.ndarray]:
+        name = f"record {rec.get('id')}"
+        images = record_images(rec)
+        out: dict[str, np.ndarray] = {}
+        counts: list[int] = []
+        if self.cfg.is_vlm:
+            from insightv_jax.data.images import pack_samples
+
+            named = [
+                (self.root / p if isinstance(p, str) else p, f"{name} image {k}")
+                for k, p in enumerate(images)
+            ]
+            pv, sizes = pack_samples([named], self.processor, self.cfg)
+            out["pixel_values"], out["image_sizes"] = pv[0], sizes[0]
+            counts = [self.image_tokens(s) for s in sizes[0][: len(images)]]
+        elif images:
+            raise DataError(f"{name}: has an image but the model is text-only")
+        ids, labels = conv.render(
+            to_messages(rec["conversations"]), self.tokenizer, self.template, counts, name=name
+        )
+        out["input_ids"] = np.asarray(ids, np.int32)
+        out["labels"] = np.asarray(labels, np.int32)
+        return out
+
+    def limits(self, max_length: int) -> Limits:
+        """Validation limits that count tokens exactly as this transform does."""
+        tok = self.tokenizer
+        return Limits(
+            max_length=max_length,
+            image_tokens=self.image_tokens if self.cfg.is_vlm else 0,
+            count_tokens=lambda text: len(tok.encode(text, add_special_tokens=False)),
+            turn_overhead=4,
+        )

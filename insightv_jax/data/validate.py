@@ -1,0 +1,166 @@
+"""Validation of every record before training (METHOD/DESIGN: bad input is named).
+
+Checks: parseable, an id, a non-empty alternating conversation (optional leading
+system turn, human first, gpt last) with non-empty text, `<image>` count equal to
+the number of images, image paths relative and inside the data root, images that
+exist and decode, valid UTF-8 text, and a length within `max_length` after each
+`<image>` is expanded to its image-token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+from insightv_jax.data.sources import BadRecord, record_id
+
+IMAGE_TOKEN = "<image>"
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def approx_token_count(text: str) -> int:
+    """Words and punctuation marks: a stand-in when no tokenizer is given."""
+    return len(_WORD.findall(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a record must fit: `image_tokens` per image (an int or a function of
+    the image's (height, width)), `max_length` tokens after expansion, and a text
+    token counter (`count_tokens`; default words+punctuation, plus 4 per turn for
+    the chat template)."""
+
+    max_length: int = 4096
+    image_tokens: int | Callable[[tuple[int, int]], int] = 16
+    count_tokens: Callable[[str], int] = approx_token_count
+    turn_overhead: int = 4
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclasses.dataclass
+class Report:
+    total: int = 0
+    good: list[int] = dataclasses.field(default_factory=list)
+    bad: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (id, reason)
+
+    def reasons(self) -> dict[str, int]:
+        """Bad-record counts by reason kind (the reason's text before any ':' or '(')."""
+        out: dict[str, int] = {}
+        for _, reason in self.bad:
+            kind = re.split(r"[:(]", reason)[0].strip()
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+
+def image_paths(rec: dict) -> list:
+    img = rec.get("image")
+    if img is None:
+        return []
+    return list(img) if isinstance(img, list) else [img]
+
+
+def _check_utf8(value, where: str) -> str | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{where}: text is not valid UTF-8"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if (r := _check_utf8(v, f"{where}.{k}")) is not None:
+                return r
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (r := _check_utf8(v, f"{where}[{i}]")) is not None:
+                return r
+    return None
+
+
+def _check_conversation(conv) -> str | None:
+    if not isinstance(conv, list) or not conv:
+        return "empty conversation"
+    turns = conv[1:] if isinstance(conv[0], dict) and conv[0].get("from") == "system" else conv
+    if not turns:
+        return "empty conversation"
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            return f"conversation turn {i}: not a {{from, value}} object"
+        want = "human" if i % 2 == 0 else "gpt"
+        if turn.get("from") != want:
+            return f"conversation turn {i}: expected from={want}, got {turn.get('from')!r}"
+        if not turn["value"].strip():
+            return f"conversation turn {i}: empty text"
+    if len(turns) % 2:
+        return "conversation does not end with a gpt turn"
+    return None
+
+
+def load_image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of a fully decoded image; raises OSError/ValueError if broken."""
+    with Image.open(io.BytesIO(path.read_bytes())) as img:
+        img.load()
+        return img.height, img.width
+
+
+def check_record(rec, root: Path, limits: Limits) -> str | None:
+    """The reason `rec` is bad, or None."""
+    if isinstance(rec, BadRecord):
+        return rec.reason
+    if (r := _check_utf8(rec, "record")) is not None:
+        return r
+    conv = rec.get("conversations")
+    if (r := _check_conversation(conv)) is not None:
+        return r
+    sizes: list[tuple[int, int]] = []
+    if "image_arrays" in rec:
+        sizes = [tuple(a.shape[:2]) for a in rec["image_arrays"]]
+    else:
+        root_abs = Path(root).resolve()
+        for p in image_paths(rec):
+            if not isinstance(p, str) or not p:
+                return f"image path {p!r} is not a string"
+            full = (root_abs / p).resolve()
+            if Path(p).is_absolute() or not full.is_relative_to(root_abs):
+                return f"image path {p} leaves the data root"
+            if not full.is_file():
+                return f"image {p} not found"
+            try:
+                sizes.append(load_image_size(full))
+            except (OSError, ValueError, SyntaxError) as e:
+                return f"image {p} does not decode ({type(e).__name__})"
+    n_tags = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
+    if n_tags != len(sizes):
+        return f"{n_tags} <image> tag(s) but {len(sizes)} image(s)"
+    per_image = limits.image_tokens
+    image_len = sum(per_image(s) if callable(per_image) else per_image for s in sizes)
+    text_len = sum(
+        limits.count_tokens(t["value"].replace(IMAGE_TOKEN, " ")) + limits.turn_overhead
+        for t in conv
+    )
+    if text_len + image_len > limits.max_length:
+        return f"too long: {text_len + image_len} tokens > max_length {limits.max_length}"
+    return None
+
+
+def validate_source(
+    source, limits: Limits = DEFAULT_LIMITS, root: str | Path | None = None, check=check_record
+) -> Report:
+    """Check every record of `source` with `check(rec, root, limits) -> reason | None`;
+    the report lists good indices and bad (id, reason)."""
+    root = Path(root) if root is not None else Path(getattr(source, "root", "."))
+    report = Report(total=len(source))
+    for i in range(len(source)):
+        rec = source[i]
+        reason = check(rec, root, limits)
+        if reason is None:
+            report.good.append(i)
+        else:
+            report.bad.append((record_id(rec, i), reason))
+    return report

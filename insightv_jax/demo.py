@@ -1,0 +1,391 @@
+"""`insightv demo`: the whole Insight-V pipeline on the embedded synthetic suite.
+
+Stages (each leaves its outputs under the workdir and `stages/<name>.done`; a
+rerun skips finished stages, and an interrupted SFT resumes from its checkpoint):
+  1 synth      train/val/test of the synthetic suite (LLaVA JSON + PNGs)
+  2 tokenizer  a byte-level BPE on every text the demo tokenises
+  3 base       the base VLM from scratch on direct question -> answer data
+  4 data       oracle generation (N chains per question) -> assess -> build
+  5 agents     SFT of the reasoning agent, the summary agent and the CoT baseline
+  6 dpo        iterative DPO of the reasoning agent (train/iterate.py)
+  7 eval       base direct, CoT, two-agent, two-agent after each DPO round
+  8 export     the final agents as Hugging Face folders
+A preset (configs/demo/<preset>.yaml) holds every knob; its `base`, `reason`,
+`summary`, `cot` and `dpo` sections are merged over the SFT config it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from insightv_jax.config import ConfigError, RunConfig, deep_merge, from_dict, read_with_includes
+from insightv_jax.errors import InsightVError
+
+STAGES = ("synth", "tokenizer", "base", "data", "agents", "dpo", "eval", "export")
+AGENTS = ("reason", "summary", "cot")
+REPO = Path(__file__).resolve().parents[1]
+SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def preset_path(preset: str) -> Path:
+    """configs/demo/<preset>.yaml (or a path to a preset file)."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    path = REPO / "configs" / "demo" / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: demo preset {preset!r} not found")
+    return path
+
+
+def load_preset(preset: str, overrides: dict | None = None) -> dict:
+    """The preset as a dict (relative config paths resolved), `overrides` merged in."""
+    path = preset_path(preset)
+    spec = deep_merge(yaml.safe_load(path.read_text()) or {}, overrides or {})
+    for key in ("sft_config", "suite", "pipeline", "eval", "base"):
+        if key not in spec:
+            raise ConfigError(f"{path}: demo preset has no '{key}' section")
+    sft = Path(spec["sft_config"])
+    spec["sft_config"] = str(sft if sft.is_absolute() else (path.parent / sft).resolve())
+    return spec
+
+
+class Demo:
+    """One demo run in `workdir` from a preset dict (see `load_preset`)."""
+
+    def __init__(self, spec: dict, workdir: str | Path, out=sys.stdout):
+        self.spec, self.ws, self.out = spec, Path(workdir).resolve(), out
+        self.data = self.ws / "data"
+        self.runs = self.ws / "runs"
+        self.times: dict[str, float] = {}
+
+    # ------------------------------------------------------------ plumbing
+
+    def say(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+    def run(self) -> dict:
+        """All stages in order (finished ones skipped); returns the eval report."""
+        self.ws.mkdir(parents=True, exist_ok=True)
+        (self.ws / "preset.yaml").write_text(yaml.safe_dump(self.spec, sort_keys=False))
+        t0 = time.time()
+        for i, name in enumerate(STAGES, 1):
+            self._stage(i, name, getattr(self, f"stage_{name}"))
+        report = json.loads((self.ws / "eval" / "report.json").read_text())
+        self.say("\n" + (self.ws / "eval" / "report.txt").read_text().rstrip())
+        self.say(headline_text(self.ws / "eval", self.spec))
+        rows = "  ".join(f"{k} {v:.0f}s" for k, v in self.times.items())
+        self.say(f"\nstage wall times: {rows}\ndemo total {time.time() - t0:.0f}s; "
+                 f"workdir {self.ws}")  # fmt: skip
+        return report
+
+    def _stage(self, i: int, name: str, fn) -> None:
+        marker = self.ws / "stages" / f"{name}.done"
+        tag = f"[{i}/{len(STAGES)}] {name}"
+        if marker.exists():
+            self.times[name] = json.loads(marker.read_text()).get("seconds", 0.0)
+            self.say(f"{tag}: done earlier ({self.times[name]:.0f}s), skipped")
+            return
+        self.say(f"{tag}: running")
+        t0 = time.time()
+        info = fn() or {}
+        dt = time.time() - t0
+        self.times[name] = dt
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"seconds": dt, **info}, indent=1) + "\n")
+        self.say(f"{tag}: finished in {dt:.0f}s {json.dumps(info) if info else ''}".rstrip())
+
+    def _config(self, section: str, extra: dict) -> dict:
+        """The SFT config merged with the preset's `section` and `extra` (a dict)."""
+        base = read_with_includes(self.spec["sft_config"])
+        merged = deep_merge(deep_merge(base, self.spec.get(section) or {}), extra)
+        merged["seed"] = self.spec.get("seed", 0)
+        merged.setdefault("pipeline", {})["prompts"] = self.spec["pipeline"].get("prompts", {})
+        return merged
+
+    # ------------------------------------------------------------ 1-2
+
+    def stage_synth(self) -> dict:
+        from insightv_jax.data.synthetic.writer import write_llava
+
+        s = self.spec["suite"]
+        return write_llava(self.data, int(s["n"]), int(s.get("seed", 0)), weights=s.get("weights"))
+
+    def stage_tokenizer(self) -> dict:
+        """Train the BPE on questions, answers, terse teacher chains and the prompts."""
+        from insightv_jax.data.conversation import build_tokenizer
+        from insightv_jax.data.prompts import reasoning_question, summary_question
+        from insightv_jax.data.synthetic.teacher import OracleTeacher
+        from insightv_jax.pipeline.backends import thoughts
+
+        prompts = self._prompts()
+        p = self.spec["pipeline"]
+        teacher = OracleTeacher(p.get("error_rate", 0.3), "terse", self.spec.get("seed", 0))
+        lines = []
+        for split in ("train", "val", "test"):
+            for rec in json.loads((self.data / f"{split}.json").read_text()):
+                lines += [rec["question"], rec["answer"]]
+                if split == "train" and len(lines) < 4 * int(self.spec["tokenizer"]["chains"]):
+                    chain = thoughts(teacher.chain(rec, 0))
+                    lines.append(reasoning_question(rec["question"], prompts))
+                    lines.append(f"{chain}\n<output>{rec['answer']}</output>")
+                    lines.append(summary_question(rec["question"], chain, prompts))
+        tok = build_tokenizer(
+            lines, self.ws / "tokenizer", template="minimal",
+            vocab_size=int(self.spec["tokenizer"]["vocab_size"]),
+        )  # fmt: skip
+        return {"vocab": len(tok), "lines": len(lines)}
+
+    def _prompts(self):
+        from insightv_jax.data.prompts import Prompts
+
+        return from_dict(Prompts, self.spec["pipeline"].get("prompts") or {})
+
+    # ------------------------------------------------------------ 3-5
+
+    def stage_base(self) -> dict:
+        cfg = self._config("base", {
+            "train": {"data": str(self.data / "train.json"), "tokenizer": str(self.ws / "tokenizer"),
+                      "workdir": str(self.runs / "base"), "trainable": ["vision", "projector", "llm"]},
+            "data": {"image_root": str(self.data)},
+        })  # fmt: skip
+        self._sft_jobs({"base": cfg})
+        return {"steps": cfg["train"].get("steps")}
+
+    def stage_data(self) -> dict:
+        from insightv_jax.pipeline.assess import run_assess
+        from insightv_jax.pipeline.build import run_build
+        from insightv_jax.pipeline.generate import run_generate
+
+        section = dict(self.spec["pipeline"])
+        section.update(data=str(self.data / "train.json"), out=str(self.ws / "pipeline"))
+        cfg = from_dict(RunConfig, {"seed": self.spec.get("seed", 0), "pipeline": section})
+        cfg.validate()
+        quiet = open(os.devnull, "w")
+        run_generate(cfg, progress_file=quiet)
+        run_assess(cfg, progress_file=quiet)
+        counts = run_build(cfg)
+        return {k: counts[k] for k in ("questions", "reasoning", "cot")} | {
+            "summary": sum(counts["summary"].values()),
+            "pairs": counts["pairs"].get("pairs", 0),
+        }
+
+    def stage_agents(self) -> dict:
+        build = self.ws / "pipeline" / "build"
+        jobs = {}
+        for name in AGENTS:
+            sets = {"reason": "reasoning", "summary": "summary", "cot": "cot"}
+            jobs[name] = self._config(name, {
+                "train": {"data": str(build / f"{sets[name]}.json"), "tokenizer": None,
+                          "init": str(self.runs / "base"), "workdir": str(self.runs / name)},
+                "data": {"image_root": str(self.data)},
+            })  # fmt: skip
+        self._sft_jobs(jobs)
+        return {name: jobs[name]["train"].get("steps") for name in AGENTS}
+
+    def _sft_jobs(self, jobs: dict[str, dict]) -> None:
+        """Run SFT configs; with `parallel` >= 2, side by side as 1-thread
+        subprocesses pinned one per core (STACK.md: ~25% more throughput)."""
+        from insightv_jax.train import run_sft
+
+        parallel = int(self.spec.get("parallel", 1))
+        cfg_dir = self.ws / "configs"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        if parallel < 2 or len(jobs) < 2:
+            for name, d in jobs.items():
+                (cfg_dir / f"{name}.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+                self.say(f"  sft {name}: {d['train'].get('steps')} steps")
+                with _redirect(self.out):
+                    run_sft(from_dict(RunConfig, d))
+            return
+        pending = list(jobs)
+        running: dict[int, tuple[str, subprocess.Popen, threading.Thread]] = {}
+        failed = []
+        while pending or running:
+            for core in range(parallel):
+                if core not in running and pending:
+                    name = pending.pop(0)
+                    path = cfg_dir / f"{name}.yaml"
+                    path.write_text(yaml.safe_dump(jobs[name], sort_keys=False))
+                    running[core] = (name, *self._spawn(name, path, core))
+            time.sleep(0.5)
+            for core, (name, proc, pump) in list(running.items()):
+                if proc.poll() is not None:
+                    pump.join()
+                    del running[core]
+                    if proc.returncode:
+                        failed.append(f"{name} (exit {proc.returncode})")
+        if failed:
+            raise InsightVError(f"demo SFT failed: {', '.join(failed)}; see {self.ws}/logs/")
+
+    def _spawn(self, name: str, path: Path, core: int):
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD}".strip()
+        cmd = [sys.executable, "-m", "insightv_jax.cli", "sft", "--config", str(path)]
+        if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
+            cmd = ["taskset", "-c", str(core), *cmd] if _has_taskset() else cmd
+        logs = self.ws / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.say(f"  sft {name}: started on core {core}, log {logs / (name + '.log')}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                text=True, cwd=str(REPO))  # fmt: skip
+        pump = threading.Thread(target=self._pump, args=(name, proc, logs / f"{name}.log"))
+        pump.start()
+        return proc, pump
+
+    def _pump(self, name: str, proc: subprocess.Popen, log: Path) -> None:
+        with open(log, "a") as f:
+            for line in proc.stdout:
+                f.write(line)
+                f.flush()
+                if line.startswith(("step ", "finished", "error", "Traceback")):
+                    self.say(f"  {name} | {line.rstrip()}")
+
+    # ------------------------------------------------------------ 6-8
+
+    def stage_dpo(self) -> dict:
+        try:
+            from insightv_jax.train.iterate import run_iterate
+        except ImportError as e:
+            self.say(f"  iterative DPO is not available ({e}); the stage is skipped")
+            return {"rounds": 0, "skipped": str(e)}
+        rounds = int(self.spec["dpo"]["dpo"].get("rounds", 3))
+        d = self._config("dpo", {
+            "train": {"init": str(self.runs / "reason"), "workdir": str(self.runs / "dpo"),
+                      "tokenizer": None, "data": None},
+            "data": {"image_root": str(self.data)},
+            "dpo": {"questions": str(self.data / "train.json"),
+                    "summary": str(self.runs / "summary")},
+            "pipeline": {**self.spec["pipeline"], "data": str(self.data / "train.json")},
+        })  # fmt: skip
+        (self.ws / "configs").mkdir(parents=True, exist_ok=True)
+        (self.ws / "configs" / "dpo.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+        cfg = from_dict(RunConfig, d)
+        cfg.validate()
+        with _redirect(self.out):
+            rows = run_iterate(cfg, rounds=rounds, print_fn=lambda m: self.say(f"  dpo | {m}"))
+        return {"rounds": len(rows), "pairs": [r.get("pairs") for r in rows]}
+
+    def round_policies(self) -> list[str]:
+        """The reasoning agent after each finished DPO round."""
+        out = []
+        for t in range(1, 100):
+            done = self.runs / "dpo" / f"round_{t}" / "summary.json"
+            if not done.exists():
+                break
+            out.append(json.loads(done.read_text())["policy_out"])
+        return out
+
+    def eval_config(self) -> dict:
+        e = dict(self.spec["eval"])
+        systems = [
+            {"name": "base", "mode": "direct", "model": str(self.runs / "base")},
+            {"name": "cot", "mode": "cot", "model": str(self.runs / "cot")},
+            {"name": "two_agent", "mode": "two_agent", "reason": str(self.runs / "reason"),
+             "summary": str(self.runs / "summary")},
+        ]  # fmt: skip
+        compare = [["cot", "base"], ["two_agent", "cot"], ["two_agent", "base"]]
+        for t, policy in enumerate(self.round_policies(), 1):
+            systems.append({"name": f"two_agent_dpo{t}", "mode": "two_agent", "reason": policy,
+                            "summary": str(self.runs / "summary")})  # fmt: skip
+        if len(systems) > 3:
+            compare.append([systems[-1]["name"], "two_agent"])
+        split = e.pop("split", "test")
+        e.update(
+            benchmarks=[{"path": str(self.data), "name": "synthetic", "split": split}],
+            systems=systems, compare=compare, out=str(self.ws / "eval"),
+        )  # fmt: skip
+        return {"seed": self.spec.get("seed", 0), "eval": e,
+                "pipeline": {"prompts": self.spec["pipeline"].get("prompts", {})}}  # fmt: skip
+
+    def stage_eval(self) -> dict:
+        from insightv_jax.eval.harness import evaluate
+
+        cfg = from_dict(RunConfig, self.eval_config())
+        cfg.validate()
+        with _redirect(self.out):
+            report = evaluate(cfg, quiet=True)
+        return {n: round(s["benchmarks"]["synthetic"]["accuracy"], 4)
+                for n, s in report["systems"].items()}  # fmt: skip
+
+    def stage_export(self) -> dict:
+        from insightv_jax.checkpoint import atomic_dir, load_model
+        from insightv_jax.hf.convert import export_hf
+
+        policies = self.round_policies()
+        final = {"reason": policies[-1] if policies else str(self.runs / "reason"),
+                 "summary": str(self.runs / "summary"), "cot": str(self.runs / "cot")}  # fmt: skip
+        for name, src in final.items():
+            model, cfg, tok_dir, proc_dir = load_model(src)
+            with atomic_dir(self.ws / "hf" / name, overwrite=True) as tmp:
+                export_hf(model, cfg, tmp, tok_dir, proc_dir)
+        return {name: str(self.ws / "hf" / name) for name in final}
+
+
+def _has_taskset() -> bool:
+    from shutil import which
+
+    return which("taskset") is not None
+
+
+class _redirect:
+    """Send in-process stage output (print) to the demo's stream."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def __enter__(self):
+        import contextlib
+
+        self._ctx = contextlib.redirect_stdout(self.out)
+        return self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+# ------------------------------------------------------------------ headline
+
+
+def headline(eval_dir: Path, families: list[str], a: str = "cot", b: str = "base") -> dict:
+    """acc(a) - acc(b) pooled over `families`, with its paired 95% CI."""
+    from insightv_jax.eval.metrics import paired_ci
+
+    got: dict[str, dict[str, bool]] = {a: {}, b: {}}
+    for line in (eval_dir / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["system"] in got and row["category"] in families:
+            got[row["system"]][row["id"]] = bool(row["correct"])
+    ids = sorted(set(got[a]) & set(got[b]))
+    if not ids:
+        return {"n": 0}
+    xa, xb = [got[a][i] for i in ids], [got[b][i] for i in ids]
+    diff, lo, hi = paired_ci(xa, xb)
+    return {"n": len(ids), "a": sum(xa) / len(ids), "b": sum(xb) / len(ids),
+            "diff": diff, "ci95": [lo, hi]}  # fmt: skip
+
+
+def headline_text(eval_dir: Path, spec: dict) -> str:
+    fams = list(spec.get("headline_families", ["compare", "sum", "diff"]))
+    h = headline(eval_dir, fams)
+    (eval_dir / "headline.json").write_text(json.dumps({"families": fams, **h}, indent=1) + "\n")
+    if not h["n"]:
+        return f"headline: no test questions of families {fams}"
+    return (
+        f"\nheadline ({', '.join(fams)}; n={h['n']}): single-model CoT {100 * h['a']:.1f}% vs "
+        f"direct {100 * h['b']:.1f}% -> {100 * h['diff']:+.1f} points "
+        f"(paired 95% CI {100 * h['ci95'][0]:+.1f} .. {100 * h['ci95'][1]:+.1f})"
+    )
+
+
+def run_demo(preset: str = "tiny", workdir: str = "workdir/demo", overrides=None) -> dict:
+    """`insightv demo`: run (or resume) the demo; returns the eval report."""
+    return Demo(load_preset(preset, overrides), workdir).run()

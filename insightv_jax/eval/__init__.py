@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction/normalisation (extract.py) and benchmark scoring."""

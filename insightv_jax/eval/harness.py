@@ -1,0 +1,241 @@
+"""Benchmark evaluation: systems answer EvalItems, answers are scored (METHOD.md §8).
+
+The scoring modes are pure functions of the items and an `answer_fn(items) ->
+list[str | dict]` (a dict carries `answer` and, for two agents, `chain`), so
+they run without models in tests. `checkpoint_answer_fn` builds answer_fns from
+checkpoints with the sampler; `evaluate` runs a whole `eval:` config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from insightv_jax.eval.extract import extract_number, match
+from insightv_jax.eval.metrics import ItemResult
+from insightv_jax.eval.readers import EvalItem, read_benchmark
+
+AnswerFn = Callable[[list[EvalItem]], list]
+MODES = ("direct", "cot", "two_agent")
+
+
+def cot_answer(text: str) -> str:
+    """The answer of a `<thoughts>…</thoughts><output>answer</output>` reply: the
+    text in <output> (to the end if unclosed), else after </thoughts>, else all."""
+    start = text.find("<output>")
+    if start >= 0:
+        body = text[start + len("<output>") :]
+        end = body.find("</output>")
+        return (body[:end] if end >= 0 else body).strip()
+    end = text.find("</thoughts>")
+    return text[end + len("</thoughts>") :].strip() if end >= 0 else text.strip()
+
+
+def _plain_number(text: str) -> str:
+    num = extract_number(text)
+    return text if num is None else format(num, "f").rstrip("0").rstrip(".")
+
+
+def score(item: EvalItem, text: str, seed: int = 0) -> ItemResult:
+    """Score one answer. The MC fallback guess is seeded per (seed, benchmark, id),
+    so it does not depend on batch order."""
+    rng = random.Random(f"{seed}:{item.benchmark}:{item.id}")
+    gt = item.answer
+    if item.kind == "chartqa":
+        got = match(text, gt.rstrip("%").strip(), relaxed=True)
+    elif item.kind == "numeric":
+        got = match(text, _plain_number(gt))
+    elif item.kind == "mc":
+        got = match(text, gt, options=item.options, rng=rng)
+    else:
+        got = match(text, gt)
+    return ItemResult(
+        id=item.id, benchmark=item.benchmark, category=item.category, kind=item.kind,
+        raw=text, value=got.value, answer=gt, correct=got.correct, fallback=got.fallback,
+    )  # fmt: skip
+
+
+def run_mode(
+    mode: str,
+    items: Sequence[EvalItem],
+    answer_fn: AnswerFn,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress=None,
+) -> list[ItemResult]:
+    """Answer `items` in batches with `answer_fn` and score them by `mode`:
+    direct (the reply), cot (the text in <output>) or two_agent (the summary
+    agent's reply; a dict reply may carry the `chain`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    results: list[ItemResult] = []
+    t0 = time.time()
+    for start in range(0, len(items), batch_size):
+        batch = list(items[start : start + batch_size])
+        replies = answer_fn(batch)
+        if len(replies) != len(batch):
+            raise ValueError(f"answer_fn returned {len(replies)} replies for {len(batch)} items")
+        for item, reply in zip(batch, replies):
+            chain = reply.get("chain") if isinstance(reply, dict) else None
+            raw = reply["answer"] if isinstance(reply, dict) else reply
+            text = cot_answer(raw) if mode == "cot" else raw
+            result = score(item, text, seed)
+            if mode == "cot" or chain is not None:
+                result = dataclasses.replace(result, raw=raw, chain=chain)
+            results.append(result)
+        done = start + len(batch)
+        rate = done / max(time.time() - t0, 1e-9)
+        _say(f"eval {mode}: {done}/{len(items)} ({rate:.2f}/s)", progress)
+    return results
+
+
+def _say(message: str, progress) -> None:
+    if progress is not None:
+        print(message, file=progress, flush=True)
+
+
+def run_direct(items, answer_fn: AnswerFn, seed: int = 0, batch_size: int = 8):
+    """One model answers each question directly."""
+    return run_mode("direct", items, answer_fn, seed, batch_size)
+
+
+def run_cot(items, answer_fn: AnswerFn, seed: int = 0, batch_size: int = 8):
+    """One model writes <thoughts>…</thoughts><output>answer</output>."""
+    return run_mode("cot", items, answer_fn, seed, batch_size)
+
+
+def run_two_agent(items, answer_fn: AnswerFn, seed: int = 0, batch_size: int = 8):
+    """Reasoning agent + summary agent (answer_fn returns the summary answers)."""
+    return run_mode("two_agent", items, answer_fn, seed, batch_size)
+
+
+# ------------------------------------------------------- answer_fns from checkpoints
+
+
+def _images(items: Sequence[EvalItem]) -> list[list]:
+    return [[it.image] if it.image is not None else [] for it in items]
+
+
+def _generate(sampler, items: Sequence[EvalItem], params) -> list[str]:
+    """One chat turn per item (`<image>\\n` + prompt) through Sampler.generate."""
+    from insightv_jax.sample.prompting import stack_prompts
+    from insightv_jax.sample.reasoning import IMAGE_MARKER, encoder_of
+
+    enc = encoder_of(sampler)
+    encoded = [
+        enc.prompt(
+            [{"role": "user", "content": (IMAGE_MARKER + "\n" if im else "") + it.prompt}],
+            im, f"{it.benchmark} id {it.id}",
+        )
+        for it, im in zip(items, _images(items))
+    ]  # fmt: skip
+    ends = tuple(enc.end_of_turn())
+    params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + ends)
+    pv, sizes = stack_prompts(encoded)
+    outs = sampler.generate([e.ids for e in encoded], params, pv, sizes)
+    texts = []
+    for o in outs:
+        toks = o["tokens"][:-1] if o["tokens"] and o["tokens"][-1] in ends else o["tokens"]
+        texts.append(sampler.tokenizer.decode(toks, skip_special_tokens=False).strip())
+    return texts
+
+
+def checkpoint_answer_fn(system, sampling, prompts=None, seed: int = 0) -> AnswerFn:
+    """An answer_fn for a `SystemConfig` from its checkpoint(s); each call (batch)
+    samples with its own seed."""
+    from insightv_jax.sample.infer import load_agent
+    from insightv_jax.sample.sampler import SamplingParams
+
+    calls = iter(range(1 << 30))
+    s = sampling
+    if system.mode == "two_agent":
+        from insightv_jax.data.prompts import DEFAULT_PROMPTS
+        from insightv_jax.sample.reasoning import two_agent_answer
+
+        reasoner, summarizer = load_agent(system.reason), load_agent(system.summary)
+        rp = SamplingParams(temperature=s.reason_temperature, top_p=s.top_p,
+                            max_new_tokens=s.reason_max_tokens)  # fmt: skip
+        sp = SamplingParams(temperature=s.summary_temperature, top_p=s.top_p,
+                            max_new_tokens=s.summary_max_tokens)  # fmt: skip
+
+        def two_agent(items):
+            k = seed + next(calls)
+            outs = two_agent_answer(
+                reasoner, summarizer, [it.prompt for it in items],
+                dataclasses.replace(rp, seed=k),
+                dataclasses.replace(sp, seed=k),
+                prompts or DEFAULT_PROMPTS, images=_images(items),
+            )  # fmt: skip
+            return [{"answer": o["answer"], "chain": o["chain"]} for o in outs]
+
+        return two_agent
+    sampler = load_agent(system.model)
+    temp = s.cot_temperature if system.mode == "cot" else s.direct_temperature
+    tokens = s.cot_max_tokens if system.mode == "cot" else s.direct_max_tokens
+
+    def one_model(items):
+        params = SamplingParams(temperature=temp, top_p=s.top_p if temp > 0 else 1.0,
+                                max_new_tokens=tokens, seed=seed + next(calls))  # fmt: skip
+        return _generate(sampler, items, params)
+
+    return one_model
+
+
+# ------------------------------------------------------------------ a whole config
+
+
+def load_benchmarks(cfg) -> dict[str, list[EvalItem]]:
+    """The items of every benchmark of an `EvalConfig`, by benchmark name."""
+    out: dict[str, list[EvalItem]] = {}
+    for b in cfg.benchmarks:
+        items = read_benchmark(
+            b.path, b.layout, name=b.name, kind=b.kind, split=b.split,
+            image_root=b.image_root, instruction=b.instruction, limit=cfg.limit,
+        )  # fmt: skip
+        name = items[0].benchmark
+        if name in out:
+            from insightv_jax.config import ConfigError
+
+            raise ConfigError(f"eval.benchmarks: two benchmarks named {name!r}; set name")
+        out[name] = items
+    return out
+
+
+def evaluate(run_cfg, answer_fns: dict[str, AnswerFn] | None = None, quiet: bool = False) -> dict:
+    """Run every system of `run_cfg.eval` on every benchmark; write the report and
+    print it (progress on stderr) unless `quiet`. `answer_fns` (system name ->
+    answer_fn) replaces checkpoint loading."""
+    progress = None if quiet else sys.stderr
+    from insightv_jax.config import ConfigError
+    from insightv_jax.eval.report import build_report, write_report
+
+    cfg = run_cfg.eval
+    if not cfg.benchmarks or not cfg.systems:
+        raise ConfigError("eval: the config needs eval.benchmarks and eval.systems")
+    benches = load_benchmarks(cfg)
+    results: dict[str, list[ItemResult]] = {}
+    modes: dict[str, str] = {}
+    for system in cfg.systems:
+        fn = (answer_fns or {}).get(system.name)
+        if fn is None:
+            _say(f"eval: loading {system.name} ({system.mode})", progress)
+            fn = checkpoint_answer_fn(system, cfg.sampling, run_cfg.pipeline.prompts, cfg.seed)
+        modes[system.name] = system.mode
+        results[system.name] = []
+        for name, items in benches.items():
+            _say(f"eval: {system.name} on {name} ({len(items)} questions)", progress)
+            results[system.name] += run_mode(
+                system.mode, items, fn, cfg.seed, cfg.batch_size, progress
+            )
+    report = build_report(
+        results, modes, cfg.compare, method=cfg.paired_method, n_boot=cfg.bootstrap,
+        seed=cfg.seed, meta={"benchmarks": {k: len(v) for k, v in benches.items()}},
+    )  # fmt: skip
+    table = write_report(report, results, Path(cfg.out))
+    if not quiet:
+        print(table)
+    return report

@@ -1,0 +1,63 @@
+"""A static-shape KV cache for decoding.
+
+Row b's tokens occupy slots 0 .. lengths[b]-1, and slot s holds the token at
+position s, so key positions are simply `arange(S)` and a slot is valid iff it
+is below the row's length. New tokens of a row are written at its own offset
+`lengths[b]`; a right-padded chunk advances each row only by its number of
+real tokens, so the next write overwrites the padding. Rows can therefore hold
+prompts and dialogue turns of different lengths in one static array.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from insightv_jax.config import DecoderConfig
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # (L, B, S, K, H)
+    v: jax.Array  # (L, B, S, K, H)
+    lengths: jax.Array  # (B,) int32: filled slots per row
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def empty(cls, cfg: DecoderConfig, batch: int, max_length: int, dtype=None) -> KVCache:
+        """A zero cache for `batch` rows of `max_length` slots."""
+        shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.resolved_head_dim)
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
+
+    def repeat_rows(self, n: int) -> KVCache:
+        """Each row copied n times (row b -> rows b*n .. b*n+n-1): N samples of a
+        prompt share one prefill."""
+        return KVCache(
+            k=jnp.repeat(self.k, n, axis=1),
+            v=jnp.repeat(self.v, n, axis=1),
+            lengths=jnp.repeat(self.lengths, n, axis=0),
+        )
+
+
+def write_rows(cache_kv: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
+    """Write new (B, T, K, H) into one layer's cache (B, S, K, H) at per-row offsets."""
+
+    def one(row_cache, row_new, offset):
+        return jax.lax.dynamic_update_slice(
+            row_cache, row_new.astype(row_cache.dtype), (offset, 0, 0)
+        )
+
+    return jax.vmap(one)(cache_kv, new, offsets)

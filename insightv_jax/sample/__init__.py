@@ -1,0 +1,1 @@
+"""Generation: the KV-cache sampler, constrained steps, progressive reasoning."""

@@ -1,0 +1,276 @@
+"""`insightv bench sample`: sampler throughput as ratios measured in one run.
+
+Peers: `transformers` `generate` (torch CPU, greedy, KV cache on) on the same
+weights (exported by our exporter), the same batch and lengths. Figures:
+decode and prefill tokens/s; constrained vs unconstrained cost per token;
+progressive generation with cache reuse vs re-encoding every turn; N samples
+with a shared prefill vs decoding alone; decode time per token at contexts 128
+vs 1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from insightv_jax.config import DecoderConfig, ModelConfig, load_config
+from insightv_jax.models.factory import construct
+from insightv_jax.sample.sampler import Sampler, SamplingParams
+
+TINY_LM = DecoderConfig(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=384,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+)
+
+
+def _bench_decoder() -> DecoderConfig:
+    path = Path(__file__).resolve().parents[2] / "configs" / "bench-20m.yaml"
+    if path.is_file():
+        return load_config(path).model.decoder
+    return DecoderConfig(
+        vocab_size=8192,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_layers=6,
+        num_heads=6,
+        num_kv_heads=6,
+    )
+
+
+def _timed(fn, repeat: int = 3) -> float:
+    """Best wall time of `fn()` (after one warm-up call that compiles)."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _hf_peer(model, cfg: ModelConfig):
+    """The same weights as a transformers model, via our exporter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from insightv_jax.hf.convert import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, cfg, Path(tmp))
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    return hf
+
+
+def decode_vs_transformers(
+    dcfg: DecoderConfig, batch: int = 8, prompt: int = 32, new: int = 64
+) -> dict:
+    import torch
+
+    cfg = ModelConfig(decoder=dcfg)
+    model = construct(cfg, seed=0)
+    sampler = Sampler(model, pad_id=0)
+    prompts = np.random.RandomState(0).randint(1, dcfg.vocab_size, (batch, prompt))
+    params = SamplingParams(max_new_tokens=new)
+
+    def ours_generate():
+        return sampler.generate(prompts.tolist(), params)
+
+    def ours_prefill():
+        state = sampler.start(batch, prompt + new)
+        return sampler.extend(state, prompts.tolist()).logits
+
+    t_gen = _timed(ours_generate)
+    t_pre = _timed(ours_prefill)
+    hf = _hf_peer(model, cfg)
+    ids = torch.tensor(prompts)
+
+    def hf_generate():
+        with torch.no_grad():
+            return hf.generate(
+                ids,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                use_cache=True,
+            )
+
+    def hf_prefill():
+        with torch.no_grad():
+            return hf(ids, use_cache=True).logits
+
+    t_hf_gen = _timed(hf_generate, repeat=2)
+    t_hf_pre = _timed(hf_prefill)
+    ours_decode = batch * new / max(t_gen - t_pre, 1e-9)
+    hf_decode = batch * new / max(t_hf_gen - t_hf_pre, 1e-9)
+    return {
+        "decode_tokens_per_s": round(ours_decode, 1),
+        "hf_decode_tokens_per_s": round(hf_decode, 1),
+        "decode_ratio_vs_hf": round(ours_decode / hf_decode, 2),
+        "prefill_tokens_per_s": round(batch * prompt / t_pre, 1),
+        "hf_prefill_tokens_per_s": round(batch * prompt / t_hf_pre, 1),
+    }
+
+
+def constrained_cost(dcfg: DecoderConfig, batch: int = 8) -> dict:
+    """Per-loop-iteration time with and without the step-schema mask."""
+    from insightv_jax.sample.constrain import StepConstraint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _bench_tokenizer(Path(tmp), dcfg.vocab_size)
+    cfg = dataclasses.replace(dcfg, vocab_size=len(tok))
+    sampler = Sampler(construct(ModelConfig(decoder=cfg), seed=0), tok)
+    constraint = StepConstraint(tok)
+    prompts = [tok.encode("count the red squares", add_special_tokens=False)] * batch
+    steps = 48
+    params = SamplingParams(temperature=1.0, max_new_tokens=steps, seed=0)
+
+    def run(c):
+        def fn():
+            state = sampler.start(batch, 16 + steps)
+            state = sampler.extend(state, prompts)
+            _, out = sampler.decode(state, params, constraint=c)
+            return out.num_tokens
+
+        return fn
+
+    # A constrained row stops when its object closes: time per loop iteration.
+    t_free = _timed(run(None)) / steps
+    iters = int(np.max(jax.device_get(run(constraint)())))
+    t_con = _timed(run(constraint)) / max(iters, 1)
+    return {"constrained_over_unconstrained": round(t_con / t_free, 3), "vocab": len(tok)}
+
+
+def _bench_tokenizer(folder: Path, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        '{"title": "Count", "content": "red squares: 2, blue circles: 1", "next_action": "continue"}',
+        "how many red squares are left of the blue circle? 0 1 2 3 4 5 6 7 8 9",
+    ] * 50
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=min(vocab, 1024),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=["<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<pad>"],
+        ),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>", pad_token="<pad>")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def progressive_reuse(
+    dcfg: DecoderConfig, questions: int = 2, samples: int = 4, turns: int = 8
+) -> dict:
+    """8 steps of <= 64 tokens: cache reuse vs re-encoding the dialogue each turn."""
+    from insightv_jax.data.prompts import Prompts
+    from insightv_jax.sample.constrain import StepConstraint
+    from insightv_jax.sample.reasoning import progressive_generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = _bench_tokenizer(Path(tmp), dcfg.vocab_size)
+    cfg = dataclasses.replace(dcfg, vocab_size=len(tok))
+    sampler = Sampler(construct(ModelConfig(decoder=cfg), seed=0), tok)
+    constraint = StepConstraint(tok)
+    qs = [("how many red squares are left of the blue circle? " * 3)] * questions
+    kw = dict(
+        num_samples=samples,
+        params=SamplingParams(temperature=1.0, seed=0),
+        constraint=constraint,
+        prompts=Prompts(max_steps=turns - 1),
+        step_tokens=64,
+        final_tokens=32,
+    )
+
+    def run(reuse: bool):
+        return lambda: len(progressive_generate(sampler, qs, reuse_cache=reuse, **kw))
+
+    t_reuse = _timed(run(True), repeat=2)
+    t_again = _timed(run(False), repeat=2)
+    return {"reencode_over_reuse": round(t_again / t_reuse, 2), "turns": turns}
+
+
+def shared_prefill(dcfg: DecoderConfig, n: int = 8, prompt: int = 256, new: int = 32) -> dict:
+    """N samples of one prompt: one prefill + copies vs decoding alone."""
+    from insightv_jax.sample.reasoning import _repeat
+
+    sampler = Sampler(construct(ModelConfig(decoder=dcfg), seed=0), pad_id=0)
+    ids = np.random.RandomState(0).randint(1, dcfg.vocab_size, (1, prompt)).tolist()
+    params = SamplingParams(temperature=1.0, max_new_tokens=new)
+    warm = sampler.extend(sampler.start(1, prompt + new), ids)
+
+    def shared():
+        state = sampler.extend(sampler.start(1, prompt + new), ids)
+        return sampler.decode(_repeat(state, n), params)[1].tokens
+
+    def decode_only():
+        state = _repeat(jax.tree.map(lambda x: x.copy(), warm), n)
+        return sampler.decode(state, params)[1].tokens
+
+    t_shared = _timed(shared)
+    t_decode = _timed(decode_only)
+    return {
+        "shared_prefill_over_decode_only": round(t_shared / t_decode, 3),
+        "n": n,
+        "prompt": prompt,
+    }
+
+
+def context_scaling(dcfg: DecoderConfig, batch: int = 8, new: int = 32) -> dict:
+    """Decode time per token with 128 vs 1024 tokens already in the cache."""
+    sampler = Sampler(construct(ModelConfig(decoder=dcfg), seed=0), pad_id=0)
+    params = SamplingParams(max_new_tokens=new)
+    per_token = {}
+    for ctx in (128, 1024):
+        ids = np.random.RandomState(0).randint(1, dcfg.vocab_size, (batch, ctx - 8)).tolist()
+        state0 = sampler.extend(sampler.start(batch, ctx + new), ids)
+
+        def fn(state0=state0):
+            return sampler.decode(jax.tree.map(lambda x: x.copy(), state0), params)[1].tokens
+
+        per_token[ctx] = _timed(fn) / new
+    return {
+        "per_token_1024_over_128": round(per_token[1024] / per_token[128], 3),
+        "ms_per_token": {k: round(v * 1e3, 3) for k, v in per_token.items()},
+    }
+
+
+def bench_sample(which: str = "all") -> dict:
+    """All sampler figures for the tiny decoder and bench-20m (each section is
+    printed as soon as it is measured)."""
+    import json
+    import sys
+
+    bench20 = _bench_decoder()
+    sections = [
+        ("tiny: decode vs transformers (batch 8)", lambda: decode_vs_transformers(TINY_LM)),
+        ("bench-20m: decode vs transformers (batch 8)", lambda: decode_vs_transformers(bench20)),
+        ("bench-20m: constrained vs unconstrained", lambda: constrained_cost(bench20)),
+        ("bench-20m: shared prefill N=8", lambda: shared_prefill(bench20)),
+        ("bench-20m: context 128 vs 1024", lambda: context_scaling(bench20)),
+        ("bench-20m: progressive cache reuse", lambda: progressive_reuse(bench20)),
+    ]
+    out = {}
+    for name, fn in sections:
+        out[name] = fn()
+        print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
+    return out

@@ -1,0 +1,60 @@
+"""Next-token selection rules, in the order `transformers` applies them:
+repetition penalty, then (constraint mask), temperature, top-k, top-p, sample."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+
+
+def repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """Divide positive / multiply negative logits of already-seen tokens."""
+    if penalty == 1.0:
+        return logits
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, _NEG, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Keep the smallest set of tokens whose probability mass reaches p."""
+    if p >= 1.0:
+        return logits
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep_sorted = before < p  # the first token is always kept
+    keep = (
+        jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    )
+    return jnp.where(keep, logits, _NEG)
+
+
+def process_logits(
+    logits: jax.Array,
+    seen: jax.Array,
+    key: jax.Array,
+    allowed: jax.Array | None,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    penalty: float,
+) -> jax.Array:
+    """Choose one token per row (B,) from fp32 logits (B, V)."""
+    logits = repetition_penalty(logits.astype(jnp.float32), seen, penalty)
+    if allowed is not None:
+        logits = jnp.where(allowed, logits, _NEG)
+    if temperature <= 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

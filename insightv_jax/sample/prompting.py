@@ -1,0 +1,137 @@
+"""Prompts as token ids (and image arrays) for generation.
+
+With one of our chat templates (llama3, chatml, minimal — detected from the
+tokenizer's special tokens) prompts are rendered by `data.conversation`, token
+for token as in training. Any other tokenizer falls back to its own Hugging
+Face chat template. `<image>` placeholders expand to as many image tokens as
+the model consumes for each image's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from insightv_jax.data import conversation as conv
+from insightv_jax.errors import DataError
+
+
+def detect_template(tokenizer) -> str | None:
+    """Which of our templates a tokenizer was built for (None: use its own)."""
+    vocab = tokenizer.get_vocab()
+    if "<|start_header_id|>" in vocab:
+        return "llama3"
+    if "<|im_start|>" in vocab:
+        return "chatml"
+    if "<u>" in vocab and "<a>" in vocab:
+        return "minimal"
+    return None
+
+
+@dataclasses.dataclass
+class EncodedPrompt:
+    ids: list[int]
+    pixel_values: np.ndarray | None = None  # (I, tiles, 3, H, W)
+    image_sizes: np.ndarray | None = None  # (I, 2)
+
+
+class PromptEncoder:
+    """Turns chat messages (+ images) into generation prompts for one model."""
+
+    def __init__(self, tokenizer, template: str | None = None, processor=None, model_cfg=None):
+        self.tokenizer = tokenizer
+        self.template = template or detect_template(tokenizer)
+        self.processor = processor
+        self.model_cfg = model_cfg if getattr(model_cfg, "is_vlm", False) else None
+
+    def _enc(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+    def image_inputs(self, images, name: str = "prompt"):
+        """(pixel_values (I, tiles, 3, H, W), image_sizes (I, 2), tokens per image)."""
+        if not images:
+            return None, None, []
+        if self.model_cfg is None or self.processor is None:
+            raise DataError(f"{name}: this model is text-only and cannot take images")
+        from insightv_jax.data.images import pack_samples
+        from insightv_jax.models.anyres import num_image_tokens
+
+        named = [(im, f"{name} image {k}") for k, im in enumerate(images)]
+        pv, sizes = pack_samples([named], self.processor, self.model_cfg)
+        counts = [
+            num_image_tokens(tuple(int(x) for x in s), self.model_cfg)
+            for s in sizes[0][: len(images)]
+        ]
+        return pv[0], sizes[0], counts
+
+    def prompt(self, messages: list[dict], images=(), name: str = "prompt") -> EncodedPrompt:
+        """A generation prompt: the messages, then the assistant header."""
+        pv, sizes, counts = self.image_inputs(list(images), name)
+        placeholders = sum(str(m.get("content", "")).count(conv.IMAGE_TOKEN) for m in messages)
+        if placeholders != len(counts):
+            raise DataError(f"{name}: {placeholders} <image> placeholders but {len(counts)} images")
+        if self.template is not None:
+            ids = conv.render_prompt(messages, self.tokenizer, self.template, counts)
+        else:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            ids = self._expand(text, counts)
+        return EncodedPrompt(ids, pv, sizes)
+
+    def _expand(self, text: str, counts: list[int]) -> list[int]:
+        parts = text.split(conv.IMAGE_TOKEN)
+        image_id = self.tokenizer.convert_tokens_to_ids(conv.IMAGE_TOKEN)
+        ids = self._enc(parts[0])
+        for part, n in zip(parts[1:], counts):
+            ids += [image_id] * n + self._enc(part)
+        return ids
+
+    def glue(self, user_text: str) -> list[int]:
+        """Tokens between the end of an assistant turn's content and the start
+        of the next assistant turn, around one user message (progressive
+        generation appends exactly these to the cache)."""
+        if self.template is not None:
+            t = conv.get_template(self.template)
+            end = self._enc(t.eos) + self._enc(t.turn_suffix)
+            return (
+                end
+                + self._enc(t.turn_prefix["user"])
+                + self._enc(user_text)
+                + end
+                + self._enc(t.turn_prefix["assistant"])
+            )
+        marker = "\u2063ASSISTANT\u2063"
+        text = self.tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": marker},
+                {"role": "user", "content": user_text},
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return self._enc(text[text.index(marker) + len(marker) :])
+
+    def end_of_turn(self) -> list[int]:
+        """Token ids that end an assistant turn (stop tokens for free-text answers)."""
+        if self.template is not None:
+            return self._enc(conv.get_template(self.template).eos)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return [eos] if eos is not None else []
+
+
+def stack_prompts(prompts: list[EncodedPrompt]):
+    """Batch image arrays (B, I, tiles, 3, H, W) / (B, I, 2); zeros for rows
+    without images; (None, None) when no row has one."""
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    if not with_images:
+        return None, None
+    ref = with_images[0]
+    pv = np.zeros((len(prompts), *ref.pixel_values.shape), np.float32)
+    sizes = np.zeros((len(prompts), *ref.image_sizes.shape), np.int32)
+    for b, p in enumerate(prompts):
+        if p.pixel_values is not None:
+            pv[b], sizes[b] = p.pixel_values, p.image_sizes
+    return pv, sizes

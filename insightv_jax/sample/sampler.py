@@ -1,0 +1,340 @@
+"""A jitted KV-cache sampler: prefill, then the whole decode loop in one
+`lax.while_loop`.
+
+The model interface it needs (the decoder and the VLM both provide it):
+`embed_inputs(ids, pixel_values, image_sizes)`, `embed_tokens(ids)`,
+`decode_hidden(embeds, cache, attention_mask) -> (hidden, cache)`,
+`logits(hidden)` and `decoder_config`.
+
+Two calls make a step-wise API a server can build on: `extend` appends a
+right-padded chunk of tokens (a prompt, or the next dialogue turn) to every
+row's cache, and `decode` generates up to k tokens per row from there. Shapes
+are bucketed (powers of two) so a run compiles a handful of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from insightv_jax.errors import InsightVError
+from insightv_jax.models.cache import KVCache
+from insightv_jax.sample.processors import process_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Decoding rules. temperature 0 = greedy (after penalties and constraints)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything a row needs to continue: cache, next-token logits, the
+    tokens seen so far (repetition penalty) and the random key."""
+
+    cache: KVCache
+    logits: jax.Array  # (B, V) fp32 logits for each row's next token
+    seen: jax.Array  # (B, V) bool
+    rng: jax.Array
+
+
+@struct.dataclass
+class Decoded:
+    tokens: jax.Array  # (B, k) int32, pad_id after a row stops
+    logprobs: jax.Array  # (B, k) fp32 log p(token) under the unprocessed model
+    num_tokens: jax.Array  # (B,) tokens generated per row
+    stopped: jax.Array  # (B,) bool: hit a stop token/sequence or the constraint finished
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The next power of two >= n (at least `minimum`)."""
+    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token rows to `length`: (ids, mask) int32."""
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _stop_table(seqs: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """Stop sequences right-aligned in a (n, width) table; -1 = don't care."""
+    table = np.full((max(1, len(seqs)), width), -1, np.int32)
+    if not seqs:
+        table[:] = -3  # matches nothing (recent tokens are >= -2)
+    for i, s in enumerate(seqs):
+        table[i, width - len(s) :] = s
+    return table
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _extend(graphdef, params, state: DecodeState, ids, mask, pixel_values, image_sizes):
+    model = nnx.merge(graphdef, params)
+    embeds = model.embed_inputs(ids, pixel_values, image_sizes)
+    hidden, cache = model.decode_hidden(embeds, state.cache, mask)
+    counts = mask.sum(-1)
+    last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
+    logits = model.logits(last)[:, 0]
+    logits = jnp.where((counts > 0)[:, None], logits, state.logits)
+    seen = state.seen.at[jnp.arange(ids.shape[0])[:, None], ids].max(mask.astype(bool))
+    return DecodeState(cache=cache, logits=logits, seen=seen, rng=state.rng)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "steps", "temperature", "top_k", "top_p", "penalty", "pad_id"),
+    donate_argnames=("state",),
+)
+def _decode(
+    graphdef,
+    params,
+    state: DecodeState,
+    stop_ids,
+    stop_table,
+    active,
+    constraint,
+    start_states,
+    *,
+    steps: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    penalty: float,
+    pad_id: int,
+):
+    model = nnx.merge(graphdef, params)
+    B = state.logits.shape[0]
+    width = stop_table.shape[1]
+    c_next, c_mask, c_dist = constraint  # see sample/constrain.py
+
+    def cond(carry):
+        i, _, _, _, done, *_ = carry
+        return (i < steps) & ~jnp.all(done)
+
+    def body(carry):
+        i, st, tokens, logprobs, done, recent, cstate, nums, stopped = carry
+        raw = st.logits
+        allowed = None
+        if c_next is not None:
+            remaining = steps - i
+            nxt = c_next[cstate]  # (B, V) next automaton states
+            allowed = c_mask[cstate] & (c_dist[nxt] <= remaining - 1)
+        rng, key = jax.random.split(st.rng)
+        tok = process_logits(
+            raw,
+            st.seen,
+            key,
+            allowed,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            penalty=penalty,
+        )
+        logp = jnp.take_along_axis(jax.nn.log_softmax(raw, -1), tok[:, None], axis=1)[:, 0]
+        tok = jnp.where(done, pad_id, tok)
+        tokens = tokens.at[:, i].set(tok)
+        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logp))
+        recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+        hit = jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
+        hit |= jnp.any(
+            jnp.all((stop_table[None] == -1) | (recent[:, None, :] == stop_table[None]), -1), -1
+        )
+        if c_next is not None:
+            cstate = jnp.where(done, cstate, c_next[cstate, tok])
+            hit |= c_dist[cstate] == 0
+        nums = nums + (~done).astype(jnp.int32)
+        stopped = stopped | (hit & ~done)
+        feed = ~done
+        done = done | hit
+        seen = st.seen.at[jnp.arange(B), tok].max(feed)
+        hidden, cache = model.decode_hidden(
+            model.embed_inputs(tok[:, None]), st.cache, feed[:, None].astype(jnp.int32)
+        )
+        logits = jnp.where(feed[:, None], model.logits(hidden)[:, 0], st.logits)
+        st = DecodeState(cache=cache, logits=logits, seen=seen, rng=rng)
+        return i + 1, st, tokens, logprobs, done, recent, cstate, nums, stopped
+
+    init = (
+        jnp.int32(0),
+        state,
+        jnp.full((B, steps), pad_id, jnp.int32),
+        jnp.zeros((B, steps), jnp.float32),
+        ~active,
+        jnp.full((B, width), -2, jnp.int32),
+        start_states,
+        jnp.zeros((B,), jnp.int32),
+        jnp.zeros((B,), bool),
+    )
+    _, state, tokens, logprobs, _, _, _, nums, stopped = jax.lax.while_loop(cond, body, init)
+    return state, Decoded(tokens=tokens, logprobs=logprobs, num_tokens=nums, stopped=stopped)
+
+
+class Sampler:
+    """Batched generation with a model and its tokenizer (a `transformers`
+    tokenizer, or None when callers pass token ids)."""
+
+    def __init__(self, model: nnx.Module, tokenizer=None, pad_id: int | None = None, encoder=None):
+        self.graphdef, self.params = nnx.split(model)
+        self.encoder = encoder  # a sample.prompting.PromptEncoder for chat prompts
+        self.cfg = model.decoder_config
+        self.tokenizer = tokenizer
+        if pad_id is None:
+            pad_id = getattr(tokenizer, "pad_token_id", None)
+            if pad_id is None:
+                pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+        self.pad_id = int(pad_id)
+
+    # ------------------------------------------------------------ step-wise API
+
+    def start(self, batch: int, max_length: int, seed: int = 0) -> DecodeState:
+        """An empty decode state with a cache of `max_length` slots (bucketed)."""
+        cache = KVCache.empty(self.cfg, batch, bucket(max_length))
+        V = self.cfg.vocab_size
+        return DecodeState(
+            cache=cache,
+            logits=jnp.zeros((batch, V), jnp.float32),
+            seen=jnp.zeros((batch, V), bool),
+            rng=jax.random.key(seed),
+        )
+
+    def extend(
+        self, state: DecodeState, rows: Sequence[Sequence[int]], pixel_values=None, image_sizes=None
+    ):
+        """Append each row's tokens (possibly none) to its cache."""
+        longest = max((len(r) for r in rows), default=0)
+        lengths = np.asarray(jax.device_get(state.cache.lengths))
+        need = int(max((lengths[i] + len(r) for i, r in enumerate(rows)), default=0))
+        if need > state.cache.max_length:
+            raise InsightVError(
+                f"prompt of {need} tokens does not fit the cache of {state.cache.max_length} slots"
+            )
+        ids, mask = pad_rows(rows, bucket(longest, 8), self.pad_id)
+        return _extend(self.graphdef, self.params, state, ids, mask, pixel_values, image_sizes)
+
+    def decode(
+        self,
+        state: DecodeState,
+        params: SamplingParams,
+        steps: int | None = None,
+        active: np.ndarray | None = None,
+        constraint=None,
+        start_states: np.ndarray | None = None,
+    ) -> tuple[DecodeState, Decoded]:
+        """Generate up to `steps` tokens per active row (one jitted while loop).
+
+        With a `StepConstraint`, each row starts in `start_states[row]`
+        (default: the step schema) and stops when its object is complete.
+        """
+        steps = steps or params.max_new_tokens
+        B = state.logits.shape[0]
+        lengths = np.asarray(jax.device_get(state.cache.lengths))
+        if lengths.max() + steps > state.cache.max_length:
+            raise InsightVError(
+                f"{lengths.max()} cached + {steps} new tokens exceed the cache of "
+                f"{state.cache.max_length} slots"
+            )
+        stop_ids = np.asarray(sorted(set(params.stop_token_ids)) or [-3], np.int32)
+        seqs = (
+            [self.tokenizer.encode(s, add_special_tokens=False) for s in params.stop_strings]
+            if (self.tokenizer is not None)
+            else []
+        )
+        width = max([len(s) for s in seqs] + [1])
+        active = np.ones((B,), bool) if active is None else np.asarray(active, bool)
+        tables = (
+            constraint.device_tables(self.cfg.vocab_size)
+            if constraint is not None
+            else (None, None, None)
+        )
+        if start_states is None:
+            start_states = np.full((B,), constraint.start_step if constraint is not None else 0)
+        if constraint is not None:
+            lowest = int(constraint.dist[np.asarray(start_states)[active]].max(initial=0))
+            if lowest > steps:
+                raise InsightVError(f"{steps} new tokens cannot fit a schema step (needs {lowest})")
+        return _decode(
+            self.graphdef,
+            self.params,
+            state,
+            stop_ids,
+            _stop_table(seqs, width),
+            active,
+            tables,
+            np.asarray(start_states, np.int32),
+            steps=int(steps),
+            temperature=float(params.temperature),
+            top_k=int(params.top_k),
+            top_p=float(params.top_p),
+            penalty=float(params.repetition_penalty),
+            pad_id=self.pad_id,
+        )
+
+    # -------------------------------------------------------------- one call
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        pixel_values=None,
+        image_sizes=None,
+        constraint=None,
+    ) -> list[dict]:
+        """Prefill + decode for a batch of token-id prompts.
+
+        Returns one dict per row: `tokens`, `logprobs`, `text` (if a tokenizer
+        is set; cut after the first stop string) and `finish_reason`
+        ('stop' or 'length').
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InsightVError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        state = self.start(len(prompts), bucket(longest, 8) + params.max_new_tokens, params.seed)
+        state = self.extend(state, prompts, pixel_values, image_sizes)
+        _, out = self.decode(state, params, constraint=constraint)
+        return self.unpack(out, params)
+
+    def unpack(self, out: Decoded, params: SamplingParams) -> list[dict]:
+        """Host-side results of a `decode` call."""
+        tokens, logprobs, nums, stopped = (
+            np.asarray(x)
+            for x in jax.device_get((out.tokens, out.logprobs, out.num_tokens, out.stopped))
+        )
+        results = []
+        for i in range(tokens.shape[0]):
+            n = int(nums[i])
+            row = {
+                "tokens": tokens[i, :n].tolist(),
+                "logprobs": logprobs[i, :n].tolist(),
+                "finish_reason": "stop" if stopped[i] else "length",
+            }
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(row["tokens"], skip_special_tokens=False)
+                for s in params.stop_strings:
+                    cut = text.find(s)
+                    if cut >= 0:
+                        text = text[: cut + len(s)]
+                        row["finish_reason"] = "stop"
+                row["text"] = text
+            results.append(row)
+        return results

@@ -1,0 +1,150 @@
+"""Training metrics: model FLOPs (the MFU convention), the measured matmul peak,
+and a logger that prints progress lines and writes TensorBoard event files.
+
+MFU convention (MaxText's, DESIGN.md): every matmul counts 2 FLOPs per
+multiply-add, training counts ×3 (forward + two backward matmuls) for parts
+that train and are trained through, causal attention (QKᵀ and AV) is halved,
+the embedding lookup is free, and a frozen vision tower counts forward-only.
+Tokens are all processed positions (padding included), image tokens included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from insightv_jax.config import DecoderConfig, ModelConfig
+
+
+def decoder_matmul_params(d: DecoderConfig) -> int:
+    """Parameters that take part in a matmul per token (the LM head included)."""
+    D, F, N, K, H = (
+        d.hidden_size,
+        d.intermediate_size,
+        d.num_heads,
+        d.num_kv_heads,
+        d.resolved_head_dim,
+    )
+    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F
+    return d.num_layers * per_layer + D * d.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, trainable=("projector", "llm")) -> float:
+    """Model FLOPs per processed token of one SFT step (see module docstring)."""
+    d = cfg.decoder
+    # The decoder trains (×3), or is only back-propagated through (×2) for a
+    # trainable projector/vision tower, or runs forward only.
+    if "llm" in trainable:
+        mult = 3
+    elif set(trainable) & {"projector", "vision"}:
+        mult = 2
+    else:
+        mult = 1
+    dense = 2 * decoder_matmul_params(d)
+    # causal attention: 2 matmuls × 2 FLOPs × T keys × N·H, halved
+    attn = 2 * seq_len * d.num_heads * d.resolved_head_dim * d.num_layers
+    return float(mult * (dense + attn))
+
+
+def measure_matmul_peak(
+    dtype: str = "float32", n: int = 2048, reps: int = 5, mesh: Mesh | None = None
+) -> float:
+    """Best observed FLOP/s of jitted n×n×n matmuls, one per device of `mesh`
+    (all devices: the aggregate peak the step can use, fake CPU devices included)."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    sharding = NamedSharding(Mesh(np.array(devices), ("d",)), PartitionSpec("d"))
+    k = len(devices)
+    a = jax.device_put(jnp.ones((k, n, n), dtype), sharding)
+    b = jax.device_put(jnp.ones((k, n, n), dtype), sharding)
+    f = jax.jit(lambda x, y: x @ y, out_shardings=sharding)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * k * n**3 / best
+
+
+class MetricsLogger:
+    """Console progress lines every `log_every` steps and TensorBoard scalars.
+
+    Only process 0 prints and writes event files.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        log_every: int = 10,
+        tb_dir: str | Path | None = None,
+        flops_per_token: float = 0.0,
+        peak_flops: float = 0.0,
+        print_fn=print,
+        jsonl_path: str | Path | None = None,
+    ):
+        self.total = total_steps
+        self.log_every = max(1, log_every)
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops
+        self.print = print_fn
+        self.main = jax.process_index() == 0
+        self.writer = None
+        self.jsonl = Path(jsonl_path) if jsonl_path is not None and self.main else None
+        if tb_dir is not None and self.main:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(tb_dir))
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+        self._steps = 0
+        self.started = time.perf_counter()
+
+    def reset_clock(self) -> None:
+        """Restart the throughput window (after compilation, for example)."""
+        self._t0, self._tokens, self._steps = time.perf_counter(), 0, 0
+
+    def log(self, step: int, metrics: dict, tokens: int, lr: float, skipped: int) -> dict:
+        """Record one finished step (1-based `step`); print/write on log steps."""
+        self._tokens += tokens
+        self._steps += 1
+        if step % self.log_every and step != self.total:
+            return {}
+        dt = max(time.perf_counter() - self._t0, 1e-9)
+        tok_s = self._tokens / dt
+        mfu = tok_s * self.flops_per_token / self.peak if self.peak else 0.0
+        row = {
+            "loss": float(metrics["loss"]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "lr": lr,
+            "tokens_per_s": tok_s,
+            "mfu": mfu,
+            "skipped": skipped,
+            "step_time_s": dt / self._steps,
+        }
+        if self.main:
+            pct = 100.0 * step / max(self.total, 1)
+            eta = (self.total - step) * row["step_time_s"]
+            self.print(
+                f"step {step}/{self.total} ({pct:4.1f}%) loss {row['loss']:.4f} "
+                f"gnorm {row['grad_norm']:.3f} lr {lr:.2e} {tok_s:,.0f} tok/s "
+                f"MFU {100 * mfu:.1f}% skipped {skipped} eta {eta:,.0f}s"
+            )
+            if self.jsonl is not None:  # machine-readable history (appended on resume)
+                with self.jsonl.open("a") as f:
+                    f.write(json.dumps({"step": step, **row}) + "\n")
+            if self.writer is not None:
+                for key, value in row.items():
+                    self.writer.add_scalar(f"train/{key}", value, step)
+                self.writer.flush()
+        self.reset_clock()
+        return row
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,192 @@
+"""`insightv plan`: compile the real-size SFT step for a mesh on fake CPU devices
+with abstract parameters, and report per-device memory and model FLOPs.
+
+Nothing is allocated: parameters, optimizer state and the batch are
+`jax.ShapeDtypeStruct`s carrying their shardings; XLA's memory analysis of the
+compiled step gives per-device argument, output and temporary bytes. The CPU
+backend's figures are an estimate, so a hand calculation is printed beside them.
+
+Run as `python -m insightv_jax.train.plan --devices N --config C [k=v ...]`; the
+CLI starts it in a subprocess whose XLA_FLAGS create N fake CPU devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+GiB = 1024**3
+
+
+def plan_in_subprocess(config: str, overrides: list[str], devices: int, as_json: bool = False):
+    """Run the planner in a fresh process with `devices` fake CPU devices."""
+    env = dict(os.environ)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "insightv_jax.train.plan", "--devices", str(devices)]
+    cmd += ["--config", config] + (["--json"] if as_json else []) + list(overrides)
+    return subprocess.run(cmd, env=env, capture_output=as_json, text=True)
+
+
+def _shard_bytes(tree) -> int:
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.ndim else ()
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def hand_estimate(cfg, program, seq_len: int) -> dict:
+    """Per-device bytes by hand: params, optimizer state, gradient accumulator,
+    remat-saved layer inputs, one layer's recomputation, one loss chunk."""
+    import jax.numpy as jnp
+
+    d = program_model_cfg(cfg).decoder
+    mesh = program.mesh
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = max(1, cfg.train.global_batch // cfg.train.micro_batches // batch_ways)
+    act = jnp.dtype(d.dtype).itemsize
+    tensor = mesh.shape["tensor"]
+    T, D, F, L, V = seq_len, d.hidden_size, d.intermediate_size, d.num_layers, d.vocab_size
+    params = _shard_bytes(program.abstract_state["params"]) + _shard_bytes(
+        program.abstract_state["frozen"]
+    )
+    opt = _shard_bytes(program.abstract_state["opt"])
+    grads = 4 * sum(
+        math.prod(x.sharding.shard_shape(x.shape))
+        for x in _leaves(program.abstract_state["params"])
+    )
+    saved = L * rows * T * D * act if d.remat != "none" else 0
+    qkv = (d.num_heads + 2 * d.num_kv_heads) * d.resolved_head_dim / tensor
+    block = d.attention_block_size if d.attention != "xla" else T
+    layer = rows * T * (4 * D + 2 * qkv + 3 * F / tensor) * act
+    layer += rows * d.num_heads / tensor * block * T * 4  # attention scores (one q block)
+    if d.remat == "none":
+        layer *= L
+    loss = 3 * rows * min(cfg.train.loss_chunk, T) * V / tensor * 4
+    out = {
+        "params": params,
+        "optimizer": opt,
+        "grad_accumulator": grads,
+        "saved_activations": saved,
+        "layer_recompute": int(layer),
+        "loss_chunk": int(loss),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def program_model_cfg(cfg):
+    from insightv_jax.train.trainer import effective_model_config
+
+    return effective_model_config(cfg)
+
+
+def plan(cfg, devices: int | None = None) -> dict:
+    """Lower + compile the step of `cfg` on the current (fake) devices; a report dict."""
+    import jax
+    import jax.numpy as jnp
+
+    from insightv_jax.parallel import make_mesh
+    from insightv_jax.train.metrics import train_flops_per_token
+    from insightv_jax.train.steps import batch_sharding
+    from insightv_jax.train.trainer import build_program
+
+    n = devices or len(jax.devices())
+    mesh = make_mesh(cfg.mesh, jax.devices()[:n])
+    model_cfg = program_model_cfg(cfg)
+    t0 = time.time()
+    program = build_program(model_cfg, cfg, mesh, max(cfg.train.steps, 1000))
+    B, T = cfg.train.global_batch, cfg.train.seq_len
+    batch = {
+        k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh, (B, T)))
+        for k in ("input_ids", "attention_mask", "labels")
+    }
+    compiled = program.lower(batch).compile()
+    seconds = time.time() - t0
+    ma = compiled.memory_analysis()
+    xla = {
+        "arguments": int(ma.argument_size_in_bytes),
+        "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes),
+        "temporaries": int(ma.temp_size_in_bytes),
+        "code": int(ma.generated_code_size_in_bytes),
+    }
+    xla["total"] = xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temporaries"]
+    n_params = sum(math.prod(x.shape) for x in _leaves(program.abstract_state["params"]))
+    n_frozen = sum(math.prod(x.shape) for x in _leaves(program.abstract_state["frozen"]))
+    flops = train_flops_per_token(model_cfg, T, cfg.train.trainable) * B * T
+    return {
+        "mesh": dict(mesh.shape),
+        "devices": n,
+        "global_batch": B,
+        "seq_len": T,
+        "micro_batches": cfg.train.micro_batches,
+        "trainable_params": n_params,
+        "frozen_params": n_frozen,
+        "compile_seconds": round(seconds, 1),
+        "xla_per_device": xla,
+        "hand_per_device": hand_estimate(cfg, program, T),
+        "model_flops_per_step": flops,
+    }
+
+
+def format_report(r: dict) -> str:
+    g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    lines = [
+        f"mesh {r['mesh']} ({r['devices']} devices), batch {r['global_batch']}×{r['seq_len']} "
+        f"tokens in {r['micro_batches']} micro-batches; compiled in {r['compile_seconds']}s",
+        f"parameters: {r['trainable_params'] / 1e9:.3f}B trainable, "
+        f"{r['frozen_params'] / 1e9:.3f}B frozen",
+        "per device, XLA memory analysis (CPU backend estimate):",
+    ]
+    lines += [f"  {k:<18}{g(v)}" for k, v in r["xla_per_device"].items()]
+    lines.append("per device, hand calculation:")
+    lines += [f"  {k:<18}{g(v)}" for k, v in r["hand_per_device"].items()]
+    lines.append(
+        f"model FLOPs per step: {r['model_flops_per_step']:.3e} "
+        f"({r['model_flops_per_step'] / r['devices']:.3e} per device)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="insightv_jax.train.plan")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from insightv_jax.config import load_config
+    from insightv_jax.errors import InsightVError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        report = plan(cfg, args.devices)
+    except InsightVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

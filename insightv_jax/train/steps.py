@@ -1,0 +1,243 @@
+"""The jitted, sharded SFT step (pjit style) and the train state it updates.
+
+Train state (a plain pytree, checkpointed as is):
+    params   trainable parameters (nested dict of arrays, the model's pure-dict layout)
+    frozen   frozen parameters (same layout, disjoint leaves)
+    opt      optax state for `params` only
+    step     optimizer steps taken (int32), skipped: non-finite steps skipped (int32)
+
+The step is `jax.jit` with explicit in/out shardings for every leaf and the
+state donated; `nnx.jit` is avoided because it lets output shardings drift
+(STACK.md). The model enters only through its graphdef and the fixed
+interface `forward_hidden(...)` + `logits(hidden)`, so the text decoder and the
+VLM share this code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from insightv_jax.config import TrainConfig
+from insightv_jax.parallel import logical_to_spec
+from insightv_jax.train.losses import IGNORE, chunked_ce_sum, shift_labels
+from insightv_jax.train.optim import lr_schedule, make_optimizer, merge, split_trainable
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes")
+
+
+def _dict_path(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def like_params_shardings(tree: Any, param_shardings: dict, mesh: Mesh) -> Any:
+    """Shardings for an optax state: a leaf whose dict path and shape match a
+    parameter gets that parameter's sharding; everything else is replicated."""
+    table = {_dict_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        return table.get(_dict_path(path), replicated) if leaf.ndim else replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Batch-major arrays are split over ('data', 'fsdp') on their first axis."""
+    names = ("act_batch",) + (None,) * (len(shape) - 1)
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+
+
+class SFTProgram:
+    """The SFT step of one model on one mesh: state layout, shardings, init, step.
+
+    `graphdef`/`rest` come from `nnx.split(model, nnx.Param, ...)`;
+    `abstract_params` is the pure dict of `jax.ShapeDtypeStruct`s (with
+    shardings) of all parameters.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        rest: Any,
+        abstract_params: dict,
+        cfg: TrainConfig,
+        mesh: Mesh,
+        total_steps: int,
+    ):
+        self.graphdef, self.rest, self.cfg, self.mesh = graphdef, rest, cfg, mesh
+        self.total_steps = total_steps
+        self.tx = make_optimizer(cfg, total_steps)
+        self.schedule = lr_schedule(cfg, total_steps)
+        trainable, frozen = split_trainable(abstract_params, cfg.trainable)
+        if not jax.tree.leaves(trainable):
+            raise ValueError(f"train.trainable={list(cfg.trainable)} selects no parameters")
+        p_sh = jax.tree.map(lambda a: a.sharding, trainable)
+        f_sh = jax.tree.map(lambda a: a.sharding, frozen)
+        abstract_opt = jax.eval_shape(self.tx.init, trainable)
+        o_sh = like_params_shardings(abstract_opt, p_sh, mesh)
+        rep = NamedSharding(mesh, PartitionSpec())
+        self.shardings = {"params": p_sh, "frozen": f_sh, "opt": o_sh, "step": rep, "skipped": rep}
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        self.abstract_state = {
+            "params": trainable,
+            "frozen": frozen,
+            "opt": jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, o_sh
+            ),
+            "step": scalar,
+            "skipped": scalar,
+        }
+        self._init_opt = jax.jit(self.tx.init, in_shardings=(p_sh,), out_shardings=o_sh)
+        self._steps: dict[Any, Any] = {}
+
+    # ------------------------------------------------------------- state
+
+    def init_state(self, params: dict) -> dict:
+        """A fresh train state from a full (sharded) parameter pure dict."""
+        trainable, frozen = split_trainable(params, self.cfg.trainable)
+        with jax.set_mesh(self.mesh):
+            opt = self._init_opt(trainable)
+
+        def zero():  # distinct buffers: the state is donated leaf by leaf
+            return jax.device_put(jnp.zeros((), jnp.int32), self.shardings["step"])
+
+        return {
+            "params": trainable,
+            "frozen": frozen,
+            "opt": opt,
+            "step": zero(),
+            "skipped": zero(),
+        }
+
+    @staticmethod
+    def full_params(state: dict) -> dict:
+        """All parameters (trainable ∪ frozen): the model's pure-dict layout."""
+        return merge(state["params"], state["frozen"])
+
+    def model(self, state: dict) -> nnx.Module:
+        """The model with the state's parameters (for evaluation and export)."""
+        return nnx.merge(self.graphdef, self.full_params(state), self.rest)
+
+    def lr_at(self, applied_steps: int) -> float:
+        return float(self.schedule(applied_steps))
+
+    # -------------------------------------------------------------- step
+
+    def batch_shardings(self, batch: dict) -> dict:
+        return {k: batch_sharding(self.mesh, tuple(v.shape)) for k, v in batch.items()}
+
+    def step_fn(self, batch: dict):
+        """The jitted step for this batch's keys/shapes (compiled once per shape)."""
+        key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        if key not in self._steps:
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            self._steps[key] = jax.jit(
+                self._step,
+                in_shardings=(self.shardings, self.batch_shardings(batch)),
+                out_shardings=(self.shardings, rep),  # every metric replicated
+                donate_argnums=0,
+            )
+        return self._steps[key]
+
+    def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        with jax.set_mesh(self.mesh):
+            return self.step_fn(batch)(state, batch)
+
+    def lower(self, abstract_batch: dict):
+        """Lower the step against abstract state and batch (memory planning)."""
+        with jax.set_mesh(self.mesh):
+            return self.step_fn(abstract_batch).lower(self.abstract_state, abstract_batch)
+
+    # The objective, split so that subclasses (DPO) reuse the step: `_totals`
+    # computes whole-batch normalisers once, `_micro_loss` a micro-batch's share
+    # of the loss (shares add up to the loss) plus sums to report, `_metrics`
+    # turns the accumulated sums into the step's metrics ("loss" is required).
+
+    def _model(self, trainable, frozen) -> nnx.Module:
+        return nnx.merge(self.graphdef, merge(trainable, frozen), self.rest)
+
+    def _loss_sum(self, trainable, frozen, mb):
+        model = self._model(trainable, frozen)
+        hidden = model.forward_hidden(
+            mb["input_ids"],
+            mb["attention_mask"],
+            None,
+            mb.get("pixel_values"),
+            mb.get("image_sizes"),
+        )
+        total, _ = chunked_ce_sum(
+            hidden, shift_labels(mb["labels"]), model.logits, self.cfg.loss_chunk
+        )
+        return total
+
+    def _totals(self, batch: dict) -> dict:
+        return {"tokens": jnp.sum(shift_labels(batch["labels"]) != IGNORE).astype(jnp.float32)}
+
+    def _micro_loss(self, trainable, frozen, mb, totals):
+        total = self._loss_sum(trainable, frozen, mb)
+        return total / jnp.maximum(totals["tokens"], 1.0), {"ce_sum": total}
+
+    def _metrics(self, sums: dict, totals: dict) -> dict:
+        return {"loss": sums["ce_sum"] / jnp.maximum(totals["tokens"], 1.0), **totals}
+
+    def _step(self, state: dict, batch: dict):
+        M = self.cfg.micro_batches
+        trainable, frozen = state["params"], state["frozen"]
+        totals = self._totals(batch)
+
+        def scaled(p, mb):
+            return self._micro_loss(p, frozen, mb, totals)
+
+        grad_fn = jax.value_and_grad(scaled, has_aux=True)
+        if M == 1:
+            (_, sums), grads = grad_fn(trainable, batch)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
+            # (B, ...) -> (M, B/M, ...) taking every M-th row, so each device's
+            # rows stay on the device (no data movement for any mesh).
+            def micro(x):
+                y = x.reshape((x.shape[0] // M, M) + x.shape[1:]).swapaxes(0, 1)
+                spec = batch_sharding(self.mesh, y.shape[1:]).spec
+                return jax.lax.with_sharding_constraint(y, PartitionSpec(None, *spec))
+
+            mbs = jax.tree.map(micro, batch)
+            zeros = jax.tree.map(
+                lambda p, s: jax.lax.with_sharding_constraint(jnp.zeros(p.shape, jnp.float32), s),
+                trainable,
+                self.shardings["params"],
+            )
+            mb0 = jax.tree.map(lambda x: x[0], mbs)
+            shapes = jax.eval_shape(scaled, trainable, mb0)[1]
+            sums0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+            def body(carry, mb):
+                acc, tot = carry
+                (_, s), g = grad_fn(trainable, mb)
+                acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+                return (acc, jax.tree.map(jnp.add, tot, s)), None
+
+            (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), mbs)
+
+        metrics = self._metrics(sums, totals)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = self.tx.update(grads, state["opt"], trainable)
+        new_params = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = {
+            "params": keep_if_finite(new_params, trainable),
+            "frozen": frozen,
+            "opt": keep_if_finite(new_opt, state["opt"]),
+            "step": state["step"] + 1,
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        }
+        return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}

@@ -1,0 +1,99 @@
+"""Chat templates, assistant-only labels, the BPE tokenizer builder and think tokens."""
+
+import numpy as np
+import pytest
+
+from insightv_jax.data.conversation import (
+    IGNORE,
+    IMAGE_TOKEN,
+    THINK_TOKENS,
+    add_think_tokens,
+    build_tokenizer,
+    render,
+    render_prompt,
+)
+from insightv_jax.errors import DataError
+
+CORPUS = [
+    "how many red squares are there ? answer 2",
+    "blue circles 1 ; red squares 2 ; 1 plus 2 ; answer 3",
+    "is the number of green triangles larger than blue squares ? yes no",
+] * 20
+
+CONV = [
+    {"role": "user", "content": f"{IMAGE_TOKEN}how many red squares ?"},
+    {"role": "assistant", "content": "<thoughts>red squares 2</thoughts><output>answer 2</output>"},
+]
+
+
+@pytest.fixture(scope="module", params=["minimal", "llama3", "chatml"])
+def tok(request, tmp_path_factory):
+    return request.param, build_tokenizer(
+        CORPUS, tmp_path_factory.mktemp(request.param), request.param, 300
+    )
+
+
+def test_labels_cover_only_assistant_turns(tok):
+    template, tokenizer = tok
+    ids, labels = render(CONV, tokenizer, template, num_image_tokens=16)
+    assert len(ids) == len(labels)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert ids.count(image_id) == 16
+    supervised = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+    text = tokenizer.decode(supervised)
+    assert text == CONV[1]["content"] + tokenizer.eos_token
+    assert all(lab in (IGNORE, i) for i, lab in zip(ids, labels))
+    # The same text as the HF chat template, and the prompt is a prefix of the render.
+    rendered = tokenizer.apply_chat_template(CONV, tokenize=False)
+    expanded = tokenizer.decode(ids).replace(IMAGE_TOKEN * 16, IMAGE_TOKEN)
+    assert expanded == rendered
+    prompt = render_prompt(CONV[:1], tokenizer, template, 16)
+    assert ids[: len(prompt)] == prompt
+    if template == "minimal":
+        assert len(ids) <= 64
+        assert image_id == 5  # configs/models/tiny.yaml relies on it
+
+
+def test_think_tokens_survive_decoding(tok):
+    _, tokenizer = tok
+    ids = add_think_tokens(tokenizer)
+    assert len(set(ids)) == 4 and all(isinstance(i, int) for i in ids)
+    text = "<thoughts>a</thoughts><output>b</output>"
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    assert set(ids) <= set(enc)
+    assert tokenizer.decode(enc, skip_special_tokens=True) == text
+
+
+def test_image_count_mismatch_names_the_sample(tok):
+    template, tokenizer = tok
+    with pytest.raises(DataError, match="sample 7: 1 <image> placeholders but 2 images"):
+        render(CONV, tokenizer, template, [16, 16], name="sample 7")
+
+
+def test_grow_vocab_mean_rows():
+    from flax import nnx
+
+    from insightv_jax.config import DecoderConfig, ModelConfig
+    from insightv_jax.models.factory import construct
+    from insightv_jax.models.vocab import grow_vocab
+
+    cfg = ModelConfig(
+        decoder=DecoderConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_heads=2,
+            num_kv_heads=2,
+            num_layers=1,
+            intermediate_size=32,
+        )
+    )
+    model = construct(cfg)
+    grown, gcfg = grow_vocab(model, cfg, 50 + len(THINK_TOKENS))
+    assert gcfg.decoder.vocab_size == 54
+    emb = np.asarray(grown.embed[...])
+    np.testing.assert_allclose(
+        emb[50:], np.repeat(emb[:50].mean(0, keepdims=True), 4, 0), atol=1e-6
+    )
+    np.testing.assert_array_equal(emb[:50], np.asarray(model.embed[...]))
+    ids = np.array([[1, 2, 51]])
+    assert np.asarray(nnx.jit(lambda m, x: m(x))(grown, ids)).shape == (1, 3, 54)
