@@ -13,28 +13,31 @@ from pathlib import Path
 
 
 def bench_data(n: int = 512, batch_size: int = 32, workers: tuple[int, ...] = (0, 2)) -> dict:
-    """Records/s through the loader (validate excluded) on a synthetic LLaVA dataset."""
+    """Records/s through the loader (validation excluded) on a synthetic LLaVA
+    dataset, tokenised for the tiny preset exactly as training does."""
     from absl import flags
 
+    from insightv_jax.config import load_config
+    from insightv_jax.data import conversation as conv
     from insightv_jax.data.loader import Loader
-    from insightv_jax.data.simple_transform import SimpleTransform, WordTokenizer
     from insightv_jax.data.sources import open_source
     from insightv_jax.data.synthetic.writer import write_llava
-    from insightv_jax.data.validate import Limits
+    from insightv_jax.data.transforms import ChatTransform
 
     if not flags.FLAGS.is_parsed():  # grain workers read absl flags
         flags.FLAGS.mark_as_parsed()
+    model_cfg = load_config(Path(__file__).resolve().parents[1] / "configs/models/tiny.yaml").model
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_llava(tmp, n, seed=0)
         src = open_source(Path(tmp) / "train.json")
-        tok = WordTokenizer.from_texts(t["value"] for r in src.records for t in r["conversations"])
-        transform = SimpleTransform(tok, src.root, image_tokens=16)
-        limits = Limits(max_length=128, image_tokens=16, count_tokens=tok.count, turn_overhead=1)
+        corpus = [t["value"] for r in src.records for t in r["conversations"]]
+        conv.build_tokenizer(corpus, Path(tmp) / "tok", template="minimal", vocab_size=508)
+        transform = ChatTransform(Path(tmp) / "tok", "minimal", model_cfg, tmp)
         for w in workers:
             loader = Loader(
                 src, transform, batch_size=batch_size, buckets=(64, 128), seed=0,
-                num_epochs=None, workers=w, limits=limits,
+                num_epochs=None, workers=w, limits=transform.limits(128),
             )  # fmt: skip
             next(loader)  # start-up (worker spawn) is not throughput
             steps, t0 = 0, time.perf_counter()
@@ -60,7 +63,65 @@ def bench_train() -> dict:
     return run()
 
 
+def bench_dpo(pairs: int = 4, min_seconds: float = 3.0) -> dict:
+    """DPO step vs SFT step on the same tokens per sequence (configs/bench-20m.yaml's
+    decoder, one device): a step on `pairs` pairs (2·pairs sequences, precomputed
+    reference log-probs) against an SFT step on `pairs` sequences of the same
+    length (target ratio <= 2.2), and the log-prob pass's sequences/s."""
+    import functools
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from insightv_jax.config import MeshConfig, load_config
+    from insightv_jax.models.factory import init_model
+    from insightv_jax.parallel import make_mesh
+    from insightv_jax.train.benchmark import _timed
+    from insightv_jax.train.dpo import DPOProgram
+    from insightv_jax.train.toy_data import ToySource
+    from insightv_jax.train.trainer import build_program, global_batch
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "bench-20m.yaml", [f"train.global_batch={pairs}"])
+    T, V = cfg.train.seq_len, cfg.model.decoder.vocab_size
+    src = ToySource(2 * pairs, T, V, seed=0)
+    rows = [src[i] for i in range(2 * pairs)]
+    sft = {k: np.stack([r[k] for r in rows[:pairs]]) for k in rows[0]}
+    dpo = {k: np.stack([np.stack([rows[i][k], rows[pairs + i][k]]) for i in range(pairs)])
+           for k in rows[0]}  # fmt: skip
+    dpo["ref_logps"] = np.full((pairs, 2), -100.0, np.float32)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    params = nnx.to_pure_dict(nnx.state(init_model(cfg.model, mesh, 0), nnx.Param))
+    times = {}
+    for name, cls, batch in (
+        ("sft", None, sft),
+        ("dpo", functools.partial(DPOProgram, dpo=cfg.dpo), dpo),
+    ):
+        program = build_program(cfg.model, cfg, mesh, 1000, **({"program_cls": cls} if cls else {}))
+        box = {"state": program.init_state(jax.tree.map(lambda x: x.copy(), params))}
+        gb = global_batch(batch, program)
+
+        def step(program=program, box=box, gb=gb):
+            box["state"], m = program(box["state"], gb)
+            jax.block_until_ready(m["loss"])
+
+        times[name] = _timed(step, min_seconds)
+    lp = {k: v for k, v in dpo.items() if k != "ref_logps"}
+    times["logprob"] = _timed(lambda: program.logprobs(params, lp), min_seconds)
+    return {
+        "sft_step_s": round(times["sft"], 4),
+        "dpo_step_s": round(times["dpo"], 4),
+        "dpo_over_sft": round(times["dpo"] / times["sft"], 3),
+        "target_ratio": 2.2,
+        "logprob_pass_seqs_per_s": round(2 * pairs / times["logprob"], 1),
+        "logprob_pass_tokens_per_s": round(2 * pairs * T / times["logprob"], 1),
+        "sequences": f"{pairs} (sft) vs {pairs} pairs = {2 * pairs} (dpo) x {T} tokens",
+    }
+
+
 BENCHES: dict[str, Callable[..., dict]] = {
+    "dpo": bench_dpo,
     "data": bench_data,
     "sample": bench_sample,
     "train": bench_train,

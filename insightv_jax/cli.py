@@ -86,12 +86,9 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    print(
-        "insightv demo: the end-to-end Insight-V pipeline (synthetic suite -> base VLM -> "
-        "data generation -> two agents -> iterative DPO -> evaluation) arrives with the "
-        "demo capability; the foundation installed here provides the decoder, HF "
-        "conversion and sharding. See README.md for what runs today."
-    )
+    from insightv_jax.demo import run_demo
+
+    run_demo(args.preset, args.workdir)
 
 
 def _synth(args: argparse.Namespace) -> None:

@@ -5,9 +5,7 @@ import json
 import numpy as np
 import pytest
 from test_sources import make_corpus
-
-from insightv_jax.data.loader import Loader, shard_options
-from insightv_jax.data.simple_transform import (
+from word_transform import (
     ASSISTANT,
     BOS,
     EOS,
@@ -16,6 +14,8 @@ from insightv_jax.data.simple_transform import (
     SimpleTransform,
     WordTokenizer,
 )
+
+from insightv_jax.data.loader import Loader, shard_options
 from insightv_jax.data.sources import open_source
 from insightv_jax.data.synthetic.writer import write_llava
 from insightv_jax.data.validate import Limits

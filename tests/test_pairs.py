@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from word_transform import ASSISTANT, EOS, SimpleTransform, WordTokenizer
 
 from insightv_jax.data.pairs import check_pair, make_pair, pair_loader
-from insightv_jax.data.simple_transform import ASSISTANT, EOS, SimpleTransform, WordTokenizer
 from insightv_jax.data.sources import open_source
 from insightv_jax.data.synthetic.render import png_bytes, render
 from insightv_jax.data.synthetic.scenes import GridScene

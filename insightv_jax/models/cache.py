@@ -52,12 +52,10 @@ class KVCache:
         )
 
 
-def write_rows(cache_kv: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
-    """Write new (B, T, K, H) into one layer's cache (B, S, K, H) at per-row offsets."""
-
-    def one(row_cache, row_new, offset):
-        return jax.lax.dynamic_update_slice(
-            row_cache, row_new.astype(row_cache.dtype), (offset, 0, 0)
-        )
-
-    return jax.vmap(one)(cache_kv, new, offsets)
+def write_rows(cache_kv: jax.Array, new: jax.Array, layer, offsets: jax.Array) -> jax.Array:
+    """Write new (B, T, K, H) into the stacked cache (L, B, S, K, H) at layer
+    `layer`, row b from slot offsets[b] on (a scatter XLA performs in place)."""
+    B, T = new.shape[:2]
+    rows = jnp.arange(B)[:, None]
+    slots = offsets[:, None] + jnp.arange(T)[None, :]
+    return cache_kv.at[layer, rows, slots].set(new.astype(cache_kv.dtype), mode="drop")

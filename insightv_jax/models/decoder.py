@@ -107,9 +107,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, kv_valid, offsets=None, layer_kv=None):
         """Self-attention over x; with a cache (`offsets` (B,), `layer_kv` =
-        this layer's (k, v) of shape (B, S, K, H)) the new keys/values are
-        written at each row's offset, attention runs over the cache slots
-        (`kv_valid` is then (B, S)), and (y, (k, v)) is returned."""
+        (k_all, v_all, layer) with the stacked (L, B, S, K, H) cache) the new
+        keys/values are written in place at [layer, row, offset...], attention
+        runs over this layer's cache slots (`kv_valid` is then (B, S)), and
+        (y, (k_all, v_all)) is returned."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
@@ -128,8 +129,11 @@ class Attention(nnx.Module):
         kv_positions = positions
         backend = cfg.attention
         if layer_kv is not None:
-            k = write_rows(layer_kv[0], k, offsets)
-            v = write_rows(layer_kv[1], v, offsets)
+            k_all, v_all, layer = layer_kv
+            k_all = write_rows(k_all, k, layer, offsets)
+            v_all = write_rows(v_all, v, layer, offsets)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
             kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), kv_valid.shape)
             backend = "xla" if backend == "splash" else backend
         out = attention(
@@ -146,7 +150,7 @@ class Attention(nnx.Module):
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dt)
-        return y if layer_kv is None else (y, (k, v))
+        return y if layer_kv is None else (y, (k_all, v_all))
 
 
 class MLP(nnx.Module):
@@ -248,15 +252,17 @@ class Decoder(nnx.Module):
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         slots = jnp.arange(cache.max_length, dtype=jnp.int32)
         slot_valid = slots[None, :] < (cache.lengths + counts)[:, None]
-        x, _, (k, v) = scan_layers(
-            self.layers,
-            inputs_embeds,
-            positions,
-            slot_valid,
-            cache.lengths,
-            per_layer=(cache.k, cache.v),
-            remat="none",
-        )
+        # The cache rides in the scan carry (not xs/ys) so each step updates it
+        # in place instead of rebuilding the whole stacked array.
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, layer_state):
+            x, k_all, v_all, i = carry
+            layer = nnx.merge(graphdef, layer_state)
+            x, (k_all, v_all) = layer(x, positions, slot_valid, cache.lengths, (k_all, v_all, i))
+            return (x, k_all, v_all, i + 1), None
+
+        (x, k, v, _), _ = jax.lax.scan(body, (inputs_embeds, cache.k, cache.v, jnp.int32(0)), state)
         new_cache = KVCache(k=k, v=v, lengths=cache.lengths + counts.astype(jnp.int32))
         return self.norm(x), new_cache
 

@@ -134,19 +134,22 @@ def constrained_cost(dcfg: DecoderConfig, batch: int = 8) -> dict:
     steps = 48
     params = SamplingParams(temperature=1.0, max_new_tokens=steps, seed=0)
 
-    def run(c):
+    def run(c, n):
         def fn():
             state = sampler.start(batch, 16 + steps)
             state = sampler.extend(state, prompts)
-            _, out = sampler.decode(state, params, constraint=c)
+            _, out = sampler.decode(
+                state, dataclasses.replace(params, max_new_tokens=n), constraint=c
+            )
             return out.num_tokens
 
         return fn
 
-    # A constrained row stops when its object closes: time per loop iteration.
-    t_free = _timed(run(None)) / steps
-    iters = int(np.max(jax.device_get(run(constraint)())))
-    t_con = _timed(run(constraint)) / max(iters, 1)
+    # A constrained row stops when its object closes; the unconstrained run is
+    # given exactly as many loop iterations, so both do the same work per row.
+    iters = int(np.max(jax.device_get(run(constraint, steps)())))
+    t_con = _timed(run(constraint, steps))
+    t_free = _timed(run(None, iters))
     return {"constrained_over_unconstrained": round(t_con / t_free, 3), "vocab": len(tok)}
 
 

@@ -212,7 +212,9 @@ def two_agent_answer(
         reason_params, stop_strings=tuple(reason_params.stop_strings) + ("</thoughts>",)
     )
     r_out = generate_encoded(reasoner, r_in, r_params)
-    chains = [extract_chain(r["text"]) for r in r_out]
+    # A chain is text: an `<image>` the reasoning agent wrote must not become a
+    # second image placeholder in the summary prompt.
+    chains = [extract_chain(r["text"]).replace(IMAGE_MARKER, "").strip() for r in r_out]
     s_in = [
         senc.prompt(
             [{"role": "user", "content": user(summary_question(q, c, prompts), i)}],

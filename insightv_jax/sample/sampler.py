@@ -66,6 +66,12 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
+def cache_bucket(n: int) -> int:
+    """Cache lengths: powers of two up to 256, then multiples of 256 (attention
+    reads every slot, so coarse buckets would double long-context decode cost)."""
+    return bucket(n) if n <= 256 else -(-n // 256) * 256
+
+
 def pad_rows(
     rows: Sequence[Sequence[int]], length: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +215,7 @@ class Sampler:
 
     def start(self, batch: int, max_length: int, seed: int = 0) -> DecodeState:
         """An empty decode state with a cache of `max_length` slots (bucketed)."""
-        cache = KVCache.empty(self.cfg, batch, bucket(max_length))
+        cache = KVCache.empty(self.cfg, batch, cache_bucket(max_length))
         V = self.cfg.vocab_size
         return DecodeState(
             cache=cache,

@@ -120,6 +120,21 @@ def plan(cfg, devices: int | None = None) -> dict:
         k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh, (B, T)))
         for k in ("input_ids", "attention_mask", "labels")
     }
+    if model_cfg.is_vlm:  # one image per sample at the largest anyres grid
+        from insightv_jax.models.anyres import max_tiles
+
+        n_img, S, t = (
+            model_cfg.llava.images_per_sample,
+            max_tiles(model_cfg),
+            model_cfg.vision.image_size,
+        )
+        pv_shape, sz_shape = (B, n_img, S, 3, t, t), (B, n_img, 2)
+        batch["pixel_values"] = jax.ShapeDtypeStruct(
+            pv_shape, jnp.float32, sharding=batch_sharding(mesh, pv_shape)
+        )
+        batch["image_sizes"] = jax.ShapeDtypeStruct(
+            sz_shape, jnp.int32, sharding=batch_sharding(mesh, sz_shape)
+        )
     compiled = program.lower(batch).compile()
     seconds = time.time() - t0
     ma = compiled.memory_analysis()

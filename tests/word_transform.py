@@ -1,6 +1,6 @@
-"""A small, self-contained tokenisation transform (word-level vocabulary, a
-two-role template, `<image>` expansion, assistant-only labels, images as
-float32 tiles) used by the loader's tests and `insightv bench data`.
+"""A small, self-contained tokenisation transform for the loader's tests (word-level
+vocabulary, a two-role template, `<image>` expansion, assistant-only labels,
+images as float32 tiles): fast, and independent of the chat-template code.
 
 It has the same contract as the real transform built from data/conversation.py
 (chat templates + BPE tokenizer) and data/images.py: a picklable callable

@@ -1,0 +1,57 @@
+"""Greedy generation with images equals transformers' LLaVA-NeXT `generate`."""
+
+import numpy as np
+import torch
+from hf_models import IMAGE_TOKEN, build_llava, llava_image_processor, random_images, save
+
+from insightv_jax.hf.convert import import_hf
+from insightv_jax.models import anyres
+from insightv_jax.models.llava import to_sample_layout
+from insightv_jax.parallel import single_device_mesh
+from insightv_jax.sample.sampler import Sampler, SamplingParams
+
+NEW = 10
+
+
+def test_greedy_with_images_matches_transformers(tmp_path):
+    hf = build_llava("llava_next", "clip", seed=3)
+    model, cfg = import_hf(save(hf, tmp_path / "m"), single_device_mesh())
+    sizes_hw = [(40, 40), (30, 90)]
+    proc = llava_image_processor()(random_images(sizes_hw, seed=4), return_tensors="np")
+    rows = []
+    for k, size in enumerate(proc["image_sizes"]):
+        n = anyres.num_image_tokens(tuple(size), cfg)
+        rows.append([7 + k, 11] + [IMAGE_TOKEN] * n + [12 + k] * (1 + 3 * k))  # different lengths
+    ours_pv = [
+        to_sample_layout(
+            np.array([r]), proc["pixel_values"][k : k + 1], proc["image_sizes"][k : k + 1], cfg
+        )
+        for k, r in enumerate(rows)
+    ]
+    pv = np.concatenate([p[0] for p in ours_pv])
+    sizes = np.concatenate([p[1] for p in ours_pv])
+    res = Sampler(model, pad_id=0).generate(rows, SamplingParams(max_new_tokens=NEW), pv, sizes)
+    cuts = 0
+    for k, r in enumerate(rows):
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=torch.tensor([r]),
+                pixel_values=torch.tensor(proc["pixel_values"][k : k + 1]),
+                image_sizes=torch.tensor(proc["image_sizes"][k : k + 1]),
+                max_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        ref = out.sequences[0, len(r) :].tolist()
+        cut = NEW
+        for i, s in enumerate(out.scores):
+            top2 = torch.topk(s[0], 2).values
+            if float(top2[0] - top2[1]) < 1e-4 or ref[i] == IMAGE_TOKEN:
+                cut = i + 1
+                break
+        cuts += cut < NEW
+        assert res[k]["tokens"][: cut - 1] == ref[: cut - 1], (k, res[k]["tokens"], ref)
+    assert cuts <= 1
