@@ -30,7 +30,7 @@ from insightv_jax.config import ConfigError, RunConfig, deep_merge, from_dict, r
 from insightv_jax.errors import InsightVError
 
 STAGES = ("synth", "tokenizer", "base", "data", "agents", "dpo", "eval", "export")
-AGENTS = ("reason", "summary", "cot")
+AGENTS = ("cot", "reason", "summary")  # the CoT baseline first: the longest job
 REPO = Path(__file__).resolve().parents[1]
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
@@ -129,13 +129,14 @@ class Demo:
         prompts = self._prompts()
         p = self.spec["pipeline"]
         teacher = OracleTeacher(p.get("error_rate", 0.3), "terse", self.spec.get("seed", 0))
-        lines = []
+        lines, budget = [], int(self.spec["tokenizer"]["chains"])
         for split in ("train", "val", "test"):
-            for rec in json.loads((self.data / f"{split}.json").read_text()):
+            for i, rec in enumerate(json.loads((self.data / f"{split}.json").read_text())):
                 lines += [rec["question"], rec["answer"]]
-                if split == "train" and len(lines) < 4 * int(self.spec["tokenizer"]["chains"]):
+                if split == "train" and i < budget:
                     chain = thoughts(teacher.chain(rec, 0))
                     lines.append(reasoning_question(rec["question"], prompts))
+                    lines.append(reasoning_question(rec["question"]))  # DPO pairs' wording
                     lines.append(f"{chain}\n<output>{rec['answer']}</output>")
                     lines.append(summary_question(rec["question"], chain, prompts))
         tok = build_tokenizer(
@@ -205,6 +206,7 @@ class Demo:
                 self.say(f"  sft {name}: {d['train'].get('steps')} steps")
                 with _redirect(self.out):
                     run_sft(from_dict(RunConfig, d))
+                _check_finished(name, d)
             return
         pending = list(jobs)
         running: dict[int, tuple[str, subprocess.Popen, threading.Thread]] = {}
@@ -225,10 +227,13 @@ class Demo:
                         failed.append(f"{name} (exit {proc.returncode})")
         if failed:
             raise InsightVError(f"demo SFT failed: {', '.join(failed)}; see {self.ws}/logs/")
+        for name, d in jobs.items():
+            _check_finished(name, d)
 
     def _spawn(self, name: str, path: Path, core: int):
         env = dict(os.environ)
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD}".strip()
+        env["PYTHONUNBUFFERED"] = "1"  # progress lines as they come
         cmd = [sys.executable, "-m", "insightv_jax.cli", "sft", "--config", str(path)]
         if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
             cmd = ["taskset", "-c", str(core), *cmd] if _has_taskset() else cmd
@@ -330,6 +335,15 @@ class Demo:
         return {name: str(self.ws / "hf" / name) for name in final}
 
 
+def _check_finished(name: str, d: dict) -> None:
+    """An SFT stopped early (SIGTERM / preemption) must not count as done."""
+    from insightv_jax.checkpoint import latest_step
+
+    steps = int(d["train"].get("steps") or 0)
+    if steps and latest_step(d["train"]["workdir"]) < steps:
+        raise InsightVError(f"demo SFT {name} stopped before step {steps}; rerun to continue")
+
+
 def _has_taskset() -> bool:
     from shutil import which
 
@@ -388,4 +402,6 @@ def headline_text(eval_dir: Path, spec: dict) -> str:
 
 def run_demo(preset: str = "tiny", workdir: str = "workdir/demo", overrides=None) -> dict:
     """`insightv demo`: run (or resume) the demo; returns the eval report."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines show up when piped
     return Demo(load_preset(preset, overrides), workdir).run()

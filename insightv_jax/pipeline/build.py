@@ -49,7 +49,11 @@ def _best(samples: list[dict]) -> dict | None:
 
 
 def build_preference_pairs(
-    items: list[dict], samples_by_query: dict[str, list[dict]], min_gap: float, round: int = 0
+    items: list[dict],
+    samples_by_query: dict[str, list[dict]],
+    min_gap: float,
+    round: int = 0,
+    prompts: Prompts | None = None,
 ) -> tuple[list[dict], dict]:
     """Best-vs-worst preference pairs (METHOD.md §3) in data/pairs.py's format.
 
@@ -57,7 +61,9 @@ def build_preference_pairs(
     `chain` (<thoughts> text or steps), `score` (wrong answers already at the
     floor; None = unscored, left out) and `correct`. chosen = the best correct
     chain, rejected = the worst chain; dropped when the gap is below `min_gap`
-    (or not positive). Returns (pairs, counts of pairs and drop reasons).
+    (or not positive). The prompt is the reasoning agent's user turn, worded by
+    `prompts` (the same wording the agent is trained and sampled with). Returns
+    (pairs, counts of pairs and drop reasons).
     """
     counts = Counter()
     pairs = []
@@ -81,7 +87,8 @@ def build_preference_pairs(
         if gap <= 0 or gap < min_gap:
             counts["drop_gap"] += 1
             continue
-        prompt = [{"from": "human", "value": _user(item, reasoning_question(item["question"]))}]
+        question = reasoning_question(item["question"], prompts or Prompts())
+        prompt = [{"from": "human", "value": _user(item, question)}]
         pairs.append(
             make_pair(
                 f"{item['id']}-r{round}",
@@ -163,7 +170,9 @@ def build_sets(assessed: list[dict], queries: list[dict], cfg: PipelineConfig, s
         for r in assessed
     }
     items = [{**by_id.get(r["id"], {}), **r} for r in assessed]
-    pairs, pair_counts = build_preference_pairs(items, samples_by_query, cfg.min_gap)
+    pairs, pair_counts = build_preference_pairs(
+        items, samples_by_query, cfg.min_gap, prompts=prompts
+    )
     counts = {
         "questions": len(assessed),
         "buckets": {b: buckets.get(b, 0) for b in ("high", "mid", "low", "wrong", "unscored")},

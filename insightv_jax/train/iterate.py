@@ -127,8 +127,10 @@ def assess(items: list[dict], samples: list[dict], judge, scorer, floor: float) 
 def dpo_update(cfg: RunConfig, rd: Path, policy: str, pairs_path: Path, root: Path, print_fn):
     """DPO of `policy` on the round's pairs (reference = policy); a run dir at `rd`."""
     n = len(read_jsonl(pairs_path))
-    if n < cfg.train.global_batch and not cfg.train.steps:
-        print_fn(f"{rd.name}: {n} pairs < train.global_batch; no update this round")
+    if n == 0 or (n < cfg.train.global_batch and not cfg.train.steps):
+        print_fn(
+            f"{rd.name}: {n} pairs (train.global_batch {cfg.train.global_batch}); no update this round"
+        )
         return policy, {}
     train = dataclasses.replace(cfg.train, workdir=str(rd), init=policy)
     dpo = dataclasses.replace(cfg.dpo, ref_logps="precomputed", reference=None)
@@ -221,7 +223,9 @@ def run_iterate(
             by_query: dict[str, list[dict]] = {}
             for s in samples:
                 by_query.setdefault(s["id"], []).append(s)
-            pairs, counts = build_preference_pairs(items, by_query, d.min_gap, round=t)
+            pairs, counts = build_preference_pairs(
+                items, by_query, d.min_gap, round=t, prompts=cfg.pipeline.prompts
+            )
             _write_json(counts_path, counts)
             write_jsonl(pairs_path, pairs)
         if policy != summary_path:
