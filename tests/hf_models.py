@@ -196,3 +196,28 @@ def torch_llava_logits(model, ids, pixel_values=None, image_sizes=None, mask=Non
         kw["attention_mask"] = torch.tensor(np.asarray(mask))
     with torch.no_grad():
         return model(input_ids=torch.tensor(np.asarray(ids)), **kw).logits.float().numpy()
+
+
+def hf_greedy(model, input_ids, new_tokens: int, stop_cut_at=None, **inputs):
+    """transformers' greedy continuation of one prompt, and the step up to which
+    it is comparable: the first step whose top-2 logit gap is below 1e-4 (fp32
+    differences may legitimately flip a near-tie) or that emits `stop_cut_at`."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([input_ids]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **inputs,
+        )
+    tokens = out.sequences[0, len(input_ids) :].tolist()
+    for i, s in enumerate(out.scores):
+        top2 = torch.topk(s[0], 2).values
+        if float(top2[0] - top2[1]) < 1e-4 or tokens[i] == stop_cut_at:
+            return tokens, i + 1  # the cut step itself may differ
+    return tokens, new_tokens

@@ -3,7 +3,7 @@ rules, reproducibility, cache bounds."""
 
 import numpy as np
 import pytest
-from hf_models import build_decoder, save
+from hf_models import build_decoder, hf_greedy, save
 
 from insightv_jax.config import DecoderConfig, ModelConfig
 from insightv_jax.errors import InsightVError
@@ -23,29 +23,7 @@ def pair(tmp_path_factory):
 
 
 def _hf_greedy(hf, prompt, **kw):
-    """transformers' greedy continuation, and the first step whose top-2 gap is
-    below 1e-4 (where fp32 differences may legitimately flip the argmax)."""
-    import torch
-
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            output_scores=True,
-            return_dict_in_generate=True,
-            **kw,
-        )
-    tokens = out.sequences[0, len(prompt) :].tolist()
-    cut = NEW
-    for i, s in enumerate(out.scores):
-        top2 = torch.topk(s[0], 2).values
-        if float(top2[0] - top2[1]) < 1e-4:
-            cut = i + 1  # the tied step itself may differ; compare up to it
-            break
-    return tokens, cut
+    return hf_greedy(hf, prompt, NEW, **kw)
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])

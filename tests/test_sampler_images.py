@@ -2,7 +2,14 @@
 
 import numpy as np
 import torch
-from hf_models import IMAGE_TOKEN, build_llava, llava_image_processor, random_images, save
+from hf_models import (
+    IMAGE_TOKEN,
+    build_llava,
+    hf_greedy,
+    llava_image_processor,
+    random_images,
+    save,
+)
 
 from insightv_jax.hf.convert import import_hf
 from insightv_jax.models import anyres
@@ -33,25 +40,14 @@ def test_greedy_with_images_matches_transformers(tmp_path):
     res = Sampler(model, pad_id=0).generate(rows, SamplingParams(max_new_tokens=NEW), pv, sizes)
     cuts = 0
     for k, r in enumerate(rows):
-        with torch.no_grad():
-            out = hf.generate(
-                input_ids=torch.tensor([r]),
-                pixel_values=torch.tensor(proc["pixel_values"][k : k + 1]),
-                image_sizes=torch.tensor(proc["image_sizes"][k : k + 1]),
-                max_new_tokens=NEW,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=None,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        ref = out.sequences[0, len(r) :].tolist()
-        cut = NEW
-        for i, s in enumerate(out.scores):
-            top2 = torch.topk(s[0], 2).values
-            if float(top2[0] - top2[1]) < 1e-4 or ref[i] == IMAGE_TOKEN:
-                cut = i + 1
-                break
+        ref, cut = hf_greedy(
+            hf,
+            r,
+            NEW,
+            stop_cut_at=IMAGE_TOKEN,
+            pixel_values=torch.tensor(proc["pixel_values"][k : k + 1]),
+            image_sizes=torch.tensor(proc["image_sizes"][k : k + 1]),
+        )
         cuts += cut < NEW
         assert res[k]["tokens"][: cut - 1] == ref[: cut - 1], (k, res[k]["tokens"], ref)
     assert cuts <= 1

@@ -31,47 +31,16 @@ def chunked_ce_sum(
     logits_fn: Callable[[jax.Array], jax.Array],
     chunk: int = 1024,
 ) -> tuple[jax.Array, jax.Array]:
-    """(sum of token cross-entropies, number of label tokens), both fp32.
-
-    `hidden` (B, T, D) are final-normed hidden states, `targets` (B, T) the
-    already-shifted labels (IGNORE = not scored), `logits_fn` maps (B, C, D) to
-    fp32 logits (B, C, V). T is padded up to a multiple of `chunk`.
-    """
-    B, T, D = hidden.shape
-    chunk = max(1, min(chunk, T))
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
-    # (n, B, C, ...): scan over chunks of the sequence.
-    hs = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)
-    ts = targets.reshape(B, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(h, t):
-        logits = logits_fn(h).astype(jnp.float32)
-        valid = t != IGNORE
-        safe = jnp.where(valid, t, 0)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(valid, lse - picked, 0.0))
-
-    def body(total, xs):
-        return total + one(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts))
-    count = jnp.sum(targets != IGNORE).astype(jnp.float32)
-    return total, count
+    """(sum of token cross-entropies, number of label tokens), both fp32 scalars:
+    the batch total of `chunked_sequence_nll`."""
+    nll, count = chunked_sequence_nll(hidden, targets, logits_fn, chunk)
+    return jnp.sum(nll), jnp.sum(count)
 
 
 def token_mean_ce(hidden, labels, logits_fn, chunk: int = 1024) -> jax.Array:
     """Token-mean cross-entropy of `labels` (unshifted, batch layout) in fp32."""
     total, count = chunked_ce_sum(hidden, shift_labels(labels), logits_fn, chunk)
     return total / jnp.maximum(count, 1.0)
-
-
-# ------------------------------------------------------------------ DPO family
 
 
 def chunked_sequence_nll(
@@ -82,8 +51,11 @@ def chunked_sequence_nll(
 ) -> tuple[jax.Array, jax.Array]:
     """Per-row (sum of token negative log-likelihoods, number of label tokens), (B,) fp32.
 
-    The per-sequence counterpart of `chunked_ce_sum` (same chunking and remat):
-    a response's summed log-prob is `-nll`, its token-mean log-prob `-nll / count`.
+    `hidden` (B, T, D) are final-normed hidden states, `targets` (B, T) the
+    already-shifted labels (IGNORE = not scored), `logits_fn` maps (B, C, D) to
+    fp32 logits (B, C, V). The sequence is scanned in chunks of `chunk` tokens,
+    each rematerialised, so fp32 logits for the whole vocabulary and sequence
+    never exist at once. A response's summed log-prob is `-nll`.
     """
     B, T, D = hidden.shape
     chunk = max(1, min(chunk, T))
@@ -110,6 +82,9 @@ def chunked_sequence_nll(
     total, _ = jax.lax.scan(body, jnp.zeros((B,), jnp.float32), (hs, ts))
     count = jnp.sum(targets != IGNORE, axis=-1).astype(jnp.float32)
     return total, count
+
+
+# ------------------------------------------------------------------ DPO family
 
 
 DPO_LOSSES = ("sigmoid", "ipo", "ref_free")
