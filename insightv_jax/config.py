@@ -246,6 +246,11 @@ class DataConfig:
     buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # padded lengths
     shuffle_seed: int = 0
     workers: int = 0  # grain worker processes (0 = in the training process)
+    # In-process read threads and records buffered ahead. grain's default (16 threads,
+    # 500 records) busy-polls and steals a CPU-only run's cores; an accelerator host
+    # with idle cores can raise both.
+    read_threads: int = 1
+    prefetch: int = 64
     on_bad_record: Literal["skip", "fail"] = "fail"
 
     def validate(self) -> None:
@@ -256,6 +261,10 @@ class DataConfig:
             )
         if self.workers < 0:
             raise ConfigError(f"data.workers={self.workers} must be >= 0")
+        if self.read_threads < 0 or self.prefetch < 0:
+            raise ConfigError(
+                f"data.read_threads={self.read_threads} and data.prefetch={self.prefetch} must be >= 0"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,7 +85,12 @@ def get_template(name: str) -> Template:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+    if not text:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer itself: same ids, ~10x less Python
+        return backend.encode(text, add_special_tokens=False).ids
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _content_ids(tokenizer, text: str, image_counts: list[int], image_id: int) -> list[int]:

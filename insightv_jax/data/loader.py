@@ -50,10 +50,12 @@ def bucket_length(n: int, buckets: tuple[int, ...]) -> int:
     raise DataError(f"sequence of {n} tokens is longer than the largest bucket {max(buckets)}")
 
 
-def _pad_to(x: np.ndarray, n: int, axis: int, value) -> np.ndarray:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, n - x.shape[axis])
-    return np.pad(x, pad, constant_values=value)
+def _stack_padded(arrays: list[np.ndarray], shape: tuple[int, ...], value, dtype) -> np.ndarray:
+    """Stack arrays into one (len(arrays), *shape) array, each padded at the end of every axis."""
+    out = np.full((len(arrays), *shape), value, dtype)
+    for row, a in zip(out, arrays):
+        row[tuple(slice(0, d) for d in a.shape)] = a
+    return out
 
 
 class Collate:
@@ -64,28 +66,20 @@ class Collate:
 
     def __call__(self, examples: list[dict]) -> dict[str, np.ndarray]:
         length = bucket_length(max(len(e["input_ids"]) for e in examples), self.buckets)
+        ids = [np.asarray(e["input_ids"]) for e in examples]
         batch = {
-            "input_ids": np.stack(
-                [_pad_to(e["input_ids"], length, 0, self.pad_id) for e in examples]
-            ),
-            "labels": np.stack([_pad_to(e["labels"], length, 0, IGNORE) for e in examples]),
-            "attention_mask": np.stack(
-                [_pad_to(np.ones(len(e["input_ids"]), np.int32), length, 0, 0) for e in examples]
+            "input_ids": _stack_padded(ids, (length,), self.pad_id, np.int32),
+            "labels": _stack_padded([e["labels"] for e in examples], (length,), IGNORE, np.int32),
+            "attention_mask": _stack_padded(
+                [np.ones(len(i), np.int32) for i in ids], (length,), 0, np.int32
             ),
         }
         if "pixel_values" in examples[0]:
-            n_img = max(e["pixel_values"].shape[0] for e in examples)
-            tiles = max(e["pixel_values"].shape[1] for e in examples)
-            batch["pixel_values"] = np.stack(
-                [
-                    _pad_to(_pad_to(e["pixel_values"], n_img, 0, 0.0), tiles, 1, 0.0)
-                    for e in examples
-                ]
-            ).astype(np.float32)
-            batch["image_sizes"] = np.stack(
-                [_pad_to(e["image_sizes"], n_img, 0, 0) for e in examples]
-            ).astype(np.int32)
-        batch = {k: v.astype(np.int32) if k != "pixel_values" else v for k, v in batch.items()}
+            pix = [e["pixel_values"] for e in examples]
+            shape = tuple(max(p.shape[d] for p in pix) for d in range(pix[0].ndim))
+            batch["pixel_values"] = _stack_padded(pix, shape, 0.0, np.float32)
+            sizes = [e["image_sizes"] for e in examples]
+            batch["image_sizes"] = _stack_padded(sizes, (shape[0], 2), 0, np.int32)
         for key in examples[0].keys() - batch.keys():  # extra per-example fields, stacked
             batch[key] = np.stack([np.asarray(e[key]) for e in examples])
         return batch
@@ -108,6 +102,8 @@ def build_dataset(
     num_epochs: int | None = 1,
     shard=None,
     workers: int = 0,
+    read_threads: int = 1,
+    prefetch: int = 64,
     pad_id: int = 0,
     collate=None,
     drop_remainder: bool = True,
@@ -123,7 +119,8 @@ def build_dataset(
     ds = ds[shard.shard_index : n : shard.shard_count]
     ds = ds.map(transform)
     batch_fn = collate or Collate(buckets, pad_id)
-    it = ds.to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
     if workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it
@@ -143,6 +140,8 @@ class Loader:
         num_epochs: int | None = 1,
         shard=None,
         workers: int = 0,
+        read_threads: int = 1,
+        prefetch: int = 64,
         on_bad_record: str = "fail",
         limits: Limits | None = None,
         pad_id: int = 0,
@@ -168,6 +167,8 @@ class Loader:
             num_epochs=num_epochs,
             shard=shard,
             workers=workers,
+            read_threads=read_threads,
+            prefetch=prefetch,
             pad_id=pad_id,
             collate=collate,
             drop_remainder=drop_remainder,
@@ -229,6 +230,8 @@ def loader_from_config(
         num_epochs=num_epochs,
         shard=shard,
         workers=cfg.workers,
+        read_threads=cfg.read_threads,
+        prefetch=cfg.prefetch,
         on_bad_record=cfg.on_bad_record,
         limits=limits,
         pad_id=pad_id,

@@ -34,6 +34,7 @@ def attention(
     causal: bool = True,
     backend: str = "xla",
     block_size: int = 512,
+    heads_major: bool = False,
 ) -> jax.Array:
     """Attention of q (B, T, N, H) over k, v (B, S, K, H), N a multiple of K.
 
@@ -41,7 +42,14 @@ def attention(
     `kv_valid` (B, S) marks real keys (False for padding and empty cache slots).
     Returns (B, T, N, H) in q's dtype. Query rows with no visible key are
     undefined (they belong to padding) but finite.
+
+    `heads_major`: k and v come as (B, K, S, H), the KV cache's layout, in which
+    the score and value products need no transpose of the (long) key axis.
     """
+    if heads_major:
+        if backend != "blockwise":
+            return _xla_heads_major(q, k, v, q_positions, kv_positions, kv_valid, causal)
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if backend == "xla":
         return _xla(q, k, v, q_positions, kv_positions, kv_valid, causal)
     if backend == "blockwise":
@@ -63,6 +71,22 @@ def _xla(q, k, v, q_positions, kv_positions, kv_valid, causal):
     mask = visibility_mask(q_positions, kv_positions, kv_valid, causal)[:, None]
     impl = "xla" if jax.default_backend() == "cpu" else None
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _xla_heads_major(q, k, v, q_positions, kv_positions, kv_valid, causal):
+    """q (B, T, N, H) over k, v (B, K, S, H): (B, K) lead both products, so the
+    cache is read in place (decode is bound by reading it)."""
+    B, T, N, H = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores = jnp.einsum("bkqh,bksh->bkqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / float(H) ** 0.5)
+    mask = visibility_mask(q_positions, kv_positions, kv_valid, causal)  # (B, T, S)
+    mask = jnp.broadcast_to(mask[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+    probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def _blockwise(q, k, v, q_positions, kv_positions, kv_valid, causal, block_size):

@@ -19,13 +19,15 @@ from insightv_jax.config import DecoderConfig
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # (L, B, S, K, H)
-    v: jax.Array  # (L, B, S, K, H)
+    # (L, B, K, S, H): heads before slots, so attention reads a layer's cache
+    # without transposing it (see attention.py, heads_major)
+    k: jax.Array
+    v: jax.Array
     lengths: jax.Array  # (B,) int32: filled slots per row
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch_size(self) -> int:
@@ -34,7 +36,7 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: DecoderConfig, batch: int, max_length: int, dtype=None) -> KVCache:
         """A zero cache for `batch` rows of `max_length` slots."""
-        shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.resolved_head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.resolved_head_dim)
         dtype = jnp.dtype(dtype or cfg.dtype)
         return cls(
             k=jnp.zeros(shape, dtype),
@@ -53,9 +55,11 @@ class KVCache:
 
 
 def write_rows(cache_kv: jax.Array, new: jax.Array, layer, offsets: jax.Array) -> jax.Array:
-    """Write new (B, T, K, H) into the stacked cache (L, B, S, K, H) at layer
+    """Write new (B, T, K, H) into the stacked cache (L, B, K, S, H) at layer
     `layer`, row b from slot offsets[b] on (a scatter XLA performs in place)."""
-    B, T = new.shape[:2]
-    rows = jnp.arange(B)[:, None]
-    slots = offsets[:, None] + jnp.arange(T)[None, :]
-    return cache_kv.at[layer, rows, slots].set(new.astype(cache_kv.dtype), mode="drop")
+    B, T, K = new.shape[:3]
+    rows = jnp.arange(B)[:, None, None]
+    heads = jnp.arange(K)[None, :, None]
+    slots = (offsets[:, None] + jnp.arange(T)[None, :])[:, None, :]
+    values = new.astype(cache_kv.dtype).transpose(0, 2, 1, 3)  # (B, K, T, H)
+    return cache_kv.at[layer, rows, heads, slots].set(values, mode="drop")

@@ -107,7 +107,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, kv_valid, offsets=None, layer_kv=None):
         """Self-attention over x; with a cache (`offsets` (B,), `layer_kv` =
-        (k_all, v_all, layer) with the stacked (L, B, S, K, H) cache) the new
+        (k_all, v_all, layer) with the stacked (L, B, K, S, H) cache) the new
         keys/values are written in place at [layer, row, offset...], attention
         runs over this layer's cache slots (`kv_valid` is then (B, S)), and
         (y, (k_all, v_all)) is returned."""
@@ -134,8 +134,7 @@ class Attention(nnx.Module):
             v_all = write_rows(v_all, v, layer, offsets)
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-            kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), kv_valid.shape)
-            backend = "xla" if backend == "splash" else backend
+            kv_positions = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), kv_valid.shape)
         out = attention(
             q,
             k.astype(dt),
@@ -146,6 +145,7 @@ class Attention(nnx.Module):
             causal=True,
             backend=backend,
             block_size=cfg.attention_block_size,
+            heads_major=layer_kv is not None,
         )
         y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
         if cfg.o_bias:

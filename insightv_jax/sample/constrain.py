@@ -239,8 +239,15 @@ class StepConstraint:
         return int(self.dist[self.start_final if final else self.start_step])
 
     def device_tables(self, vocab_size: int | None = None):
-        """(next, allowed, dist) as device arrays for the decode loop; token ids
-        the tokenizer lacks (a model vocabulary padded past it) are never allowed."""
+        """(next, finish, dist) as device arrays for the decode loop.
+
+        `finish[state, token]` = 1 + dist[next[state, token]] for a live move
+        (the tokens the object needs if `token` is emitted now), a huge value
+        otherwise, so one (B, V) gather per step decides what is allowed.
+        Token ids the tokenizer lacks (a model vocabulary padded past it) are
+        never allowed. `finish` is int16 when the distances fit (they do for
+        any real vocabulary), halving the bytes gathered per step.
+        """
         V = vocab_size or self.next.shape[1]
         if V < self.next.shape[1]:
             raise ValueError(
@@ -249,7 +256,12 @@ class StepConstraint:
         if getattr(self, "_device_vocab", None) != V:
             pad = V - self.next.shape[1]
             nxt = np.pad(self.next, ((0, 0), (0, pad)))  # 0 = the dead state
-            self._device = (jnp.asarray(nxt), jnp.asarray(nxt != 0), jnp.asarray(self.dist))
+            longest = int(self.dist[self.dist < _INF].max(initial=0)) + 1
+            dtype = np.int16 if longest < np.iinfo(np.int16).max else np.int32
+            dead = np.iinfo(dtype).max  # the decode loop reads the dtype's max as "dead"
+            live = (nxt != 0) & (self.dist[nxt] < _INF)
+            finish = np.where(live, self.dist[nxt] + 1, dead).astype(dtype)
+            self._device = (jnp.asarray(nxt), jnp.asarray(finish), jnp.asarray(self.dist))
             self._device_vocab = V
         return self._device
 

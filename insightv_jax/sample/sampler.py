@@ -132,7 +132,7 @@ def _decode(
     model = nnx.merge(graphdef, params)
     B = state.logits.shape[0]
     width = stop_table.shape[1]
-    c_next, c_mask, c_dist = constraint  # see sample/constrain.py
+    c_next, c_finish, c_dist = constraint  # see StepConstraint.device_tables
 
     def cond(carry):
         i, _, _, _, done, *_ = carry
@@ -143,9 +143,8 @@ def _decode(
         raw = st.logits
         allowed = None
         if c_next is not None:
-            remaining = steps - i
-            nxt = c_next[cstate]  # (B, V) next automaton states
-            allowed = c_mask[cstate] & (c_dist[nxt] <= remaining - 1)
+            budget = jnp.minimum(steps - i, jnp.iinfo(c_finish.dtype).max - 1)  # max = dead
+            allowed = c_finish[cstate] <= budget  # live, and finishable within the budget
         rng, key = jax.random.split(st.rng)
         tok = process_logits(
             raw,

@@ -94,11 +94,17 @@ def generate_split(
 
 
 def generate_splits(
-    n: int, seed: int, knobs: Knobs = DEFAULT_KNOBS, weights: dict[str, float] | None = None
+    n: int,
+    seed: int,
+    knobs: Knobs = DEFAULT_KNOBS,
+    weights: dict[str, float] | None = None,
+    n_eval: int | None = None,
 ) -> dict[str, list[Item]]:
-    """`n` items per split; test and val are drawn first so train never repeats them."""
+    """`n` train items and `n_eval` (default `n`) each for val and test; test and
+    val are drawn first so train never repeats them."""
     seen: set[str] = set()
     out = {}
     for split in ("test", "val", "train"):
-        out[split] = generate_split(split, n, seed, knobs, weights, seen)
+        count = n if split == "train" or n_eval is None else n_eval
+        out[split] = generate_split(split, count, seed, knobs, weights, seen)
     return {s: out[s] for s in SPLITS}

@@ -41,11 +41,13 @@ def write_llava(
     seed: int,
     knobs: Knobs = DEFAULT_KNOBS,
     weights: dict[str, float] | None = None,
+    n_eval: int | None = None,
 ) -> dict[str, int]:
-    """Write out/{train,val,test}.json and out/images/*.png; returns counts per split."""
+    """Write out/{train,val,test}.json and out/images/*.png (`n` train items,
+    `n_eval`, default `n`, each for val and test); returns counts per split."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    splits = generate_splits(n, seed, knobs, weights)
+    splits = generate_splits(n, seed, knobs, weights, n_eval)
     for split in SPLITS:
         records = []
         for item in splits[split]:
