@@ -433,6 +433,7 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo", "ref_free"] = "sigmoid"
     ref_logps: Literal["precomputed", "on_the_fly"] = "precomputed"
     pairs: str | None = None  # `insightv dpo`: the preference-pair JSONL
+    eval_pairs: str | None = None  # held-out pairs: reward accuracy after training
     reference: str | None = None  # reference checkpoint; None: train.init (the start policy)
     logprob_batch: int = 8  # pairs per call of the reference log-prob pass
     # iterate: sampling from M_t, judging, scoring, pairs

@@ -114,10 +114,16 @@ class Demo:
     # ------------------------------------------------------------ 1-2
 
     def stage_synth(self) -> dict:
+        from insightv_jax.data.synthetic.scenes import Knobs
         from insightv_jax.data.synthetic.writer import write_llava
 
         s = self.spec["suite"]
-        return write_llava(self.data, int(s["n"]), int(s.get("seed", 0)), weights=s.get("weights"))
+        knobs = from_dict(Knobs, s.get("knobs") or {})
+        n_eval = s.get("n_eval")
+        return write_llava(
+            self.data, int(s["n"]), int(s.get("seed", 0)), knobs, weights=s.get("weights"),
+            n_eval=None if n_eval is None else int(n_eval),
+        )  # fmt: skip
 
     def stage_tokenizer(self) -> dict:
         """Train the BPE on questions, answers, terse teacher chains and the prompts."""
@@ -167,7 +173,14 @@ class Demo:
         from insightv_jax.pipeline.generate import run_generate
 
         section = dict(self.spec["pipeline"])
-        section.update(data=str(self.data / "train.json"), out=str(self.ws / "pipeline"))
+        questions = self.data / "train.json"
+        limit = int(section.pop("questions", 0) or 0)
+        if limit:  # the data engine runs on the first `questions` training questions
+            subset = self.ws / "pipeline" / "questions.json"
+            subset.parent.mkdir(parents=True, exist_ok=True)
+            subset.write_text(json.dumps(json.loads(questions.read_text())[:limit]) + "\n")
+            questions = subset
+        section.update(data=str(questions), out=str(self.ws / "pipeline"))
         cfg = from_dict(RunConfig, {"seed": self.spec.get("seed", 0), "pipeline": section})
         cfg.validate()
         quiet = open(os.devnull, "w")
@@ -269,7 +282,8 @@ class Demo:
             "data": {"image_root": str(self.data)},
             "dpo": {"questions": str(self.data / "train.json"),
                     "summary": str(self.runs / "summary")},
-            "pipeline": {**self.spec["pipeline"], "data": str(self.data / "train.json")},
+            "pipeline": {**{k: v for k, v in self.spec["pipeline"].items() if k != "questions"},
+                         "data": str(self.data / "train.json")},
         })  # fmt: skip
         (self.ws / "configs").mkdir(parents=True, exist_ok=True)
         (self.ws / "configs" / "dpo.yaml").write_text(yaml.safe_dump(d, sort_keys=False))

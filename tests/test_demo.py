@@ -10,7 +10,7 @@ from insightv_jax.demo import STAGES, Demo, load_preset
 ONE_BUCKET = {"max_length": 128, "buckets": [128]}  # one compile per SFT
 MICRO = {
     "parallel": 1,
-    "suite": {"n": 24},
+    "suite": {"n": 24, "n_eval": 24},
     "tokenizer": {"chains": 24},
     "base": {
         "train": {"steps": 2, "global_batch": 8, "checkpoint_every": 0, "log_every": 1},
@@ -23,7 +23,7 @@ MICRO = {
         }
         for name in ("reason", "summary", "cot")
     },
-    "pipeline": {"num_samples": 2},
+    "pipeline": {"num_samples": 2, "questions": 16},
     "dpo": {
         "train": {"epochs": 1, "global_batch": 8},
         "dpo": {

@@ -11,7 +11,13 @@ from flax import nnx
 from insightv_jax.config import MeshConfig
 from insightv_jax.models.factory import init_model
 from insightv_jax.parallel import make_mesh
-from insightv_jax.train.dpo import DPOProgram, PairData, WithRefLogps, precompute_ref_logps
+from insightv_jax.train.dpo import (
+    DPOProgram,
+    PairData,
+    WithRefLogps,
+    heldout_rewards,
+    precompute_ref_logps,
+)
 from insightv_jax.train.toy_data import toy_run_config
 from insightv_jax.train.trainer import build_program, global_batch
 
@@ -66,11 +72,18 @@ def test_gradient_raises_chosen_lowers_rejected(tmp_path, eight_devices):
     records = precompute_ref_logps(program, params, toy_pairs(8), DATA, 8)
     (_, batch), = DATA.batches(records, 8)  # fmt: skip
     before = program.logprobs(params, batch)["sum"]
+    ref = jax.tree.map(lambda x: x.copy(), params)  # init_state donates params
     state = program.init_state(params)
     state, m = program(state, global_batch(batch, program))
     assert abs(float(m["pref_loss"]) - np.log(2)) < 1e-5  # policy == reference at step 0
     after = program.logprobs(program.full_params(state), batch)["sum"]
     assert np.all(after[:, 0] > before[:, 0]) and np.all(after[:, 1] < before[:, 1])
+    # held-out reward accuracy: ties at the start (policy == reference) count as wrong,
+    # after the step every pair's implicit reward margin is positive
+    pairs = toy_pairs(8)
+    assert heldout_rewards(program, ref, ref, pairs, DATA, 8, 0.1)["reward_accuracy"] == 0
+    held = heldout_rewards(program, program.full_params(state), ref, pairs, DATA, 8, 0.1)
+    assert held["pairs"] == 8 and held["reward_accuracy"] == 1.0 and held["mean_margin"] > 0
 
 
 def test_precomputed_equals_on_the_fly(tmp_path, eight_devices):

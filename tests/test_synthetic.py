@@ -166,3 +166,16 @@ def test_arrayrecord_matches_llava(tmp_path):
             assert a[key] == b[key], key
         png = np.asarray(Image.open(tmp_path / "j" / b["image"]).convert("RGB"))
         assert np.array_equal(a["image_arrays"][0], png)
+
+
+def test_descriptor_knob_and_count_object():
+    from insightv_jax.data.synthetic.generate import generate_split
+    from insightv_jax.data.synthetic.scenes import Knobs
+
+    knobs = Knobs(descriptors=("both",))
+    items = generate_split("train", 60, 0, knobs, {"sum": 1.0, "count_object": 1.0})
+    for it in items:
+        descs = [it.query["desc"]] if "desc" in it.query else [it.query["a"], it.query["b"]]
+        assert all(c is not None and s is not None for c, s in descs), it.question
+    with pytest.raises(ValueError, match="descriptors"):
+        Knobs(descriptors=("size",))

@@ -120,7 +120,9 @@ def build_dataset(
     ds = ds.map(transform)
     batch_fn = collate or Collate(buckets, pad_id)
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
-    it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+    it = ds.to_iter_dataset(read).batch(
+        batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn
+    )
     if workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it

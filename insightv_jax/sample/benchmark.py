@@ -181,35 +181,71 @@ def _bench_tokenizer(folder: Path, vocab: int):
     return tok
 
 
+BENCH_VISION = dict(image_size=64, patch_size=8, hidden_size=256, intermediate_size=1024,
+                    num_layers=2, num_heads=4)  # fmt: skip  # 64 image tokens per image
+
+
+def _bench_vlm(dcfg: DecoderConfig, folder: Path):
+    """(sampler with prompt encoder, an image path): bench-20m's decoder behind a
+    small CLIP tower (64 image tokens), with a synthetic-suite tokenizer and image."""
+    import json
+
+    from insightv_jax.config import VisionConfig
+    from insightv_jax.data.conversation import build_tokenizer
+    from insightv_jax.data.images import ImageProcessor
+    from insightv_jax.data.synthetic.writer import write_llava
+    from insightv_jax.sample.prompting import PromptEncoder
+
+    write_llava(folder / "suite", 8, seed=0, n_eval=1)
+    records = json.loads((folder / "suite" / "train.json").read_text())
+    corpus = [r["question"] for r in records] + [
+        '{"title": "Count", "content": "red squares: 2, blue circles: 1", "next_action": "continue"}'
+    ]
+    tok = build_tokenizer(corpus * 20, folder / "tok", template="minimal", vocab_size=508)
+    tiny = load_config(Path(__file__).resolve().parents[2] / "configs/models/tiny.yaml").model
+    cfg = dataclasses.replace(
+        tiny,
+        decoder=dataclasses.replace(dcfg, vocab_size=512),
+        vision=dataclasses.replace(VisionConfig(), **BENCH_VISION),
+    )
+    enc = PromptEncoder(tok, processor=ImageProcessor.for_model(cfg), model_cfg=cfg)
+    sampler = Sampler(construct(cfg, seed=0), tok, encoder=enc)
+    return sampler, folder / "suite" / records[0]["image"]
+
+
 def progressive_reuse(
     dcfg: DecoderConfig, questions: int = 2, samples: int = 4, turns: int = 8
 ) -> dict:
-    """8 steps of <= 64 tokens: cache reuse vs re-encoding the dialogue each turn."""
+    """8 steps of <= 64 tokens with an image prompt (vision tower included):
+    cache reuse vs re-encoding image + prompt + dialogue each turn."""
     from insightv_jax.data.prompts import Prompts
     from insightv_jax.sample.constrain import StepConstraint
     from insightv_jax.sample.reasoning import progressive_generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        tok = _bench_tokenizer(Path(tmp), dcfg.vocab_size)
-    cfg = dataclasses.replace(dcfg, vocab_size=len(tok))
-    sampler = Sampler(construct(ModelConfig(decoder=cfg), seed=0), tok)
-    constraint = StepConstraint(tok)
-    qs = [("how many red squares are left of the blue circle? " * 3)] * questions
-    kw = dict(
-        num_samples=samples,
-        params=SamplingParams(temperature=1.0, seed=0),
-        constraint=constraint,
-        prompts=Prompts(max_steps=turns - 1),
-        step_tokens=64,
-        final_tokens=32,
-    )
+        sampler, image = _bench_vlm(dcfg, Path(tmp))
+        constraint = StepConstraint(sampler.tokenizer)
+        qs = ["how many red squares are left of the blue circle?"] * questions
+        kw = dict(
+            num_samples=samples,
+            params=SamplingParams(temperature=1.0, seed=0),
+            constraint=constraint,
+            prompts=Prompts(max_steps=turns - 1),
+            images=[[image]] * questions,
+            step_tokens=64,
+            final_tokens=32,
+        )
 
-    def run(reuse: bool):
-        return lambda: len(progressive_generate(sampler, qs, reuse_cache=reuse, **kw))
+        def run(reuse: bool):
+            return lambda: len(progressive_generate(sampler, qs, reuse_cache=reuse, **kw))
 
-    t_reuse = _timed(run(True), repeat=2)
-    t_again = _timed(run(False), repeat=2)
-    return {"reencode_over_reuse": round(t_again / t_reuse, 2), "turns": turns}
+        t_reuse = _timed(run(True), repeat=2)
+        t_again = _timed(run(False), repeat=2)
+    return {
+        "reencode_over_reuse": round(t_again / t_reuse, 2),
+        "turns": turns,
+        "image_tokens": (BENCH_VISION["image_size"] // BENCH_VISION["patch_size"]) ** 2,
+    }
 
 
 def shared_prefill(dcfg: DecoderConfig, n: int = 8, prompt: int = 256, new: int = 32) -> dict:
@@ -270,7 +306,7 @@ def bench_sample(which: str = "all") -> dict:
         ("bench-20m: constrained vs unconstrained", lambda: constrained_cost(bench20)),
         ("bench-20m: shared prefill N=8", lambda: shared_prefill(bench20)),
         ("bench-20m: context 128 vs 1024", lambda: context_scaling(bench20)),
-        ("bench-20m: progressive cache reuse", lambda: progressive_reuse(bench20)),
+        ("bench-20m + vision: progressive cache reuse", lambda: progressive_reuse(bench20)),
     ]
     out = {}
     for name, fn in sections:

@@ -67,9 +67,10 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def cache_bucket(n: int) -> int:
-    """Cache lengths: powers of two up to 256, then multiples of 256 (attention
-    reads every slot, so coarse buckets would double long-context decode cost)."""
-    return bucket(n) if n <= 256 else -(-n // 256) * 256
+    """Cache lengths: powers of two up to 256, then multiples of 128 (decode
+    reads every slot each token, so coarse buckets cost long contexts directly:
+    at most 128 idle slots, at the price of one program per 128 tokens)."""
+    return bucket(n) if n <= 256 else -(-n // 128) * 128
 
 
 def pad_rows(

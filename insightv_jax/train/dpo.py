@@ -261,6 +261,30 @@ def precompute_ref_logps(
     return out
 
 
+def heldout_rewards(
+    program: DPOProgram,
+    policy_params: dict,
+    ref_params: dict,
+    records: list[dict],
+    data: PairData,
+    size: int,
+    beta: float,
+) -> dict:
+    """Implicit-reward accuracy on held-out pairs: the fraction whose margin
+    beta * ((pi_c - ref_c) - (pi_r - ref_r)) is > 0 (ties count as wrong), and the mean margin."""
+    margins = []
+    for n, batch in data.batches(records, size):
+        pol = np.asarray(program.logprobs(policy_params, batch)["sum"])[:n]
+        ref = np.asarray(program.logprobs(ref_params, batch)["sum"])[:n]
+        margins += (beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))).tolist()
+    m = np.asarray(margins)
+    return {
+        "pairs": len(m),
+        "reward_accuracy": float(np.mean(m > 0)),
+        "mean_margin": float(m.mean()),
+    }
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -368,15 +392,38 @@ def train_dpo(cfg: RunConfig, pairs_path: Path, root: Path, print_fn=print) -> d
             batches = WithRefLogps(batches, program, ref_params)
         trainer.batches = batches
         result = trainer.run()
+        held = {}
+        if cfg.dpo.eval_pairs and not result.preempted:
+            held = evaluate_heldout(cfg, program, result.state, data, trainer.mesh, print_fn)
     finally:
         trainer.close()
     last = read_jsonl(metrics_path)[-1] if metrics_path.exists() else {}
+    last.update({f"heldout_{k}": v for k, v in held.items()})
     state = "preempted at" if result.preempted else "finished"
     print_fn(
         f"{state} step {result.step}/{total}; skipped {result.skipped} non-finite steps; "
         f"run directory {trainer.run_dir}"
     )
     return {"step": result.step, "total": total, "preempted": result.preempted, **last}
+
+
+def evaluate_heldout(cfg: RunConfig, program, state, data: PairData, mesh, print_fn) -> dict:
+    """`dpo.eval_pairs`: held-out reward accuracy of the trained policy against
+    the reference; written to RUN/heldout.json."""
+    records = read_jsonl(Path(cfg.dpo.eval_pairs))
+    if not records:
+        raise ConfigError(f"dpo.eval_pairs={cfg.dpo.eval_pairs}: no preference pairs")
+    ref_params = full_params_of(cfg.dpo.reference or cfg.train.init, mesh)
+    policy = SFTProgram.full_params(state)
+    out = heldout_rewards(
+        program, policy, ref_params, records, data, cfg.dpo.logprob_batch, cfg.dpo.beta
+    )
+    (Path(cfg.train.workdir) / "heldout.json").write_text(json.dumps(out, indent=1) + "\n")
+    print_fn(
+        f"held-out pairs: {out['pairs']}, reward accuracy {out['reward_accuracy']:.3f}, "
+        f"mean margin {out['mean_margin']:+.3f}"
+    )
+    return out
 
 
 def run_dpo(cfg: RunConfig) -> dict:

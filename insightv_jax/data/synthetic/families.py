@@ -44,11 +44,19 @@ def noun(desc: list) -> str:
     return f"{colour} {plural}" if colour else plural
 
 
+_DESCRIPTOR_ODDS = {"colour": 2.0, "shape": 1.0, "both": 1.0}
+
+
 def _desc(rng: random.Random, knobs: Knobs) -> list:
-    u = rng.random()
-    if u < 0.5:
+    if tuple(knobs.descriptors) == ("colour", "shape", "both"):  # the default draw, as it was
+        u = rng.random()
+        kind = "colour" if u < 0.5 else "shape" if u < 0.75 else "both"
+    else:
+        kinds = list(knobs.descriptors)
+        kind = rng.choices(kinds, [_DESCRIPTOR_ODDS[k] for k in kinds])[0]
+    if kind == "colour":
         return [rng.choice(knobs.colours), None]
-    if u < 0.75:
+    if kind == "shape":
         return [None, rng.choice(knobs.shapes)]
     return [rng.choice(knobs.colours), rng.choice(knobs.shapes)]
 
@@ -70,6 +78,10 @@ def _sample_count_colour(g, rng, knobs):
 
 def _sample_count_shape(g, rng, knobs):
     return {"desc": [None, rng.choice(knobs.shapes)]}
+
+
+def _sample_count_object(g, rng, knobs):
+    return {"desc": [rng.choice(knobs.colours), rng.choice(knobs.shapes)]}
 
 
 def _solve_count(q, obs):
@@ -191,6 +203,14 @@ BASE_FAMILIES = [
         "perception",
         "number",
         _sample_count_shape,
+        lambda q: f"how many {noun(q['desc'])}?",
+        _solve_count,
+    ),
+    _grid(
+        "count_object",
+        "perception",
+        "number",
+        _sample_count_object,
         lambda q: f"how many {noun(q['desc'])}?",
         _solve_count,
     ),

@@ -29,6 +29,14 @@ class Knobs:
     max_hops: int = 2  # spatial hops per question (1..max_hops)
     n_bars: int = 4  # bars per chart (<= 5; one 10 px column per bar when n_bars == grid_size)
     max_value: int = 8  # bar values 1..max_value
+    # What the counting/comparison families count: "colour" (red shapes), "shape"
+    # (squares), "both" (red squares), drawn 2:1:1 among those listed.
+    descriptors: tuple[str, ...] = ("colour", "shape", "both")
+
+    def __post_init__(self):
+        bad = [d for d in self.descriptors if d not in ("colour", "shape", "both")]
+        if bad or not self.descriptors:
+            raise ValueError(f"knobs.descriptors={list(self.descriptors)}: use colour, shape, both")
 
     @property
     def colours(self) -> tuple[str, ...]:

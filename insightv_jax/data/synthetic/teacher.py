@@ -70,7 +70,9 @@ class OracleTeacher:
         corrupt_at = rng.randrange(truth.ops) if rng.random() < self.error_rate else None
         obs = Observer(scene, corrupt_at, random.Random(rng.random()))
         answer = str(solve(item["family"], item["scene"], item["query"], obs))
-        claims = _reorder(obs.claims, rng)
+        # terse chains (the tiny demo model) keep the question's order: a 2-layer
+        # model cannot learn to match shuffled reads back to the question's terms
+        claims = obs.claims if self.style == "terse" else _reorder(obs.claims, rng)
         steps = self._steps(claims, rng, answer, question_of(item))
         return {"steps": steps, "final_answer": answer, "corrupted": obs.corrupted}
 
