@@ -361,13 +361,15 @@ class BenchmarkConfig:
 @dataclasses.dataclass(frozen=True)
 class SystemConfig:
     """A system under evaluation: `direct` / `cot` use `model`; `two_agent` uses
-    `reason` + `summary` (each a model dir, run dir or HF folder)."""
+    `reason` + `summary` (each a model dir, run dir or HF folder); `given_chain`
+    uses `summary` on the chains in `chains` (JSONL of {"id", "chain"})."""
 
     name: str = ""
-    mode: Literal["direct", "cot", "two_agent"] = "direct"
+    mode: Literal["direct", "cot", "two_agent", "given_chain"] = "direct"
     model: str | None = None
     reason: str | None = None
     summary: str | None = None
+    chains: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,7 +407,8 @@ class EvalConfig:
         if len(set(names)) != len(names) or "" in names:
             raise ConfigError(f"eval.systems: names must be non-empty and unique (got {names})")
         for s in self.systems:
-            need = ("reason", "summary") if s.mode == "two_agent" else ("model",)
+            need = {"two_agent": ("reason", "summary"), "given_chain": ("summary", "chains")}
+            need = need.get(s.mode, ("model",))
             for key in need:
                 if not getattr(s, key):
                     raise ConfigError(f"eval.systems[{s.name}]: mode {s.mode} needs {key}")

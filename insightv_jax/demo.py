@@ -311,7 +311,11 @@ class Demo:
             {"name": "two_agent", "mode": "two_agent", "reason": str(self.runs / "reason"),
              "summary": str(self.runs / "summary")},
         ]  # fmt: skip
-        compare = [["cot", "base"], ["two_agent", "cot"], ["two_agent", "base"]]
+        chains = self.ws / "eval" / "corrupted_chains.jsonl"
+        systems.append({"name": "summary_corrupted", "mode": "given_chain",
+                        "summary": str(self.runs / "summary"), "chains": str(chains)})  # fmt: skip
+        compare = [["cot", "base"], ["two_agent", "cot"], ["two_agent", "base"],
+                   ["summary_corrupted", "base"]]  # fmt: skip
         for t, policy in enumerate(self.round_policies(), 1):
             systems.append({"name": f"two_agent_dpo{t}", "mode": "two_agent", "reason": policy,
                             "summary": str(self.runs / "summary")})  # fmt: skip
@@ -325,9 +329,25 @@ class Demo:
         return {"seed": self.spec.get("seed", 0), "eval": e,
                 "pipeline": {"prompts": self.spec["pipeline"].get("prompts", {})}}  # fmt: skip
 
+    def corrupted_chains(self, split: str) -> Path:
+        """Robustness check input: for each eval question, an oracle chain with
+        one deliberate error (a miscount, wrong cell, misread bar or slip)."""
+        from insightv_jax.data.synthetic.teacher import OracleTeacher
+        from insightv_jax.pipeline.backends import chain_steps_text
+
+        p = self.spec["pipeline"]
+        teacher = OracleTeacher(1.0, p.get("oracle_style", "terse"), self.spec.get("seed", 0))
+        records = json.loads((self.data / f"{split}.json").read_text())
+        path = self.ws / "eval" / "corrupted_chains.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": r["id"], "chain": chain_steps_text(teacher.chain(r, 0))} for r in records]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path
+
     def stage_eval(self) -> dict:
         from insightv_jax.eval.harness import evaluate
 
+        self.corrupted_chains(self.spec["eval"].get("split", "test"))
         cfg = from_dict(RunConfig, self.eval_config())
         cfg.validate()
         with _redirect(self.out):

@@ -54,6 +54,9 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path):
     systems = set(report["systems"])
     assert {"base", "cot", "two_agent"} <= systems
     assert "two_agent_dpo1" in systems  # the DPO round's policy was evaluated
+    assert "summary_corrupted" in systems  # the robustness check: deliberately wrong chains
+    chains = (tmp_path / "eval" / "corrupted_chains.jsonl").read_text().splitlines()
+    assert chains and all(json.loads(c)["chain"] for c in chains)
     for f in ("report.json", "report.txt", "report.png", "predictions.jsonl", "headline.json"):
         assert (tmp_path / "eval" / f).is_file()
     assert json.loads((tmp_path / "eval" / "headline.json").read_text())["families"]

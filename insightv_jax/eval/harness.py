@@ -20,7 +20,7 @@ from insightv_jax.eval.metrics import ItemResult
 from insightv_jax.eval.readers import EvalItem, read_benchmark
 
 AnswerFn = Callable[[list[EvalItem]], list]
-MODES = ("direct", "cot", "two_agent")
+MODES = ("direct", "cot", "two_agent", "given_chain")
 
 
 def cot_answer(text: str) -> str:
@@ -68,8 +68,8 @@ def run_mode(
     progress=None,
 ) -> list[ItemResult]:
     """Answer `items` in batches with `answer_fn` and score them by `mode`:
-    direct (the reply), cot (the text in <output>) or two_agent (the summary
-    agent's reply; a dict reply may carry the `chain`)."""
+    direct (the reply), cot (the text in <output>), two_agent or given_chain
+    (the summary agent's reply; a dict reply may carry the `chain`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     results: list[ItemResult] = []
@@ -173,6 +173,8 @@ def checkpoint_answer_fn(system, sampling, prompts=None, seed: int = 0) -> Answe
             return [{"answer": o["answer"], "chain": o["chain"]} for o in outs]
 
         return two_agent
+    if system.mode == "given_chain":
+        return given_chain_answer_fn(system, sampling, prompts, seed)
     sampler = load_agent(system.model)
     temp = s.cot_temperature if system.mode == "cot" else s.direct_temperature
     tokens = s.cot_max_tokens if system.mode == "cot" else s.direct_max_tokens
@@ -183,6 +185,47 @@ def checkpoint_answer_fn(system, sampling, prompts=None, seed: int = 0) -> Answe
         return _generate(sampler, items, params)
 
     return one_model
+
+
+def given_chain_answer_fn(system, sampling, prompts=None, seed: int = 0) -> AnswerFn:
+    """The summary agent answering from chains read from `system.chains` (JSONL
+    of {"id", "chain"}: e.g. deliberately corrupted chains, the robustness check)."""
+    import json
+
+    from insightv_jax.data.prompts import DEFAULT_PROMPTS
+    from insightv_jax.errors import DataError
+    from insightv_jax.sample.infer import load_agent
+    from insightv_jax.sample.reasoning import summary_answer
+    from insightv_jax.sample.sampler import SamplingParams
+
+    path = Path(system.chains or "")
+    if not path.is_file():
+        raise DataError(f"{system.name}: chains file {system.chains!r} not found")
+    chains = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                chains[str(row["id"])] = str(row["chain"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{n}: not a {{id, chain}} record ({e})") from None
+    summarizer = load_agent(system.summary)
+    s = sampling
+    calls = iter(range(1 << 30))
+
+    def answer(items):
+        missing = [it.id for it in items if it.id not in chains]
+        if missing:
+            raise DataError(f"{path}: no chain for item {missing[0]}")
+        params = SamplingParams(temperature=s.summary_temperature, top_p=s.top_p,
+                                max_new_tokens=s.summary_max_tokens, seed=seed + next(calls))  # fmt: skip
+        outs = summary_answer(
+            summarizer, [it.prompt for it in items], [chains[it.id] for it in items], params,
+            prompts or DEFAULT_PROMPTS, images=_images(items),
+        )  # fmt: skip
+        return [{"answer": o["answer"], "chain": o["chain"]} for o in outs]
+
+    return answer
 
 
 # ------------------------------------------------------------------ a whole config

@@ -195,14 +195,10 @@ def two_agent_answer(
     `images[i]` lists question i's images (empty for text-only questions).
     """
     images = images or [()] * len(questions)
-
-    def user(text, i):
-        return (IMAGE_MARKER + "\n" + text) if images[i] else text
-
-    renc, senc = encoder_of(reasoner), encoder_of(summarizer)
+    renc = encoder_of(reasoner)
     r_in = [
         renc.prompt(
-            [{"role": "user", "content": user(reasoning_question(q, prompts), i)}],
+            [{"role": "user", "content": _with_image(reasoning_question(q, prompts), images[i])}],
             images[i],
             f"question {i}",
         )
@@ -215,26 +211,48 @@ def two_agent_answer(
     # A chain is text: an `<image>` the reasoning agent wrote must not become a
     # second image placeholder in the summary prompt.
     chains = [extract_chain(r["text"]).replace(IMAGE_MARKER, "").strip() for r in r_out]
-    s_in = [
-        senc.prompt(
-            [{"role": "user", "content": user(summary_question(q, c, prompts), i)}],
-            images[i],
-            f"question {i}",
-        )
-        for i, (q, c) in enumerate(zip(questions, chains))
-    ]
-    s_out = generate_encoded(summarizer, s_in, summary_params)
+    s_out = summary_answer(summarizer, questions, chains, summary_params, prompts, images)
     return [
         {
             "question": q,
             "chain": c,
             "reasoning_text": r["text"],
-            "answer": s["text"].strip(),
+            "answer": s["answer"],
             "chain_logprob": float(sum(r["logprobs"])),
             "chain_tokens": len(r["tokens"]),
         }
         for q, c, r, s in zip(questions, chains, r_out, s_out)
     ]
+
+
+def summary_answer(
+    summarizer: Sampler,
+    questions: Sequence[str],
+    chains: Sequence[str],
+    params: SamplingParams,
+    prompts: Prompts = DEFAULT_PROMPTS,
+    images: Sequence[Sequence] | None = None,
+) -> list[dict]:
+    """The summary agent's answers to `questions` given reasoning `chains`
+    (text inside <thoughts>, from the reasoning agent or any other source)."""
+    images = images or [()] * len(questions)
+    enc = encoder_of(summarizer)
+    s_in = [
+        enc.prompt(
+            [{"role": "user", "content": _with_image(summary_question(q, c, prompts), images[i])}],
+            images[i],
+            f"question {i}",
+        )
+        for i, (q, c) in enumerate(zip(questions, chains))
+    ]
+    return [
+        {"answer": s["text"].strip(), "chain": c}
+        for s, c in zip(generate_encoded(summarizer, s_in, params), chains)
+    ]
+
+
+def _with_image(text: str, images) -> str:
+    return (IMAGE_MARKER + "\n" + text) if images else text
 
 
 def generate_encoded(

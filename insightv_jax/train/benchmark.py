@@ -33,7 +33,8 @@ def _timed(step, min_seconds: float, min_steps: int = 3) -> float:
     return float(np.median(times))
 
 
-def jax_step_time(cfg, batch: dict, min_seconds: float) -> float:
+def jax_step(cfg, batch: dict):
+    """A blocking call of our SFT step on one device for `batch` (state kept inside)."""
     import jax
     from flax import nnx
 
@@ -52,7 +53,7 @@ def jax_step_time(cfg, batch: dict, min_seconds: float) -> float:
         box["state"], m = program(box["state"], gb)
         jax.block_until_ready(m["loss"])
 
-    return _timed(step, min_seconds)
+    return step
 
 
 def torch_step_time(cfg, batch: dict, min_seconds: float, compile: bool) -> float:
@@ -91,7 +92,9 @@ def torch_step_time(cfg, batch: dict, min_seconds: float, compile: bool) -> floa
     return _timed(step, min_seconds)
 
 
-def bench_one(name: str, cfg, peak: float, min_seconds: float, torch_compile: bool) -> dict:
+def bench_one(
+    name: str, cfg, peak: float, min_seconds: float, torch_compile: bool, profile: bool = False
+) -> dict:
     from insightv_jax.train.metrics import decoder_matmul_params, train_flops_per_token
 
     batch = _batch(cfg)
@@ -101,7 +104,8 @@ def bench_one(name: str, cfg, peak: float, min_seconds: float, torch_compile: bo
         "params_M": round(decoder_matmul_params(cfg.model.decoder) / 1e6, 1),
         "batch": list(batch["input_ids"].shape),
     }
-    t_jax = jax_step_time(cfg, batch, min_seconds)
+    step = jax_step(cfg, batch)
+    t_jax = _timed(step, min_seconds)
     row["jax_tokens_per_s"] = round(tokens / t_jax, 1)
     row["jax_mfu"] = round(flops / t_jax / peak, 3)
     t_eager = torch_step_time(cfg, batch, min_seconds, compile=False)
@@ -115,6 +119,10 @@ def bench_one(name: str, cfg, peak: float, min_seconds: float, torch_compile: bo
             row["ratio_vs_compile"] = round(t_comp / t_jax, 2)
         except Exception as e:  # inductor needs a working C++ toolchain
             row["torch_compile"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+    if profile:
+        from insightv_jax.train.profile import op_breakdown
+
+        row["jax_profile"] = op_breakdown(step)
     print(f"{name}: {row}", flush=True)
     return row
 
@@ -135,6 +143,7 @@ def bench_train(min_seconds: float = 5.0, torch_compile: bool = True) -> dict:
         "tiny": load_config(CONFIGS / "models" / "tiny-lm.yaml", tiny),
     }
     for name, cfg in runs.items():
-        out[name] = bench_one(name, cfg, peak, min_seconds, torch_compile)
+        # where our step's time goes (XLA op kinds), for the fixed config
+        out[name] = bench_one(name, cfg, peak, min_seconds, torch_compile, name == "bench-20m")
     out["convention"] = "MFU = 6·N_matmul·tokens + causal attention (halved) / measured fp32 peak"
     return out
