@@ -68,13 +68,7 @@ class DPOProgram(SFTProgram):
     def _sequence_nll(self, model, mb: dict) -> tuple[jax.Array, jax.Array]:
         """(summed NLL, label tokens) per side, both (B, 2): one forward of 2B rows."""
         rows = {k: _rows(mb[k]) for k in BATCH_KEYS if k in mb}
-        hidden = model.forward_hidden(
-            rows["input_ids"],
-            rows["attention_mask"],
-            None,
-            rows.get("pixel_values"),
-            rows.get("image_sizes"),
-        )
+        hidden = self._hidden(model, rows)
         nll, count = chunked_sequence_nll(
             hidden, shift_labels(rows["labels"]), model.logits, self.cfg.loss_chunk
         )

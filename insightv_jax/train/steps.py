@@ -162,15 +162,20 @@ class SFTProgram:
     def _model(self, trainable, frozen) -> nnx.Module:
         return nnx.merge(self.graphdef, merge(trainable, frozen), self.rest)
 
-    def _loss_sum(self, trainable, frozen, mb):
-        model = self._model(trainable, frozen)
-        hidden = model.forward_hidden(
+    @staticmethod
+    def _hidden(model, mb: dict) -> jax.Array:
+        """The model's final hidden states for a batch dict (images optional)."""
+        return model.forward_hidden(
             mb["input_ids"],
             mb["attention_mask"],
             None,
             mb.get("pixel_values"),
             mb.get("image_sizes"),
         )
+
+    def _loss_sum(self, trainable, frozen, mb):
+        model = self._model(trainable, frozen)
+        hidden = self._hidden(model, mb)
         total, _ = chunked_ce_sum(
             hidden, shift_labels(mb["labels"]), model.logits, self.cfg.loss_chunk
         )
