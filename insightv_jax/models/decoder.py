@@ -21,7 +21,7 @@ from flax import nnx
 from insightv_jax.config import DecoderConfig, RopeScaling
 from insightv_jax.models.attention import attention
 from insightv_jax.models.cache import KVCache, write_rows
-from insightv_jax.models.stack import scan_layers, stack_layers
+from insightv_jax.models.stack import layer_modules, scan_layers, stack_layers, unstack_layers
 from insightv_jax.parallel import constrain
 
 INIT_STD = 0.02  # HF's default initializer_range
@@ -107,10 +107,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, kv_valid, offsets=None, layer_kv=None):
         """Self-attention over x; with a cache (`offsets` (B,), `layer_kv` =
-        (k_all, v_all, layer) with the stacked (L, B, K, S, H) cache) the new
-        keys/values are written in place at [layer, row, offset...], attention
-        runs over this layer's cache slots (`kv_valid` is then (B, S)), and
-        (y, (k_all, v_all)) is returned."""
+        this layer's (k, v), each (B, K, S, H)) the new keys/values are written
+        in place at [row, offset...], attention runs over the cache slots
+        (`kv_valid` is then (B, S)), and (y, (k, v)) is returned."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
@@ -129,11 +128,9 @@ class Attention(nnx.Module):
         kv_positions = positions
         backend = cfg.attention
         if layer_kv is not None:
-            k_all, v_all, layer = layer_kv
-            k_all = write_rows(k_all, k, layer, offsets)
-            v_all = write_rows(v_all, v, layer, offsets)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+            k = write_rows(layer_kv[0], k, offsets)
+            v = write_rows(layer_kv[1], v, offsets)
+            layer_kv = (k, v)
             kv_positions = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), kv_valid.shape)
         out = attention(
             q,
@@ -147,10 +144,15 @@ class Attention(nnx.Module):
             block_size=cfg.attention_block_size,
             heads_major=layer_kv is not None,
         )
-        y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+        o_proj = self.o_proj[...].astype(dt)
+        if layer_kv is None:
+            y = jnp.einsum("btnh,nhd->btd", out, o_proj)
+        else:  # decoding: one (N*H) contraction, else XLA transposes the weight every token
+            B, T, N, H = out.shape
+            y = jnp.einsum("btf,fd->btd", out.reshape(B, T, N * H), o_proj.reshape(N * H, -1))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dt)
-        return y if layer_kv is None else (y, (k_all, v_all))
+        return y if layer_kv is None else (y, layer_kv)
 
 
 class MLP(nnx.Module):
@@ -252,18 +254,17 @@ class Decoder(nnx.Module):
         positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         slots = jnp.arange(cache.max_length, dtype=jnp.int32)
         slot_valid = slots[None, :] < (cache.lengths + counts)[:, None]
-        # The cache rides in the scan carry (not xs/ys) so each step updates it
-        # in place instead of rebuilding the whole stacked array.
-        graphdef, state = nnx.split(self.layers)
-
-        def body(carry, layer_state):
-            x, k_all, v_all, i = carry
-            layer = nnx.merge(graphdef, layer_state)
-            x, (k_all, v_all) = layer(x, positions, slot_valid, cache.lengths, (k_all, v_all, i))
-            return (x, k_all, v_all, i + 1), None
-
-        (x, k, v, _), _ = jax.lax.scan(body, (inputs_embeds, cache.k, cache.v, jnp.int32(0)), state)
-        new_cache = KVCache(k=k, v=v, lengths=cache.lengths + counts.astype(jnp.int32))
+        # Layers run in Python order (unrolled), each on its own cache buffer:
+        # a scan would slice every layer's weights and cache out of the stacked
+        # arrays per token (copies). See `unstack_for_decoding`.
+        x, ks, vs = inputs_embeds, [], []
+        for i, layer in enumerate(layer_modules(self.layers, self.cfg.num_layers)):
+            x, (k, v) = layer(x, positions, slot_valid, cache.lengths, (cache.k[i], cache.v[i]))
+            ks.append(k)
+            vs.append(v)
+        new_cache = KVCache(
+            k=tuple(ks), v=tuple(vs), lengths=cache.lengths + counts.astype(jnp.int32)
+        )
         return self.norm(x), new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -296,3 +297,16 @@ class Decoder(nnx.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         return self.logits(self.hidden_states(inputs_embeds, attention_mask, positions))
+
+
+def decoding_view(model: nnx.Module) -> nnx.Module:
+    """`model` (a Decoder, or a model with a `.decoder`) with its decoder blocks
+    unstacked into separate modules, for KV-cache decoding: the layer loop then
+    reads each block's weights in place instead of slicing them out of the
+    stacked arrays every token. Shares every other array with `model`."""
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state)
+    decoder = view if isinstance(view, Decoder) else getattr(view, "decoder", None)
+    if isinstance(decoder, Decoder) and not isinstance(decoder.layers, nnx.List):
+        decoder.layers = unstack_layers(decoder.layers, decoder.cfg.num_layers)
+    return view

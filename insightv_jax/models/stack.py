@@ -50,6 +50,8 @@ def scan_layers(
     layer i is called as `layer_i(x, *args, per_layer[i])` and must return
     `(x, new_per_layer_i)`; the stacked new values come back as a third result.
     """
+    if isinstance(layers, nnx.List):  # unstacked (a decoding view): a Python loop
+        return _loop_layers(layers, x, *args, per_layer=per_layer, collect=collect)
     graphdef, state = nnx.split(layers)
 
     def body(h, xs):
@@ -67,3 +69,52 @@ def scan_layers(
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     h, (collected, outs) = jax.lax.scan(body, x, (state, per_layer))
     return (h, collected) if per_layer is None else (h, collected, outs)
+
+
+def _loop_layers(layers, x, *args, per_layer=None, collect=False):
+    hs, outs = [], []
+    for i, layer in enumerate(layers):
+        if per_layer is None:
+            x = layer(x, *args)
+        else:
+            x, out = layer(x, *args, jax.tree.map(lambda a, i=i: a[i], per_layer))
+            outs.append(out)
+        hs.append(x)
+    collected = jax.numpy.stack(hs) if collect else None
+    if per_layer is None:
+        return x, collected
+    return x, collected, jax.tree.map(lambda *a: jax.numpy.stack(a), *outs)
+
+
+def unstack_layers(layers: nnx.Module, num_layers: int) -> nnx.List:
+    """The stacked `layers` as `num_layers` separate modules (each parameter
+    sliced once, its leading `layers` axis name dropped)."""
+    graphdef, state = nnx.split(layers)
+    out = []
+    for i in range(num_layers):
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+        for _, var in nnx.iter_graph(layer):
+            if isinstance(var, nnx.Variable):
+                _drop_layers_axis(var)
+        out.append(layer)
+    return nnx.List(out)
+
+
+def _drop_layers_axis(var: nnx.Variable) -> None:
+    meta = var.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = meta.get(key)
+        if isinstance(names, tuple) and names and names[0] == "layers":
+            var.set_metadata(key, names[1:])
+
+
+def layer_modules(layers: nnx.Module, num_layers: int) -> list[nnx.Module]:
+    """Layer i as a module, for code that visits layers in Python order:
+    unstacked layers as they are, stacked ones by slicing (inside `jit` XLA
+    then copies each slice; `unstack_layers` once avoids that)."""
+    if isinstance(layers, nnx.List):
+        return list(layers)
+    graphdef, state = nnx.split(layers)
+    return [
+        nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(num_layers)
+    ]

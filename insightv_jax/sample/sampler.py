@@ -25,6 +25,7 @@ from flax import nnx, struct
 
 from insightv_jax.errors import InsightVError
 from insightv_jax.models.cache import KVCache
+from insightv_jax.models.decoder import decoding_view
 from insightv_jax.sample.processors import process_logits
 
 
@@ -201,7 +202,7 @@ class Sampler:
     tokenizer, or None when callers pass token ids)."""
 
     def __init__(self, model: nnx.Module, tokenizer=None, pad_id: int | None = None, encoder=None):
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params = nnx.split(decoding_view(model))
         self.encoder = encoder  # a sample.prompting.PromptEncoder for chat prompts
         self.cfg = model.decoder_config
         self.tokenizer = tokenizer
