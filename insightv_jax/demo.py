@@ -115,15 +115,22 @@ class Demo:
 
     def stage_synth(self) -> dict:
         from insightv_jax.data.synthetic.scenes import Knobs
-        from insightv_jax.data.synthetic.writer import write_llava
+        from insightv_jax.data.synthetic.writer import perception_records, write_llava
 
         s = self.spec["suite"]
         knobs = from_dict(Knobs, s.get("knobs") or {})
         n_eval = s.get("n_eval")
-        return write_llava(
+        counts = write_llava(
             self.data, int(s["n"]), int(s.get("seed", 0)), knobs, weights=s.get("weights"),
             n_eval=None if n_eval is None else int(n_eval),
         )  # fmt: skip
+        family = s.get("perception")
+        if family:  # dense perception questions on the training images, for the base
+            train = json.loads((self.data / "train.json").read_text())
+            extra = perception_records(train, knobs, family)
+            (self.data / "perception.json").write_text(json.dumps(extra, indent=1) + "\n")
+            counts["perception"] = len(extra)
+        return counts
 
     def stage_tokenizer(self) -> dict:
         """Train the BPE on questions, answers, terse teacher chains and the prompts."""
@@ -136,6 +143,8 @@ class Demo:
         p = self.spec["pipeline"]
         teacher = OracleTeacher(p.get("error_rate", 0.3), "terse", self.spec.get("seed", 0))
         lines, budget = [], int(self.spec["tokenizer"]["chains"])
+        for rec in self._perception():
+            lines += [rec["question"], rec["answer"]]
         for split in ("train", "val", "test"):
             for i, rec in enumerate(json.loads((self.data / f"{split}.json").read_text())):
                 lines += [rec["question"], rec["answer"]]
@@ -158,14 +167,25 @@ class Demo:
 
     # ------------------------------------------------------------ 3-5
 
+    def _perception(self) -> list[dict]:
+        path = self.data / "perception.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
     def stage_base(self) -> dict:
+        """Direct question -> answer data plus the perception questions (if any)."""
+        data = self.data / "train.json"
+        perception = self._perception()
+        if perception:
+            data = self.data / "base.json"
+            train = json.loads((self.data / "train.json").read_text())
+            data.write_text(json.dumps(train + perception) + "\n")  # the loader shuffles
         cfg = self._config("base", {
-            "train": {"data": str(self.data / "train.json"), "tokenizer": str(self.ws / "tokenizer"),
+            "train": {"data": str(data), "tokenizer": str(self.ws / "tokenizer"),
                       "workdir": str(self.runs / "base"), "trainable": ["vision", "projector", "llm"]},
             "data": {"image_root": str(self.data)},
         })  # fmt: skip
         self._sft_jobs({"base": cfg})
-        return {"steps": cfg["train"].get("steps")}
+        return {"steps": cfg["train"].get("steps"), "perception": len(perception)}
 
     def stage_data(self) -> dict:
         from insightv_jax.pipeline.assess import run_assess

@@ -179,3 +179,21 @@ def test_descriptor_knob_and_count_object():
         assert all(c is not None and s is not None for c, s in descs), it.question
     with pytest.raises(ValueError, match="descriptors"):
         Knobs(descriptors=("size",))
+
+
+def test_inventory_perception_records_read_every_kind_on_the_same_image():
+    from insightv_jax.data.synthetic.scenes import Knobs, scene_from_dict
+    from insightv_jax.data.synthetic.writer import perception_records, to_record
+
+    knobs = Knobs(descriptors=("both",), n_colours=3, n_shapes=2)
+    items = generate_split("train", 40, 1, knobs, {"compare": 1.0, "bar_value": 1.0})
+    records = [to_record(it) for it in items]
+    extra = perception_records(records, knobs)
+    grid = [r for r in records if r["scene"]["kind"] == "grid"]
+    assert 0 < len(extra) == len(grid) < len(records)  # charts have no inventory
+    for rec, inv in zip(grid, extra):
+        assert inv["image"] == rec["image"] and inv["family"] == "inventory"
+        claims = parse_claims(inv["answer"])
+        assert len(claims) == len(knobs.colours) * len(knobs.shapes)
+        assert all(check_claim(c, scene_from_dict(rec["scene"])) for c in claims)
+    assert {c[3] for r in extra for c in parse_claims(r["answer"])} >= {0, 1, 2}

@@ -12,7 +12,7 @@ import dataclasses
 import random
 from collections.abc import Callable
 
-from insightv_jax.data.synthetic.claims import DIRECTIONS
+from insightv_jax.data.synthetic.claims import DIRECTIONS, format_claim
 from insightv_jax.data.synthetic.observer import Observer
 from insightv_jax.data.synthetic.scenes import (
     BAR_LABELS,
@@ -31,7 +31,7 @@ class Family:
     name: str
     scene: str  # "grid" | "chart"
     kind: str  # "perception" | "reasoning"
-    answer_type: str  # "number" | "yesno" | "colour" | "shape"
+    answer_type: str  # "number" | "yesno" | "colour" | "shape" | "list"
     sample: Callable  # (scene, rng, knobs) -> query dict | None
     question: Callable  # query -> str
     solve: Callable  # (query, Observer) -> answer value (int or str)
@@ -86,6 +86,15 @@ def _sample_count_object(g, rng, knobs):
 
 def _solve_count(q, obs):
     return obs.count(*q["desc"])
+
+
+def _sample_inventory(g, rng, knobs):
+    return {"descs": [[c, s] for c in knobs.colours for s in knobs.shapes]}
+
+
+def _solve_inventory(q, obs):
+    """Every colour-shape count in a fixed order: "red squares: 2, red circles: 0, ..."."""
+    return ", ".join(format_claim(("count", c, s, obs.count(c, s))) for c, s in q["descs"])
 
 
 def _sample_cell(g: GridScene, rng, knobs):
@@ -213,6 +222,14 @@ BASE_FAMILIES = [
         _sample_count_object,
         lambda q: f"how many {noun(q['desc'])}?",
         _solve_count,
+    ),
+    _grid(  # dense perception: one count per colour-shape kind (pretraining data for the base)
+        "inventory",
+        "perception",
+        "list",
+        _sample_inventory,
+        lambda q: "list the shapes?",
+        _solve_inventory,
     ),
     _grid(
         "cell_colour",

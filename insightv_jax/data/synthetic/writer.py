@@ -7,9 +7,11 @@ and metadata-free PNGs, so the same seed gives byte-identical files.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
-from insightv_jax.data.synthetic.generate import SPLITS, Item, generate_splits
+from insightv_jax.data.synthetic.families import FAMILIES
+from insightv_jax.data.synthetic.generate import SPLITS, Item, generate_splits, solve
 from insightv_jax.data.synthetic.render import png_bytes, render
 from insightv_jax.data.synthetic.scenes import DEFAULT_KNOBS, Knobs, scene_from_dict
 
@@ -29,6 +31,26 @@ def to_record(item: Item, image: str | None = None) -> dict:
         "scene": item.scene,
         "query": item.query,
     }
+
+
+def perception_records(records: list[dict], knobs: Knobs, family: str = "inventory") -> list[dict]:
+    """One `family` question on each grid image of `records`, reusing the image:
+    the dense perception data the demo's base model trains on beside direct QA."""
+    fam = FAMILIES[family]
+    out = []
+    for rec in records:
+        if rec.get("scene", {}).get("kind", "grid") != fam.scene:
+            continue
+        scene = scene_from_dict(rec["scene"])
+        query = fam.sample(scene, random.Random(f"perception/{rec['id']}"), knobs)
+        if query is None:
+            continue
+        answer = str(solve(family, rec["scene"], query))
+        item = Item(
+            f"{rec['id']}-{family}", family, rec["scene"], query, fam.question(query), answer
+        )
+        out.append(to_record(item, rec["image"]))
+    return out
 
 
 def item_png(item: Item) -> bytes:
