@@ -114,17 +114,20 @@ class Demo:
     # ------------------------------------------------------------ 1-2
 
     def stage_synth(self) -> dict:
+        from insightv_jax.data.synthetic.families import FAMILIES
         from insightv_jax.data.synthetic.scenes import Knobs
         from insightv_jax.data.synthetic.writer import perception_records, write_llava
 
         s = self.spec["suite"]
+        family = s.get("perception")
+        if family and family not in FAMILIES:
+            raise ConfigError(f"suite.perception: unknown synthetic family {family!r}")
         knobs = from_dict(Knobs, s.get("knobs") or {})
         n_eval = s.get("n_eval")
         counts = write_llava(
             self.data, int(s["n"]), int(s.get("seed", 0)), knobs, weights=s.get("weights"),
             n_eval=None if n_eval is None else int(n_eval),
         )  # fmt: skip
-        family = s.get("perception")
         if family:  # dense perception questions on the training images, for the base
             train = json.loads((self.data / "train.json").read_text())
             extra = perception_records(train, knobs, family)

@@ -63,8 +63,25 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path):
     for agent in ("reason", "summary", "cot"):
         assert (tmp_path / "hf" / agent / "config.json").is_file()
     assert "headline (" in text and "stage wall times" in text
+    # the base trained on direct QA plus one inventory question per training grid image
+    perception = json.loads((tmp_path / "data" / "perception.json").read_text())
+    assert perception and {r["family"] for r in perception} == {"inventory"}
+    assert json.loads((tmp_path / "stages" / "base.done").read_text())["perception"] == len(
+        perception
+    )
     # a rerun finds every done-marker and redoes nothing
     again = io.StringIO()
     Demo(spec, tmp_path, out=again).run()
     assert again.getvalue().count("skipped") >= len(STAGES)
     assert ": running" not in again.getvalue()
+
+
+def test_demo_unknown_perception_family_is_a_config_error(tmp_path):
+    import pytest
+
+    from insightv_jax.config import ConfigError
+
+    spec = load_preset("tiny", {**MICRO, "suite": {**MICRO["suite"], "perception": "colours"}})
+    with pytest.raises(ConfigError, match="suite.perception: unknown synthetic family 'colours'"):
+        Demo(spec, tmp_path, out=io.StringIO()).stage_synth()
+    assert not (tmp_path / "data").exists()  # nothing written before the check

@@ -127,3 +127,30 @@ def test_prompt_longer_than_cache_is_one_line_error():
         s.extend(state, [list(range(1, 15)) * 2])
     with pytest.raises(InsightVError, match="at least one token"):
         s.generate([[]], SamplingParams())
+
+
+def test_decoding_view_unstacks_blocks_and_computes_the_same():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from insightv_jax.models.cache import KVCache
+    from insightv_jax.models.decoder import decoding_view
+
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                        num_heads=4, num_kv_heads=2)  # fmt: skip
+    model = construct(ModelConfig(decoder=cfg), seed=0)
+    view = decoding_view(model)
+    assert isinstance(view.layers, nnx.List) and len(view.layers) == 3
+    assert not isinstance(model.layers, nnx.List)  # the model itself is untouched
+    q = view.layers[2].attn.q_proj
+    np.testing.assert_array_equal(np.asarray(q[...]), np.asarray(model.layers.attn.q_proj[...][2]))
+    assert q.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
+    assert view.embed is model.embed  # non-layer arrays are shared, not copied
+
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 7)))
+    np.testing.assert_allclose(np.asarray(view(ids)), np.asarray(model(ids)), atol=1e-6, rtol=0)
+    embeds = model.embed_tokens(ids)
+    got, want = (
+        m.decode_hidden(embeds, KVCache.empty(cfg, 2, 16))[0] for m in (view, model)
+    )  # unstacked blocks vs slices of the stack
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)

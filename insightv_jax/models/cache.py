@@ -38,10 +38,6 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.k)
-
     @classmethod
     def empty(cls, cfg: DecoderConfig, batch: int, max_length: int, dtype=None) -> KVCache:
         """A zero cache for `batch` rows of `max_length` slots."""

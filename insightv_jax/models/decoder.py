@@ -256,7 +256,7 @@ class Decoder(nnx.Module):
         slot_valid = slots[None, :] < (cache.lengths + counts)[:, None]
         # Layers run in Python order (unrolled), each on its own cache buffer:
         # a scan would slice every layer's weights and cache out of the stacked
-        # arrays per token (copies). See `unstack_for_decoding`.
+        # arrays per token (copies). See `decoding_view`.
         x, ks, vs = inputs_embeds, [], []
         for i, layer in enumerate(layer_modules(self.layers, self.cfg.num_layers)):
             x, (k, v) = layer(x, positions, slot_valid, cache.lengths, (cache.k[i], cache.v[i]))
