@@ -252,8 +252,13 @@ class DataConfig:
     read_threads: int = 1
     prefetch: int = 64
     on_bad_record: Literal["skip", "fail"] = "fail"
+    # > 0: batches of records of similar length (less padding), sorted within
+    # windows of this many global batches after the seeded shuffle; 0 = off
+    group_by_length: int = 0
 
     def validate(self) -> None:
+        if self.group_by_length < 0:
+            raise ConfigError(f"data.group_by_length={self.group_by_length} must be >= 0")
         if not self.buckets or max(self.buckets) < self.max_length:
             raise ConfigError(
                 f"data.buckets={list(self.buckets)} must include a bucket >= "

@@ -123,3 +123,52 @@ def test_bad_records_skip_reports_counts_and_fail_names_the_first(tmp_path):
     assert len(batches) == 4 and all(b["input_ids"].shape == (2, 32) for b in batches)
     with pytest.raises(DataError, match=r"bad record truncated: image images/cut.png"):
         Loader(src, transform, batch_size=2, buckets=(32, 96), limits=limits)
+
+
+FINE = (26, 28, 30, 32, 36, 40, 44, 96)  # the corpus's records are 25-44 tokens
+
+
+def _grouped(synth, **kw):
+    return _loader(synth, group_by_length=4, buckets=FINE, **kw)
+
+
+def test_length_grouping_covers_each_epoch_with_less_padding(synth):
+    src, _, limits = synth
+    plain = list(_loader(synth, buckets=FINE, batch_size=5))
+    grouped = list(_grouped(synth, batch_size=5, num_epochs=2))
+    assert len(grouped) == 16
+    for epoch in (grouped[:8], grouped[8:]):
+        assert sorted(np.concatenate([b["record"] for b in epoch])) == list(range(40))
+    # the grouping is fixed, the batch order is reshuffled each epoch
+    first = [tuple(sorted(b["record"])) for b in grouped[:8]]
+    second = [tuple(sorted(b["record"])) for b in grouped[8:]]
+    assert sorted(first) == sorted(second) and first != second
+
+    def padding(batches):
+        return sum(b["input_ids"].size - b["attention_mask"].sum() for b in batches)
+
+    assert padding(grouped[:8]) < padding(plain)
+    for b in grouped:  # the estimate is exact here: the padded length is the longest row's bucket
+        assert b["input_ids"].shape[1] == min(
+            x for x in FINE if x >= b["attention_mask"].sum(1).max()
+        )
+
+
+def test_length_grouping_resumes_exactly_and_hosts_pad_alike(synth):
+    first = _grouped(synth, batch_size=4, num_epochs=None)
+    head = [next(first) for _ in range(3)]
+    state = json.loads(json.dumps(first.get_state()))
+    expected = head + [next(first) for _ in range(12)]
+    second = _grouped(synth, batch_size=4, num_epochs=None)
+    second.set_state(state)
+    assert _same(head + [next(second) for _ in range(12)], expected)
+    # hosts pad alike when the lengths grouped by are exact: ChatTransform.length is;
+    # a transform without .length falls back to the limits' count, exact here with
+    # BOS + a role token per turn + EOS = 2 tokens per turn
+    exact = Limits(max(BUCKETS), 16, synth[2].count_tokens, turn_overhead=2)
+    hosts = [list(_grouped(synth, batch_size=2, shard=shard_options(h, 2), limits=exact))
+             for h in range(2)]  # fmt: skip
+    assert len(hosts[0]) == len(hosts[1]) == 10
+    for a, b in zip(*hosts):  # one global batch per step: same padded length on both hosts
+        assert a["input_ids"].shape == b["input_ids"].shape
+        assert not set(a["record"]) & set(b["record"])

@@ -51,6 +51,8 @@ def test_transform_loader_and_model_agree(suite):
     assert len(tok) <= cfg.decoder.vocab_size
     assert tok.convert_tokens_to_ids("<image>") == cfg.llava.image_token_id
     transform = ChatTransform(root / "tok", "minimal", cfg, root)
+    # the length that length-grouped batching sorts by is the transform's exact count
+    assert all(transform.length(r) == len(transform(r)["input_ids"]) for r in src.records)
     loader = Loader(src, transform, batch_size=4, buckets=(64, 128), limits=transform.limits(128))
     batch = next(loader)
     assert batch["pixel_values"].shape == (4, 1, 1, 3, 40, 40)

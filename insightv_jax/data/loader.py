@@ -12,6 +12,11 @@ pickles it into workers). Every record is validated up front in the main
 process: `on_bad_record="fail"` raises naming the first bad record's id,
 `"skip"` leaves bad records out and reports them in `loader.report`.
 
+`group_by_length=K` batches records of similar length (less padding, as HF's
+`group_by_length`): after the seeded shuffle, each window of K global batches is
+sorted by length and cut into batches, whose order is reshuffled every epoch;
+every host pads a step's rows to the same bucket.
+
 Resume needs the same pipeline: seed, batch size, buckets, shard and worker
 count (with workers, grain slices records across processes, so batches differ
 from an in-process run while staying deterministic).
@@ -19,11 +24,19 @@ from an in-process run while staying deterministic).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grain
 import numpy as np
 
 from insightv_jax.data.sources import open_source
-from insightv_jax.data.validate import Limits, Report, check_record, validate_source
+from insightv_jax.data.validate import (
+    Limits,
+    Report,
+    check_record,
+    estimated_length,
+    validate_source,
+)
 from insightv_jax.errors import DataError
 
 IGNORE = -100
@@ -64,8 +77,9 @@ class Collate:
     def __init__(self, buckets: tuple[int, ...], pad_id: int = 0, batch_size: int | None = None):
         self.buckets, self.pad_id, self.batch_size = tuple(buckets), pad_id, batch_size
 
-    def __call__(self, examples: list[dict]) -> dict[str, np.ndarray]:
-        length = bucket_length(max(len(e["input_ids"]) for e in examples), self.buckets)
+    def __call__(self, examples: list[dict], min_length: int = 0) -> dict[str, np.ndarray]:
+        longest = max(min_length, *(len(e["input_ids"]) for e in examples))
+        length = bucket_length(longest, self.buckets)
         ids = [np.asarray(e["input_ids"]) for e in examples]
         batch = {
             "input_ids": _stack_padded(ids, (length,), self.pad_id, np.int32),
@@ -92,6 +106,51 @@ def shard_options(shard_index: int | None = None, shard_count: int | None = None
     return grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
 
 
+def length_grouped_batches(
+    lengths: list[int], global_batch: int, window: int, seed: int
+) -> list[list[int]]:
+    """Global batches of similar length (as `group_by_length` in HF Trainer): a
+    seeded shuffle, then each window of `window` batches sorted by length and cut
+    into batches. Incomplete batches are dropped; the batch order is shuffled later."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    n = len(order) - len(order) % global_batch
+    span = global_batch * window
+    out = []
+    for start in range(0, n, span):
+        chunk = order[start : min(start + span, n)]
+        chunk = chunk[np.argsort(np.asarray(lengths)[chunk], kind="stable")]
+        out += [chunk[i : i + global_batch].tolist() for i in range(0, len(chunk), global_batch)]
+    return out
+
+
+class GroupedBatches:
+    """A map source whose items are one host's rows of a length-grouped global
+    batch: (records, the global batch's longest estimated length)."""
+
+    def __init__(self, source, batches: list[list[int]], lengths: list[int], shard):
+        self.source, self.lengths = source, lengths
+        self.batches = [b[shard.shard_index :: shard.shard_count] for b in batches]
+        self.longest = [max(lengths[i] for i in b) for b in batches]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        return [self.source[j] for j in self.batches[i]], self.longest[i]
+
+
+class CollateGroup:
+    """Transforms a grouped batch's records and pads them to (at least) the
+    bucket of the global batch's longest record, so every host pads alike."""
+
+    def __init__(self, transform, collate):
+        self.transform, self.collate = transform, collate
+
+    def __call__(self, item) -> dict[str, np.ndarray]:
+        records, longest = item
+        return self.collate([self.transform(r) for r in records], min_length=longest)
+
+
 def build_dataset(
     source,
     transform,
@@ -107,9 +166,33 @@ def build_dataset(
     pad_id: int = 0,
     collate=None,
     drop_remainder: bool = True,
+    group_by_length: int = 0,
+    lengths: list[int] | None = None,
 ) -> grain.IterDataset:
-    """The grain pipeline over `source` (already validated): shuffle -> shard -> map -> batch."""
+    """The grain pipeline over `source` (already validated): shuffle -> shard -> map -> batch.
+
+    `group_by_length` > 0 (with per-record `lengths`): batches of similar length,
+    fixed once by `length_grouped_batches`, in a fresh order each epoch."""
     shard = shard or shard_options()
+    batch_fn = collate or Collate(buckets, pad_id)
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    if group_by_length > 0:
+        if lengths is None or len(lengths) != len(source):
+            raise DataError("group_by_length needs one length per record")
+        batches = length_grouped_batches(
+            lengths, batch_size * shard.shard_count, group_by_length, seed
+        )
+        if not batches:
+            raise DataError(f"{len(source)} records < one global batch of "
+                            f"{batch_size * shard.shard_count}")  # fmt: skip
+        groups = GroupedBatches(source, batches, lengths, shard)
+        ds = grain.MapDataset.source(groups).seed(seed).shuffle()
+        if num_epochs != 1:
+            ds = ds.repeat(num_epochs)
+        it = ds.map(CollateGroup(transform, batch_fn)).to_iter_dataset(read)
+        if workers > 0:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        return it
     ds = grain.MapDataset.source(source).seed(seed).shuffle()
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
@@ -118,8 +201,6 @@ def build_dataset(
         n -= n % shard.shard_count  # every host gets the same number of records
     ds = ds[shard.shard_index : n : shard.shard_count]
     ds = ds.map(transform)
-    batch_fn = collate or Collate(buckets, pad_id)
-    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
     it = ds.to_iter_dataset(read).batch(
         batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn
     )
@@ -150,6 +231,7 @@ class Loader:
         collate=None,
         drop_remainder: bool = True,
         check=check_record,
+        group_by_length: int = 0,
     ):
         if on_bad_record not in ("skip", "fail"):
             raise DataError(f"on_bad_record={on_bad_record!r} is not skip or fail")
@@ -160,6 +242,13 @@ class Loader:
             raise DataError(f"bad record {rid}: {reason} (on_bad_record=fail)")
         if not self.report.good:
             raise DataError("no valid records to load")
+        lengths = None
+        if group_by_length > 0:  # exact when the transform can count (ChatTransform.length)
+            root = Path(getattr(source, "root", "."))
+            measure = getattr(transform, "length", None) or (
+                lambda rec: estimated_length(rec, root, limits)
+            )
+            lengths = [measure(source[i]) for i in self.report.good]
         self.dataset = build_dataset(
             Subset(source, self.report.good),
             transform,
@@ -174,6 +263,8 @@ class Loader:
             pad_id=pad_id,
             collate=collate,
             drop_remainder=drop_remainder,
+            group_by_length=group_by_length,
+            lengths=lengths,
         )
         self._it = iter(self.dataset)
 
@@ -237,5 +328,6 @@ def loader_from_config(
         on_bad_record=cfg.on_bad_record,
         limits=limits,
         pad_id=pad_id,
+        group_by_length=cfg.group_by_length,
         **kw,
     )

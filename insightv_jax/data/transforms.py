@@ -105,6 +105,24 @@ class ChatTransform:
         out["labels"] = np.asarray(labels, np.int32)
         return out
 
+    def length(self, rec: dict) -> int:
+        """The token count `__call__` gives `rec` (images measured from their
+        headers, not decoded): what length-grouped batching sorts by."""
+        from PIL import Image
+
+        counts = []
+        if self.cfg.is_vlm:
+            for p in record_images(rec):
+                if isinstance(p, (str, Path)):
+                    with Image.open(self.root / p) as img:
+                        size = (img.height, img.width)
+                else:
+                    size = tuple(np.asarray(p).shape[:2])
+                counts.append(self.image_tokens(size))
+        ids, _ = conv.render(to_messages(rec["conversations"]), self.tokenizer, self.template,
+                             counts, name=f"record {rec.get('id')}")  # fmt: skip
+        return len(ids)
+
     def limits(self, max_length: int) -> Limits:
         """Validation limits that count tokens exactly as this transform does."""
         tok = self.tokenizer

@@ -109,6 +109,28 @@ def load_image_size(path: Path) -> tuple[int, int]:
         return img.height, img.width
 
 
+def estimated_length(rec: dict, root: Path, limits: Limits) -> int:
+    """A valid record's token count as validation measures it (image tokens from
+    the image header when they depend on the size): the key of length grouping."""
+    per_image = limits.image_tokens
+    if callable(per_image):
+        if "image_arrays" in rec:
+            sizes = [tuple(a.shape[:2]) for a in rec["image_arrays"]]
+        else:
+            sizes = []
+            for p in image_paths(rec):
+                with Image.open(Path(root) / p) as img:
+                    sizes.append((img.height, img.width))
+        image_len = sum(per_image(s) for s in sizes)
+    else:
+        image_len = per_image * sum(t["value"].count(IMAGE_TOKEN) for t in rec["conversations"])
+    text_len = sum(
+        limits.count_tokens(t["value"].replace(IMAGE_TOKEN, " ")) + limits.turn_overhead
+        for t in rec["conversations"]
+    )
+    return text_len + image_len
+
+
 def check_record(rec, root: Path, limits: Limits) -> str | None:
     """The reason `rec` is bad, or None."""
     if isinstance(rec, BadRecord):
