@@ -107,6 +107,7 @@ def test_iterate_two_rounds_resumes_after_kill(setup):
     assert [r["round"] for r in rows] == [1, 2]
     r1 = rows[0]
     assert r1["samples"] == 24 and r1["pairs"] >= 2 and r1["steps"] == 3
+    assert 0.0 <= r1["reward_accuracy"] <= 1.0 and r1["reward_margin"] is not None  # in the table
     assert rows[1]["policy_in"] == str(run / "round_1") == r1["policy_out"]
     for rd in (run / "round_1", r2):
         samples = [json.loads(x) for x in (rd / "samples.jsonl").read_text().splitlines()]

@@ -328,6 +328,8 @@ def train_dpo(cfg: RunConfig, pairs_path: Path, root: Path, print_fn=print) -> d
 
     if not cfg.train.init:
         raise ConfigError("dpo: train.init must name the policy to start from")
+    if cfg.data.group_by_length:
+        raise ConfigError("dpo: data.group_by_length applies to SFT data, not preference pairs")
     model_cfg = _model_config_of(cfg.train.init)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     tok, proc = aux_dirs(cfg.train.init)
@@ -391,7 +393,8 @@ def train_dpo(cfg: RunConfig, pairs_path: Path, root: Path, print_fn=print) -> d
             held = evaluate_heldout(cfg, program, result.state, data, trainer.mesh, print_fn)
     finally:
         trainer.close()
-    last = read_jsonl(metrics_path)[-1] if metrics_path.exists() else {}
+    last = final_epoch_means(read_jsonl(metrics_path) if metrics_path.exists() else [],
+                             max(per_epoch, 1))  # fmt: skip
     last.update({f"heldout_{k}": v for k, v in held.items()})
     state = "preempted at" if result.preempted else "finished"
     print_fn(
@@ -399,6 +402,17 @@ def train_dpo(cfg: RunConfig, pairs_path: Path, root: Path, print_fn=print) -> d
         f"run directory {trainer.run_dir}"
     )
     return {"step": result.step, "total": total, "preempted": result.preempted, **last}
+
+
+def final_epoch_means(rows: list[dict], per_epoch: int) -> dict:
+    """Means of the DPO metrics over the last `per_epoch` steps (one pass over the
+    pairs; a single step's batch is too noisy to summarise a round). The trainer's
+    log rows share metrics.jsonl; only the per-step DPO rows carry `reward_accuracy`."""
+    steps = [r for r in rows if "reward_accuracy" in r][-per_epoch:]
+    if not steps:
+        return {}
+    out = {k: sum(r[k] for r in steps) / len(steps) for k in steps[-1] if k != "step"}
+    return {"step": steps[-1]["step"], **out}
 
 
 def evaluate_heldout(cfg: RunConfig, program, state, data: PairData, mesh, print_fn) -> dict:
