@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic suite")
-    demo.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    demo.add_argument("--preset", default="tiny",
+                      help="tiny | small (configs/demo/) or the path of a preset YAML")  # fmt: skip
     demo.add_argument("--workdir", default="workdir/demo")
     demo.set_defaults(func=_demo)
     return parser
