@@ -125,10 +125,10 @@ def length_grouped_batches(
 
 class GroupedBatches:
     """A map source whose items are one host's rows of a length-grouped global
-    batch: (records, the global batch's longest estimated length)."""
+    batch: (records, the global batch's longest record length)."""
 
     def __init__(self, source, batches: list[list[int]], lengths: list[int], shard):
-        self.source, self.lengths = source, lengths
+        self.source = source
         self.batches = [b[shard.shard_index :: shard.shard_count] for b in batches]
         self.longest = [max(lengths[i] for i in b) for b in batches]
 

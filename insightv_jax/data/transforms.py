@@ -15,7 +15,7 @@ import numpy as np
 
 from insightv_jax.config import ModelConfig
 from insightv_jax.data import conversation as conv
-from insightv_jax.data.validate import Limits
+from insightv_jax.data.validate import Limits, header_size
 from insightv_jax.errors import DataError
 
 ROLES = {
@@ -108,16 +108,11 @@ class ChatTransform:
     def length(self, rec: dict) -> int:
         """The token count `__call__` gives `rec` (images measured from their
         headers, not decoded): what length-grouped batching sorts by."""
-        from PIL import Image
-
         counts = []
         if self.cfg.is_vlm:
             for p in record_images(rec):
-                if isinstance(p, (str, Path)):
-                    with Image.open(self.root / p) as img:
-                        size = (img.height, img.width)
-                else:
-                    size = tuple(np.asarray(p).shape[:2])
+                is_path = isinstance(p, (str, Path))
+                size = header_size(self.root / p) if is_path else np.asarray(p).shape[:2]
                 counts.append(self.image_tokens(size))
         ids, _ = conv.render(to_messages(rec["conversations"]), self.tokenizer, self.template,
                              counts, name=f"record {rec.get('id')}")  # fmt: skip

@@ -109,26 +109,35 @@ def load_image_size(path: Path) -> tuple[int, int]:
         return img.height, img.width
 
 
-def estimated_length(rec: dict, root: Path, limits: Limits) -> int:
-    """A valid record's token count as validation measures it (image tokens from
-    the image header when they depend on the size): the key of length grouping."""
+def header_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the image header alone (no decode): a cheap re-measure
+    of an image validation already decoded."""
+    with Image.open(path) as img:
+        return img.height, img.width
+
+
+def token_count(conv: list[dict], sizes: list[tuple[int, int]], limits: Limits) -> int:
+    """Tokens of a conversation with images of `sizes`, as `limits` counts them."""
     per_image = limits.image_tokens
-    if callable(per_image):
-        if "image_arrays" in rec:
-            sizes = [tuple(a.shape[:2]) for a in rec["image_arrays"]]
-        else:
-            sizes = []
-            for p in image_paths(rec):
-                with Image.open(Path(root) / p) as img:
-                    sizes.append((img.height, img.width))
-        image_len = sum(per_image(s) for s in sizes)
-    else:
-        image_len = per_image * sum(t["value"].count(IMAGE_TOKEN) for t in rec["conversations"])
+    image_len = sum(per_image(s) if callable(per_image) else per_image for s in sizes)
     text_len = sum(
         limits.count_tokens(t["value"].replace(IMAGE_TOKEN, " ")) + limits.turn_overhead
-        for t in rec["conversations"]
+        for t in conv
     )
     return text_len + image_len
+
+
+def estimated_length(rec: dict, root: Path, limits: Limits) -> int:
+    """A valid record's token count as validation measures it: the key of length
+    grouping when the transform cannot count for itself."""
+    conv = rec["conversations"]
+    if "image_arrays" in rec:
+        sizes = [tuple(a.shape[:2]) for a in rec["image_arrays"]]
+    elif callable(limits.image_tokens):
+        sizes = [header_size(Path(root) / p) for p in image_paths(rec)]
+    else:  # a fixed count per image: sizes do not matter
+        sizes = [(0, 0)] * sum(t["value"].count(IMAGE_TOKEN) for t in conv)
+    return token_count(conv, sizes, limits)
 
 
 def check_record(rec, root: Path, limits: Limits) -> str | None:
@@ -160,14 +169,9 @@ def check_record(rec, root: Path, limits: Limits) -> str | None:
     n_tags = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
     if n_tags != len(sizes):
         return f"{n_tags} <image> tag(s) but {len(sizes)} image(s)"
-    per_image = limits.image_tokens
-    image_len = sum(per_image(s) if callable(per_image) else per_image for s in sizes)
-    text_len = sum(
-        limits.count_tokens(t["value"].replace(IMAGE_TOKEN, " ")) + limits.turn_overhead
-        for t in conv
-    )
-    if text_len + image_len > limits.max_length:
-        return f"too long: {text_len + image_len} tokens > max_length {limits.max_length}"
+    n = token_count(conv, sizes, limits)
+    if n > limits.max_length:
+        return f"too long: {n} tokens > max_length {limits.max_length}"
     return None
 
 
