@@ -172,3 +172,19 @@ def test_length_grouping_resumes_exactly_and_hosts_pad_alike(synth):
     for a, b in zip(*hosts):  # one global batch per step: same padded length on both hosts
         assert a["input_ids"].shape == b["input_ids"].shape
         assert not set(a["record"]) & set(b["record"])
+
+
+def test_hosts_pad_each_step_alike_and_keep_the_single_host_order(synth):
+    # without grouping, grain's per-record sharding let each host pad to the bucket of
+    # its own longest row; now every host pads to the global batch's, and the rows a
+    # step gives the two hosts together are the rows one host with the global batch gets
+    exact = Limits(max(BUCKETS), 16, synth[2].count_tokens, turn_overhead=2)
+    hosts = [list(_loader(synth, buckets=FINE, shard=shard_options(h, 2), batch_size=2, limits=exact))
+             for h in range(2)]  # fmt: skip
+    single = list(_loader(synth, buckets=FINE, batch_size=4, limits=exact))
+    assert len(hosts[0]) == len(hosts[1]) == len(single) == 10
+    shapes = {b["input_ids"].shape[1] for b in single}
+    assert len(shapes) > 1  # the data has steps of different buckets
+    for a, b, one in zip(*hosts, single):
+        assert a["input_ids"].shape[1] == b["input_ids"].shape[1] == one["input_ids"].shape[1]
+        assert sorted([*a["record"], *b["record"]]) == sorted(one["record"])

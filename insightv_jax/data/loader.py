@@ -15,7 +15,9 @@ process: `on_bad_record="fail"` raises naming the first bad record's id,
 `group_by_length=K` batches records of similar length (less padding, as HF's
 `group_by_length`): after the seeded shuffle, each window of K global batches is
 sorted by length and cut into batches, whose order is reshuffled every epoch;
-every host pads a step's rows to the same bucket.
+every host pads a step's rows to the same bucket. Without grouping, several hosts
+also pad each step to the bucket of the global batch's longest record (the
+per-record lengths are measured once at start, as for grouping).
 
 Resume needs the same pipeline: seed, batch size, buckets, shard and worker
 count (with workers, grain slices records across processes, so batches differ
@@ -151,6 +153,21 @@ class CollateGroup:
         return self.collate([self.transform(r) for r in records], min_length=longest)
 
 
+class HostRows:
+    """A global batch of record indices -> (this host's rows, the global batch's
+    longest record length). The rows are the host's strided share, as grain's
+    per-record sharding gives; the length lets every host pad to one bucket."""
+
+    def __init__(self, source, lengths: list[int], shard_index: int, shard_count: int):
+        self.source, self.lengths = source, lengths
+        self.shard_index, self.shard_count = shard_index, shard_count
+
+    def __call__(self, indices) -> tuple[list, int]:
+        idx = [int(i) for i in indices]
+        rows = idx[self.shard_index :: self.shard_count]
+        return [self.source[i] for i in rows], max(self.lengths[i] for i in idx)
+
+
 def build_dataset(
     source,
     transform,
@@ -189,6 +206,19 @@ def build_dataset(
         ds = grain.MapDataset.source(groups).seed(seed).shuffle()
         if num_epochs != 1:
             ds = ds.repeat(num_epochs)
+        it = ds.map(CollateGroup(transform, batch_fn)).to_iter_dataset(read)
+        if workers > 0:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        return it
+    if shard.shard_count > 1 and lengths is not None and drop_remainder:
+        # several hosts: cut global batches of shuffled record indices (the same
+        # order as the per-record path below) so each host knows the bucket of the
+        # whole global batch; otherwise hosts could pad one step to different shapes
+        ds = grain.MapDataset.range(len(source)).seed(seed).shuffle()
+        if num_epochs != 1:
+            ds = ds.repeat(num_epochs)
+        ds = ds.batch(batch_size * shard.shard_count, drop_remainder=True)
+        ds = ds.map(HostRows(source, lengths, shard.shard_index, shard.shard_count))
         it = ds.map(CollateGroup(transform, batch_fn)).to_iter_dataset(read)
         if workers > 0:
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -242,8 +272,10 @@ class Loader:
             raise DataError(f"bad record {rid}: {reason} (on_bad_record=fail)")
         if not self.report.good:
             raise DataError("no valid records to load")
-        lengths = None
-        if group_by_length > 0:  # exact when the transform can count (ChatTransform.length)
+        shard = shard or shard_options()
+        lengths = None  # for length grouping, and for equal padding across hosts
+        if group_by_length > 0 or shard.shard_count > 1:
+            # exact when the transform can count (ChatTransform.length)
             root = Path(getattr(source, "root", "."))
             measure = getattr(transform, "length", None) or (
                 lambda rec: estimated_length(rec, root, limits)

@@ -21,6 +21,7 @@ import numpy as np
 from insightv_jax.data.loader import Collate, Loader
 from insightv_jax.data.sources import BadRecord
 from insightv_jax.data.validate import Limits, check_record
+from insightv_jax.errors import DataError
 
 REQUIRED = {
     "id": (str,),
@@ -118,6 +119,13 @@ class PairTransform:
             out["ref_logps"] = np.asarray([ref["chosen"], ref["rejected"]], np.float32)
         return out
 
+    def length(self, rec: dict) -> int:
+        """Tokens of the longer side (needs a transform that counts, as ChatTransform)."""
+        count = getattr(self.transform, "length", None)
+        if count is None:
+            raise DataError(f"{type(self.transform).__name__} cannot count tokens (no .length)")
+        return max(count(side(rec, s)) for s in ("chosen", "rejected"))
+
 
 class PairCollate:
     """Pads chosen and rejected to one common bucket length."""
@@ -125,8 +133,10 @@ class PairCollate:
     def __init__(self, buckets: tuple[int, ...], pad_id: int = 0):
         self.buckets, self.pad_id = tuple(buckets), pad_id
 
-    def __call__(self, examples: list[dict]) -> dict:
-        longest = max(len(e[s]["input_ids"]) for e in examples for s in ("chosen", "rejected"))
+    def __call__(self, examples: list[dict], min_length: int = 0) -> dict:
+        longest = max(
+            min_length, *(len(e[s]["input_ids"]) for e in examples for s in ("chosen", "rejected"))
+        )
         common = Collate(
             tuple(b for b in self.buckets if b >= longest) or self.buckets, self.pad_id
         )
