@@ -108,3 +108,26 @@ def test_whole_file_errors_are_one_line(tmp_path):
         open_source(tmp_path / "y.json")
     with pytest.raises(DataError, match="not found"):
         open_source(tmp_path / "z.jsonl")
+
+
+def test_images_decode_once_but_a_changed_file_is_checked_again(tmp_path):
+    # validation decodes each image file once per process (records share images);
+    # the cache is keyed by the file's mtime and size, so a file broken after a
+    # first check is reported, not remembered as good
+    path = make_corpus(tmp_path / "d")
+    assert validate_source(JsonlSource(path), LIMITS).total == 15
+    ok = tmp_path / "d" / "images" / "ok.png"
+    ok.write_bytes(ok.read_bytes()[:40])
+    bad = dict(validate_source(JsonlSource(path), LIMITS).bad)
+    assert all("does not decode" in bad[f"good-{i}"] for i in range(8))
+
+
+def test_a_lone_surrogate_is_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    png = png_bytes(render(GridScene(4, {(0, 0): ("red", "square")})))
+    (tmp_path / "images" / "a.png").write_bytes(png)
+    rec = _rec("s", "images/a.png", "caf\ud800?")
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(rec) + "\n")  # ensure_ascii keeps the surrogate as \ud800
+    bad = dict(validate_source(JsonlSource(path), LIMITS).bad)
+    assert "UTF-8" in bad["s"] and "conversations[0].value" in bad["s"], bad

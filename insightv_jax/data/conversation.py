@@ -84,7 +84,8 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens."""
     if not text:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -96,11 +97,11 @@ def _encode(tokenizer, text: str) -> list[int]:
 def _content_ids(tokenizer, text: str, image_counts: list[int], image_id: int) -> list[int]:
     """Tokenize content, expanding each `<image>` into its count of image ids."""
     parts = text.split(IMAGE_TOKEN)
-    ids = _encode(tokenizer, parts[0])
+    ids = encode_text(tokenizer, parts[0])
     for part in parts[1:]:
         if not image_counts:
             raise DataError("more <image> placeholders than images")
-        ids += [image_id] * image_counts.pop(0) + _encode(tokenizer, part)
+        ids += [image_id] * image_counts.pop(0) + encode_text(tokenizer, part)
     return ids
 
 
@@ -131,14 +132,14 @@ def render(
     if len(counts) != n_images:
         raise DataError(f"{name}: {n_images} <image> placeholders but {len(counts)} images")
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    ids = _encode(tokenizer, t.bos)
+    ids = encode_text(tokenizer, t.bos)
     labels = [IGNORE] * len(ids)
     try:
         for turn in turns:
-            head = _encode(tokenizer, t.turn_prefix[turn["role"]])
+            head = encode_text(tokenizer, t.turn_prefix[turn["role"]])
             body = _content_ids(tokenizer, str(turn.get("content", "")), counts, image_id)
-            body += _encode(tokenizer, t.eos)
-            tail = _encode(tokenizer, t.turn_suffix)
+            body += encode_text(tokenizer, t.eos)
+            tail = encode_text(tokenizer, t.turn_suffix)
             ids += head + body + tail
             supervised = turn["role"] == "assistant"
             labels += [IGNORE] * len(head) + (body if supervised else [IGNORE] * len(body))
@@ -152,7 +153,7 @@ def render_prompt(conversation, tokenizer, template: str = "llama3", num_image_t
     """Ids of a conversation (ending with a user turn) plus the assistant header:
     the generation prompt, token-identical to the prefix `render` produces."""
     ids, _ = render(conversation, tokenizer, template, num_image_tokens)
-    return ids + _encode(tokenizer, get_template(template).turn_prefix["assistant"])
+    return ids + encode_text(tokenizer, get_template(template).turn_prefix["assistant"])
 
 
 # ------------------------------------------------------------- tokenizer

@@ -15,7 +15,7 @@ import numpy as np
 
 from insightv_jax.config import ModelConfig
 from insightv_jax.data import conversation as conv
-from insightv_jax.data.validate import Limits, header_size
+from insightv_jax.data.validate import Limits, load_image_size
 from insightv_jax.errors import DataError
 
 ROLES = {
@@ -106,13 +106,13 @@ class ChatTransform:
         return out
 
     def length(self, rec: dict) -> int:
-        """The token count `__call__` gives `rec` (images measured from their
-        headers, not decoded): what length-grouped batching sorts by."""
+        """The token count `__call__` gives `rec` (image sizes as validation
+        measured them): what length-grouped batching sorts by."""
         counts = []
         if self.cfg.is_vlm:
             for p in record_images(rec):
                 is_path = isinstance(p, (str, Path))
-                size = header_size(self.root / p) if is_path else np.asarray(p).shape[:2]
+                size = load_image_size(self.root / p) if is_path else np.asarray(p).shape[:2]
                 counts.append(self.image_tokens(size))
         ids, _ = conv.render(to_messages(rec["conversations"]), self.tokenizer, self.template,
                              counts, name=f"record {rec.get('id')}")  # fmt: skip
@@ -124,6 +124,6 @@ class ChatTransform:
         return Limits(
             max_length=max_length,
             image_tokens=self.image_tokens if self.cfg.is_vlm else 0,
-            count_tokens=lambda text: len(tok.encode(text, add_special_tokens=False)),
+            count_tokens=lambda text: len(conv.encode_text(tok, text)),
             turn_overhead=4,
         )

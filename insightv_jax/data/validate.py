@@ -10,7 +10,10 @@ exist and decode, valid UTF-8 text, and a length within `max_length` after each
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
+import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +69,15 @@ def image_paths(rec: dict) -> list:
     return list(img) if isinstance(img, list) else [img]
 
 
+def _check_utf8_fast(rec) -> str | None:
+    """`_check_utf8` in one C-level pass for the common, clean record."""
+    try:
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        return None
+    except (UnicodeEncodeError, TypeError, ValueError):  # name the field (or non-JSON values)
+        return _check_utf8(rec, "record")
+
+
 def _check_utf8(value, where: str) -> str | None:
     if isinstance(value, str):
         try:
@@ -103,16 +115,25 @@ def _check_conversation(conv) -> str | None:
 
 
 def load_image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of a fully decoded image; raises OSError/ValueError if broken."""
-    with Image.open(io.BytesIO(path.read_bytes())) as img:
+    """(height, width) of a fully decoded image; raises OSError/ValueError if broken.
+
+    A file is decoded once per process while it is unchanged: records often share
+    an image (a question and its perception question, a question's chains), and
+    length grouping re-measures what validation decoded."""
+    full = os.path.abspath(path)
+    st = os.stat(full)
+    return _decoded_size(full, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(root: str) -> Path:
+    return Path(root).resolve()
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _decoded_size(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
+    with Image.open(io.BytesIO(Path(path).read_bytes())) as img:
         img.load()
-        return img.height, img.width
-
-
-def header_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the image header alone (no decode): a cheap re-measure
-    of an image validation already decoded."""
-    with Image.open(path) as img:
         return img.height, img.width
 
 
@@ -134,7 +155,7 @@ def estimated_length(rec: dict, root: Path, limits: Limits) -> int:
     if "image_arrays" in rec:
         sizes = [tuple(a.shape[:2]) for a in rec["image_arrays"]]
     elif callable(limits.image_tokens):
-        sizes = [header_size(Path(root) / p) for p in image_paths(rec)]
+        sizes = [load_image_size(Path(root) / p) for p in image_paths(rec)]
     else:  # a fixed count per image: sizes do not matter
         sizes = [(0, 0)] * sum(t["value"].count(IMAGE_TOKEN) for t in conv)
     return token_count(conv, sizes, limits)
@@ -144,7 +165,7 @@ def check_record(rec, root: Path, limits: Limits) -> str | None:
     """The reason `rec` is bad, or None."""
     if isinstance(rec, BadRecord):
         return rec.reason
-    if (r := _check_utf8(rec, "record")) is not None:
+    if (r := _check_utf8_fast(rec)) is not None:
         return r
     conv = rec.get("conversations")
     if (r := _check_conversation(conv)) is not None:
@@ -153,7 +174,7 @@ def check_record(rec, root: Path, limits: Limits) -> str | None:
     if "image_arrays" in rec:
         sizes = [tuple(a.shape[:2]) for a in rec["image_arrays"]]
     else:
-        root_abs = Path(root).resolve()
+        root_abs = _resolved(str(root))
         for p in image_paths(rec):
             if not isinstance(p, str) or not p:
                 return f"image path {p!r} is not a string"

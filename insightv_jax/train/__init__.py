@@ -66,13 +66,14 @@ def data_batches(cfg, tokenizer_dir: Path | None):
         )
     local = t.global_batch // jax.process_count()
     tok = transform.tokenizer
+    counts = transform.limits(1)  # counts tokens exactly as the transform does
     loader = loader_from_config(
         cfg.data,
         t.data,
         transform,
         batch_size=local,
-        image_tokens=transform.limits(1).image_tokens,
-        count_tokens=lambda text: len(tok.encode(text, add_special_tokens=False)),
+        image_tokens=counts.image_tokens,
+        count_tokens=counts.count_tokens,
         pad_id=tok.pad_token_id or 0,
     )
     counts = loader.counts
