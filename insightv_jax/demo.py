@@ -87,12 +87,16 @@ class Demo:
                  f"workdir {self.ws}")  # fmt: skip
         return report
 
+    def _marker(self, name: str) -> Path:
+        return self.ws / "stages" / f"{name}.done"
+
     def _stage(self, i: int, name: str, fn) -> None:
-        marker = self.ws / "stages" / f"{name}.done"
+        marker = self._marker(name)
         tag = f"[{i}/{len(STAGES)}] {name}"
         if marker.exists():
+            when = "alongside an earlier stage" if name in self.times else "earlier"
             self.times[name] = json.loads(marker.read_text()).get("seconds", 0.0)
-            self.say(f"{tag}: done earlier ({self.times[name]:.0f}s), skipped")
+            self.say(f"{tag}: done {when} ({self.times[name]:.0f}s), skipped")
             return
         self.say(f"{tag}: running")
         t0 = time.time()
@@ -187,8 +191,32 @@ class Demo:
                       "workdir": str(self.runs / "base"), "trainable": ["vision", "projector", "llm"]},
             "data": {"image_root": str(self.data)},
         })  # fmt: skip
-        self._sft_jobs({"base": cfg})
+        if int(self.spec.get("parallel", 1)) >= 2 and not self._marker("data").exists():
+            self._base_alongside_data(cfg)
+        else:
+            self._sft_jobs({"base": cfg})
         return {"steps": cfg["train"].get("steps"), "perception": len(perception)}
+
+    def _base_alongside_data(self, cfg: dict) -> None:
+        """The data engine (oracle generator, judge, scorer: Python on one core)
+        does not need the base model, so it runs here while the base trains in a
+        subprocess on all cores."""
+        path = self.ws / "configs" / "base.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        proc, pump = self._spawn("base", path, core=None)
+        try:
+            self._stage(STAGES.index("data") + 1, "data", self.stage_data)
+        except BaseException:
+            proc.terminate()
+            raise
+        finally:
+            proc.wait()
+            pump.join()
+        if proc.returncode:
+            raise InsightVError(f"demo SFT base failed (exit {proc.returncode}); "
+                                f"see {self.ws}/logs/base.log")  # fmt: skip
+        _check_finished("base", cfg)
 
     def stage_data(self) -> dict:
         from insightv_jax.pipeline.assess import run_assess
@@ -266,16 +294,19 @@ class Demo:
         for name, d in jobs.items():
             _check_finished(name, d)
 
-    def _spawn(self, name: str, path: Path, core: int):
+    def _spawn(self, name: str, path: Path, core: int | None):
+        """An `insightv sft` subprocess: one thread pinned to `core`, or (None) all cores."""
         env = dict(os.environ)
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD}".strip()
         env["PYTHONUNBUFFERED"] = "1"  # progress lines as they come
         cmd = [sys.executable, "-m", "insightv_jax.cli", "sft", "--config", str(path)]
-        if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
-            cmd = ["taskset", "-c", str(core), *cmd] if _has_taskset() else cmd
+        if core is not None:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD}".strip()
+            if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
+                cmd = ["taskset", "-c", str(core), *cmd] if _has_taskset() else cmd
         logs = self.ws / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.say(f"  sft {name}: started on core {core}, log {logs / (name + '.log')}")
+        where = "all cores" if core is None else f"core {core}"
+        self.say(f"  sft {name}: started on {where}, log {logs / (name + '.log')}")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 text=True, cwd=str(REPO))  # fmt: skip
         pump = threading.Thread(target=self._pump, args=(name, proc, logs / f"{name}.log"))

@@ -9,7 +9,7 @@ from insightv_jax.demo import STAGES, Demo, load_preset
 
 ONE_BUCKET = {"max_length": 128, "buckets": [128]}  # one compile per SFT
 MICRO = {
-    "parallel": 1,
+    "parallel": 2,  # what the presets use: SFT subprocesses, the data engine beside the base
     "suite": {"n": 24, "n_eval": 24},
     "tokenizer": {"chains": 24},
     "base": {
@@ -63,6 +63,8 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path):
     for agent in ("reason", "summary", "cot"):
         assert (tmp_path / "hf" / agent / "config.json").is_file()
     assert "headline (" in text and "stage wall times" in text
+    # the data engine ran while the base trained (it does not need the base model)
+    assert text.index("[4/8] data: finished") < text.index("[3/8] base: finished")
     # the base trained on direct QA plus one inventory question per training grid image
     perception = json.loads((tmp_path / "data" / "perception.json").read_text())
     assert perception and {r["family"] for r in perception} == {"inventory"}
