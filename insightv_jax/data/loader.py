@@ -168,6 +168,14 @@ class HostRows:
         return [self.source[i] for i in rows], max(self.lengths[i] for i in idx)
 
 
+def _padded_alike(ds, transform, batch_fn, read, workers: int) -> grain.IterDataset:
+    """(host rows, global longest) items -> batches padded alike on every host."""
+    it = ds.map(CollateGroup(transform, batch_fn)).to_iter_dataset(read)
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it
+
+
 def build_dataset(
     source,
     transform,
@@ -206,10 +214,7 @@ def build_dataset(
         ds = grain.MapDataset.source(groups).seed(seed).shuffle()
         if num_epochs != 1:
             ds = ds.repeat(num_epochs)
-        it = ds.map(CollateGroup(transform, batch_fn)).to_iter_dataset(read)
-        if workers > 0:
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        return it
+        return _padded_alike(ds, transform, batch_fn, read, workers)
     if shard.shard_count > 1 and lengths is not None and drop_remainder:
         # several hosts: cut global batches of shuffled record indices (the same
         # order as the per-record path below) so each host knows the bucket of the
@@ -219,10 +224,7 @@ def build_dataset(
             ds = ds.repeat(num_epochs)
         ds = ds.batch(batch_size * shard.shard_count, drop_remainder=True)
         ds = ds.map(HostRows(source, lengths, shard.shard_index, shard.shard_count))
-        it = ds.map(CollateGroup(transform, batch_fn)).to_iter_dataset(read)
-        if workers > 0:
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        return it
+        return _padded_alike(ds, transform, batch_fn, read, workers)
     ds = grain.MapDataset.source(source).seed(seed).shuffle()
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
@@ -274,7 +276,7 @@ class Loader:
             raise DataError("no valid records to load")
         shard = shard or shard_options()
         lengths = None  # for length grouping, and for equal padding across hosts
-        if group_by_length > 0 or shard.shard_count > 1:
+        if group_by_length > 0 or (shard.shard_count > 1 and drop_remainder):
             # exact when the transform can count (ChatTransform.length)
             root = Path(getattr(source, "root", "."))
             measure = getattr(transform, "length", None) or (

@@ -66,14 +66,14 @@ def data_batches(cfg, tokenizer_dir: Path | None):
         )
     local = t.global_batch // jax.process_count()
     tok = transform.tokenizer
-    counts = transform.limits(1)  # counts tokens exactly as the transform does
+    limits = transform.limits(1)  # counts tokens exactly as the transform does
     loader = loader_from_config(
         cfg.data,
         t.data,
         transform,
         batch_size=local,
-        image_tokens=counts.image_tokens,
-        count_tokens=counts.count_tokens,
+        image_tokens=limits.image_tokens,
+        count_tokens=limits.count_tokens,
         pad_id=tok.pad_token_id or 0,
     )
     counts = loader.counts
