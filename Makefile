@@ -33,4 +33,4 @@ pytest: $(STAMP_TEST)
 test: lint pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .jax_cache
+	rm -rf $(VENV) .pytest_cache

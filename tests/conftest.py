@@ -1,8 +1,12 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported), a persistent
-compilation cache, and shared fixtures for tiny Hugging Face reference models."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), a compilation
+cache shared by this session's processes, and shared fixtures for tiny Hugging
+Face reference models."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
@@ -15,8 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 
-_CACHE = Path(__file__).resolve().parent.parent / ".jax_cache"
-jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+# A fresh cache per test session, shared with the subprocesses the tests start
+# (they read JAX_COMPILATION_CACHE_DIR). Not kept across sessions: executables
+# reloaded from an earlier session's cache aborted the CPU runtime mid-step.
+_CACHE = tempfile.mkdtemp(prefix="insightv-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 try:  # grain workers read absl flags

@@ -75,8 +75,7 @@ def run_driver(root, m1, run, wait_for=None):
         "data.buckets=[128,256]", "data.max_length=256", "mesh.fsdp=1",
     ]  # fmt: skip
     script = DRIVER.format(tests=str(REPO / "tests"), config=None, overrides=overrides)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
-               JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"))  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     if wait_for is None:

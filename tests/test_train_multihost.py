@@ -3,6 +3,7 @@ train the same steps as one process × 8 devices: same losses, and the orbax
 checkpoint is written by both processes (per-process data-iterator state)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_two_processes_match_one_process(tmp_path, eight_devices):
     port = _free_port()
     script = WORKER.format(
         root=str(ROOT),
-        cache=str(ROOT / ".jax_cache"),
+        cache=os.environ["JAX_COMPILATION_CACHE_DIR"],
         workdir=str(tmp_path / "multi"),
         common=COMMON,
         out=str(tmp_path / "losses"),

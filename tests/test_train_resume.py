@@ -85,7 +85,10 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     _, ref_losses, ref_digests = reference
     workdir = tmp_path / "killed"
     script = WORKER.format(
-        root=str(ROOT), cache=str(ROOT / ".jax_cache"), workdir=str(workdir), common=COMMON
+        root=str(ROOT),
+        cache=os.environ["JAX_COMPILATION_CACHE_DIR"],
+        workdir=str(workdir),
+        common=COMMON,
     )
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
