@@ -62,6 +62,7 @@ class DecoderConfig:
     attention: Literal["xla", "blockwise", "splash"] = "xla"
     attention_block_size: int = 512  # query/key block for the blockwise path
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan_layers: bool = True  # lax.scan over the layer stack; False unrolls (small models)
     family: Literal["llama", "qwen2"] = "llama"
 
     @property
@@ -108,6 +109,7 @@ class VisionConfig:
     dtype: str = "float32"
     attention: Literal["xla", "blockwise", "splash"] = "xla"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan_layers: bool = True  # as DecoderConfig.scan_layers
 
     @property
     def patches_per_side(self) -> int:
@@ -208,7 +210,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     trainable: tuple[str, ...] = ("projector", "llm")
     remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None  # None: model's
-    loss_chunk: int = 1024  # tokens per chunk of the cross-entropy (bounds fp32 logits)
+    loss_chunk: int = 1024  # tokens (per batch shard) per cross-entropy chunk: bounds fp32 logits
     checkpoint_every: int = 500  # steps; 0 = only the final checkpoint
     keep: int = 3  # checkpoints kept
     log_every: int = 10

@@ -145,6 +145,17 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def batch_shards(rows: int) -> int:
+    """How many pieces the current mesh cuts a batch of `rows` rows into
+    (1 outside a mesh): the groups a per-shard computation works within."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return 1
+    axes = logical_to_spec(("act_batch",), (rows,), mesh)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def shard_array(array: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
     """Place a host array onto `sharding`, each device receiving only its slice."""
     array = np.asarray(array)

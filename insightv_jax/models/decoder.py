@@ -21,20 +21,9 @@ from flax import nnx
 from insightv_jax.config import DecoderConfig, RopeScaling
 from insightv_jax.models.attention import attention
 from insightv_jax.models.cache import KVCache, write_rows
+from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.stack import layer_modules, scan_layers, stack_layers, unstack_layers
 from insightv_jax.parallel import constrain
-
-INIT_STD = 0.02  # HF's default initializer_range
-
-
-def param(rngs: nnx.Rngs, shape, axes, dtype, std: float = INIT_STD) -> nnx.Param:
-    """A normal(0, std) parameter tagged with logical axis names."""
-    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, out_sharding=axes)
-
-
-def zeros(shape, axes, dtype) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
 
 
 class RMSNorm(nnx.Module):
@@ -111,9 +100,11 @@ class Attention(nnx.Module):
         in place at [row, offset...], attention runs over the cache slots
         (`kv_valid` is then (B, S)), and (y, (k, v)) is returned."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+        q = dense(x, self.q_proj[...].astype(dt))  # (B, T, N, H)
+        # keys and values in one matmul: (D, 2, K, H) stacks on an unsharded axis
+        kv_proj = jnp.stack([self.k_proj[...], self.v_proj[...]], axis=1).astype(dt)
+        kv = dense(x, kv_proj)  # (B, T, 2, K, H)
+        k, v = kv[:, :, 0], kv[:, :, 1]
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -144,12 +135,7 @@ class Attention(nnx.Module):
             block_size=cfg.attention_block_size,
             heads_major=layer_kv is not None,
         )
-        o_proj = self.o_proj[...].astype(dt)
-        if layer_kv is None:
-            y = jnp.einsum("btnh,nhd->btd", out, o_proj)
-        else:  # decoding: one (N*H) contraction, else XLA transposes the weight every token
-            B, T, N, H = out.shape
-            y = jnp.einsum("btf,fd->btd", out.reshape(B, T, N * H), o_proj.reshape(N * H, -1))
+        y = dense(out, self.o_proj[...].astype(dt), axes=2)
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dt)
         return y if layer_kv is None else (y, layer_kv)
@@ -168,10 +154,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        gate = x @ self.gate_proj[...].astype(dt)
-        up = x @ self.up_proj[...].astype(dt)
+        # gate and up in one matmul: (D, 2, F) stacks on an unsharded axis
+        gate_up = jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt)
+        h = dense(x, gate_up)  # (B, T, 2, F)
+        gate, up = h[:, :, 0], h[:, :, 1]
         h = constrain(jax.nn.silu(gate) * up, "act_batch", "act_length", "mlp")
-        return h @ self.down_proj[...].astype(dt)
+        return dense(h, self.down_proj[...].astype(dt))
 
 
 class DecoderBlock(nnx.Module):
@@ -237,7 +225,13 @@ class Decoder(nnx.Module):
         else:
             kv_valid = attention_mask.astype(bool)
         x, per_layer = scan_layers(
-            self.layers, inputs_embeds, positions, kv_valid, remat=self.cfg.remat, collect=collect
+            self.layers,
+            inputs_embeds,
+            positions,
+            kv_valid,
+            remat=self.cfg.remat,
+            collect=collect,
+            scan=self.cfg.scan_layers,
         )
         x = self.norm(x)
         return (x, per_layer) if collect else x
@@ -267,10 +261,15 @@ class Decoder(nnx.Module):
         )
         return self.norm(x), new_cache
 
+    def output_head(self) -> jax.Array:
+        """The (D, V) output projection in the compute dtype (the embeddings,
+        transposed, when tied)."""
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return head.astype(self.cfg.dtype)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states to fp32 vocabulary logits."""
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        out = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
+        out = dense(hidden, self.output_head().astype(hidden.dtype))
         return constrain(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
     def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None) -> jax.Array:

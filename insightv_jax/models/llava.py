@@ -28,7 +28,8 @@ from flax import nnx
 from insightv_jax.config import ModelConfig
 from insightv_jax.errors import DataError
 from insightv_jax.models import anyres
-from insightv_jax.models.decoder import Decoder, param, zeros
+from insightv_jax.models.decoder import Decoder
+from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.vision import VisionTower
 from insightv_jax.parallel import constrain
 
@@ -49,11 +50,11 @@ class Projector(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        h = x.astype(dt) @ self.linear_1[...].astype(dt)
+        h = dense(x.astype(dt), self.linear_1[...].astype(dt))
         if self.use_bias:
             h = h + self.bias_1[...].astype(dt)
         h = jax.nn.gelu(h, approximate=False)
-        y = h @ self.linear_2[...].astype(dt)
+        y = dense(h, self.linear_2[...].astype(dt))
         return y + self.bias_2[...].astype(dt) if self.use_bias else y
 
 
@@ -154,6 +155,9 @@ class LlavaModel(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.decoder.logits(hidden)
+
+    def output_head(self) -> jax.Array:
+        return self.decoder.output_head()
 
     def forward_hidden(
         self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None

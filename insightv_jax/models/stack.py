@@ -41,21 +41,33 @@ def scan_layers(
     *args: Any,
     remat: str = "none",
     collect: bool = False,
+    scan: bool = True,
 ):
     """Run `layers` over `x`: x = layer_i(x, *args) for i in order — a `lax.scan`
-    over stacked layers, a Python loop over unstacked ones (a decoding view).
+    over stacked layers, a Python loop (unrolled) over unstacked ones (a
+    decoding view) or with `scan=False`.
 
+    Scanning compiles one layer body whatever the depth (pod-size models);
+    unrolling lets XLA schedule across layers and drops the loop's stacked
+    residual buffers, which is faster for the few layers of small models.
     Returns (x, per-layer outputs stacked on axis 0, or None unless `collect`).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r} ({', '.join(REMAT_POLICIES)})")
-    if isinstance(layers, nnx.List):
+    if isinstance(layers, nnx.List) or not scan:
+        n = len(layers) if isinstance(layers, nnx.List) else _depth(layers)
         hs = []
-        for layer in layers:
-            x = layer(x, *args)
+        for layer in layer_modules(layers, n):
+            graphdef, layer_state = nnx.split(layer)
+            x, _ = _body(graphdef, args, remat, False)(x, layer_state)
             hs.append(x)
         return x, (jax.numpy.stack(hs) if collect else None)
     graphdef, state = nnx.split(layers)
+    return jax.lax.scan(_body(graphdef, args, remat, collect), x, state)
+
+
+def _body(graphdef: nnx.GraphDef, args: tuple, remat: str, collect: bool):
+    """(h, layer state) -> (layer(h, *args), h or None), rematerialised per policy."""
 
     def body(h, layer_state):
         h = nnx.merge(graphdef, layer_state)(h, *args)
@@ -63,7 +75,11 @@ def scan_layers(
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, x, state)
+    return body
+
+
+def _depth(layers: nnx.Module) -> int:
+    return jax.tree.leaves(nnx.state(layers))[0].shape[0]
 
 
 def layer_modules(layers: nnx.Module, num_layers: int) -> list[nnx.Module]:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from insightv_jax.config import VisionConfig
 from insightv_jax.models.attention import attention
-from insightv_jax.models.decoder import param, zeros
+from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.stack import scan_layers, stack_layers
 from insightv_jax.parallel import constrain
 
@@ -72,7 +72,7 @@ class VisionAttention(nnx.Module):
 
         def project(name):
             w, b = getattr(self, f"{name}_proj"), getattr(self, f"{name}_bias")
-            y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(dt)) + b[...].astype(dt)
+            y = dense(x, w[...].astype(dt)) + b[...].astype(dt)
             return constrain(y, "act_batch", "act_length", "act_heads", None)
 
         out = attention(
@@ -85,9 +85,7 @@ class VisionAttention(nnx.Module):
             causal=False,
             backend=self.cfg.attention,
         )
-        return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt)) + self.o_bias[
-            ...
-        ].astype(dt)
+        return dense(out, self.o_proj[...].astype(dt), axes=2) + self.o_bias[...].astype(dt)
 
 
 class VisionMLP(nnx.Module):
@@ -102,9 +100,9 @@ class VisionMLP(nnx.Module):
 
     def __call__(self, x):
         dt = jnp.dtype(self.cfg.dtype)
-        h = x @ self.fc1[...].astype(dt) + self.fc1_bias[...].astype(dt)
+        h = dense(x, self.fc1[...].astype(dt)) + self.fc1_bias[...].astype(dt)
         h = constrain(ACTIVATIONS[self.cfg.hidden_act](h), "act_batch", "act_length", "vision_mlp")
-        return h @ self.fc2[...].astype(dt) + self.fc2_bias[...].astype(dt)
+        return dense(h, self.fc2[...].astype(dt)) + self.fc2_bias[...].astype(dt)
 
 
 class VisionBlock(nnx.Module):
@@ -165,7 +163,7 @@ class VisionTower(nnx.Module):
             )
         used = cfg.patches_per_side * cfg.patch_size  # a strided conv ignores the remainder
         pixels = pixel_values[..., :used, :used].astype(dt)
-        x = patchify(pixels, cfg.patch_size) @ self.patch_embed[...].astype(dt)
+        x = dense(patchify(pixels, cfg.patch_size), self.patch_embed[...].astype(dt))
         if self.has_cls:
             cls = jnp.broadcast_to(self.class_embed[...].astype(dt), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
@@ -193,7 +191,9 @@ class VisionTower(nnx.Module):
         N, T, _ = x.shape
         positions = jnp.zeros((N, T), jnp.int32)
         valid = jnp.ones((N, T), bool)
-        x, _ = scan_layers(layers, x, positions, valid, remat=self.cfg.remat)
+        x, _ = scan_layers(
+            layers, x, positions, valid, remat=self.cfg.remat, scan=self.cfg.scan_layers
+        )
         return x
 
     def __call__(self, pixel_values: jax.Array, layer: int = -1) -> jax.Array:

@@ -1,19 +1,30 @@
-"""Cross-entropy over label tokens, computed in sequence chunks from hidden states.
+"""Cross-entropy over label tokens, computed in chunks from hidden states.
 
-The loss never materialises fp32 logits for the whole (tokens × vocabulary)
-block: hidden states are cut into chunks of `chunk` positions, each chunk is
-projected to fp32 logits, reduced to (logsumexp − target logit), and thrown
-away. The chunk body is rematerialised, so the backward pass recomputes one
-chunk's logits at a time as well. At 12,288 tokens and a 128k vocabulary that
-is the difference between ~6 GiB and ~0.5 GiB of logits per sequence.
+Neither loss materialises fp32 logits for the whole (tokens × vocabulary)
+block: hidden states are cut into chunks, each chunk is projected to fp32
+logits, reduced to (logsumexp − target logit), and thrown away. At 12,288
+tokens and a 128k vocabulary that is the difference between ~6 GiB and
+~0.5 GiB of logits per sequence.
+
+- `fused_ce_sum` (the SFT loss) works on label tokens only and computes the
+  gradient in the same pass: each chunk's logits give softmax − one-hot at
+  once, so the backward pass does no matmul of its own and never recomputes
+  logits, and chunks past the last label token are not computed at all
+  (prompt, image and padding tokens need no logits).
+- `chunked_sequence_nll` gives per-row sums (DPO needs one log-prob per
+  sequence); its chunk body is rematerialised, so the backward pass
+  recomputes one chunk's logits at a time.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from insightv_jax.parallel import batch_shards
 
 IGNORE = -100  # label of tokens that are not supervised
 
@@ -35,6 +46,97 @@ def chunked_ce_sum(
     the batch total of `chunked_sequence_nll`."""
     nll, count = chunked_sequence_nll(hidden, targets, logits_fn, chunk)
     return jnp.sum(nll), jnp.sum(count)
+
+
+def fused_ce_sum(
+    hidden: jax.Array, targets: jax.Array, head: jax.Array, chunk: int = 1024
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of token cross-entropies, number of label tokens), both fp32 scalars,
+    of the logits `hidden @ head` against the already-shifted `targets` (B, T).
+
+    `hidden` (B, T, D) are final-normed hidden states, `head` (D, V) the output
+    projection. Label tokens are moved to the front of each batch shard's
+    tokens and processed `chunk` at a time; differentiation uses the gradients
+    computed in that same pass (see the module docstring). Equals
+    `chunked_ce_sum(hidden, targets, lambda h: h @ head)` with fp32 logits.
+    """
+    count = jnp.sum(targets != IGNORE).astype(jnp.float32)
+    groups = batch_shards(hidden.shape[0])
+    return _fused_ce(hidden, head, targets, max(1, chunk), groups), count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_ce(hidden, head, targets, chunk, groups):
+    return _fused_ce_pass(hidden, head, targets, chunk, groups, grads=False)[0]
+
+
+def _fused_ce_fwd(hidden, head, targets, chunk, groups):
+    total, d_hidden, d_head = _fused_ce_pass(hidden, head, targets, chunk, groups, grads=True)
+    return total, (d_hidden, d_head)
+
+
+def _fused_ce_bwd(chunk, groups, residuals, g):
+    d_hidden, d_head = residuals
+    return (d_hidden * g).astype(d_hidden.dtype), (d_head * g).astype(d_head.dtype), None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def _fused_ce_pass(hidden, head, targets, chunk, groups, grads):
+    """The loop behind `fused_ce_sum`: (total, d total/d hidden, d total/d head),
+    the gradients only with `grads`. Tokens are grouped per batch shard, so the
+    sort and the chunks stay on the devices that hold them."""
+    B, T, D = hidden.shape
+    V = head.shape[1]
+    n = B * T // groups
+    h = hidden.reshape(groups, n, D)
+    t = targets.reshape(groups, n)
+    order = jnp.argsort(t == IGNORE, axis=1, stable=True)  # label tokens first
+    h = jnp.take_along_axis(h, order[..., None], axis=1)
+    t = jnp.take_along_axis(t, order, axis=1)
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        t = jnp.pad(t, ((0, 0), (0, pad)), constant_values=IGNORE)
+    labelled = jnp.max(jnp.sum(t != IGNORE, axis=1))
+    needed = (labelled + chunk - 1) // chunk  # chunks past this hold no label token
+    f32 = jnp.float32
+
+    def body(i, carry):
+        total, d_h, d_w = carry
+        hc = jax.lax.dynamic_slice_in_dim(h, i * chunk, chunk, axis=1).reshape(-1, D)
+        tc = jax.lax.dynamic_slice_in_dim(t, i * chunk, chunk, axis=1).reshape(-1)
+        logits = jnp.matmul(hc, head, preferred_element_type=f32)  # (G*C, V)
+        valid = tc != IGNORE
+        safe = jnp.where(valid, tc, 0)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+        total = total + jnp.sum(jnp.where(valid, lse - picked, 0.0))
+        if not grads:
+            return total, d_h, d_w
+        probs = jnp.exp(logits - lse[:, None])
+        onehot = jnp.arange(V, dtype=safe.dtype) == safe[:, None]
+        d_logits = jnp.where(valid[:, None], probs - onehot, 0.0)
+        d_hc = jnp.matmul(d_logits.astype(head.dtype), head.T, preferred_element_type=f32)
+        d_h = jax.lax.dynamic_update_slice_in_dim(
+            d_h, d_hc.reshape(groups, chunk, D).astype(d_h.dtype), i * chunk, axis=1
+        )
+        d_w = d_w + jnp.matmul(hc.T, d_logits.astype(hc.dtype), preferred_element_type=f32)
+        return total, d_h, d_w
+
+    init = (
+        jnp.zeros((), f32),
+        jnp.zeros(h.shape if grads else (), hidden.dtype),
+        jnp.zeros((D, V) if grads else (), f32),
+    )
+    total, d_h, d_w = jax.lax.fori_loop(0, needed, body, init)
+    if not grads:
+        return total, None, None
+    back = jnp.argsort(order, axis=1)  # inverse permutation: sorted -> original token order
+    d_hidden = jnp.take_along_axis(d_h[:, :n], back[..., None], axis=1).reshape(B, T, D)
+    return total, d_hidden, d_w.astype(head.dtype)
 
 
 def token_mean_ce(hidden, labels, logits_fn, chunk: int = 1024) -> jax.Array:

@@ -75,7 +75,8 @@ def hand_estimate(cfg, program, seq_len: int) -> dict:
     layer += rows * d.num_heads / tensor * block * T * 4  # attention scores (one q block)
     if d.remat == "none":
         layer *= L
-    loss = 3 * rows * min(cfg.train.loss_chunk, T) * V / tensor * 4
+    # one chunk's fp32 logits, probabilities and their gradient (train/losses.py)
+    loss = 3 * min(cfg.train.loss_chunk, rows * T) * V / tensor * 4
     out = {
         "params": params,
         "optimizer": opt,

@@ -9,8 +9,8 @@ Train state (a plain pytree, checkpointed as is):
 The step is `jax.jit` with explicit in/out shardings for every leaf and the
 state donated; `nnx.jit` is avoided because it lets output shardings drift
 (STACK.md). The model enters only through its graphdef and the fixed
-interface `forward_hidden(...)` + `logits(hidden)`, so the text decoder and the
-VLM share this code.
+interface `forward_hidden(...)` + `output_head()` (`logits(hidden)` for DPO),
+so the text decoder and the VLM share this code.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from insightv_jax.config import TrainConfig
 from insightv_jax.parallel import logical_to_spec
-from insightv_jax.train.losses import IGNORE, chunked_ce_sum, shift_labels
+from insightv_jax.train.losses import IGNORE, fused_ce_sum, shift_labels
 from insightv_jax.train.optim import lr_schedule, make_optimizer, merge, split_trainable
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes")
@@ -176,8 +176,8 @@ class SFTProgram:
     def _loss_sum(self, trainable, frozen, mb):
         model = self._model(trainable, frozen)
         hidden = self._hidden(model, mb)
-        total, _ = chunked_ce_sum(
-            hidden, shift_labels(mb["labels"]), model.logits, self.cfg.loss_chunk
+        total, _ = fused_ce_sum(
+            hidden, shift_labels(mb["labels"]), model.output_head(), self.cfg.loss_chunk
         )
         return total
 
@@ -231,17 +231,21 @@ class SFTProgram:
 
         metrics = self._metrics(sums, totals)
         grad_norm = optax.global_norm(grads)
-        updates, new_opt = self.tx.update(grads, state["opt"], trainable)
-        new_params = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(params, opt):
+            updates, new_opt = self.tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), new_opt
 
+        # A non-finite step leaves params and optimizer state as they were. A
+        # branch, not a select: only one of the two states is ever written.
+        new_params, new_opt = jax.lax.cond(
+            finite, update, lambda p, o: (p, o), trainable, state["opt"]
+        )
         new_state = {
-            "params": keep_if_finite(new_params, trainable),
+            "params": new_params,
             "frozen": frozen,
-            "opt": keep_if_finite(new_opt, state["opt"]),
+            "opt": new_opt,
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }
