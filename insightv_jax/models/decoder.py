@@ -101,10 +101,8 @@ class Attention(nnx.Module):
         (`kv_valid` is then (B, S)), and (y, (k, v)) is returned."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = dense(x, self.q_proj[...].astype(dt))  # (B, T, N, H)
-        # keys and values in one matmul: (D, 2, K, H) stacks on an unsharded axis
-        kv_proj = jnp.stack([self.k_proj[...], self.v_proj[...]], axis=1).astype(dt)
-        kv = dense(x, kv_proj)  # (B, T, 2, K, H)
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        k = dense(x, self.k_proj[...].astype(dt))  # (B, T, K, H)
+        v = dense(x, self.v_proj[...].astype(dt))
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -154,10 +152,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        # gate and up in one matmul: (D, 2, F) stacks on an unsharded axis
-        gate_up = jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(dt)
-        h = dense(x, gate_up)  # (B, T, 2, F)
-        gate, up = h[:, :, 0], h[:, :, 1]
+        gate = dense(x, self.gate_proj[...].astype(dt))
+        up = dense(x, self.up_proj[...].astype(dt))
         h = constrain(jax.nn.silu(gate) * up, "act_batch", "act_length", "mlp")
         return dense(h, self.down_proj[...].astype(dt))
 
