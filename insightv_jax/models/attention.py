@@ -7,7 +7,8 @@ partly filled, so no backend needs `is_causal` (top-left aligned in JAX when
 query and key lengths differ).
 
 Backends:
-  xla        `jax.nn.dot_product_attention` (cuDNN on GPU where it applies).
+  xla        on CPU, two batched matmuls with (batch, kv head) leading; elsewhere
+             `jax.nn.dot_product_attention` (cuDNN on GPU where it applies).
   blockwise  pure JAX, online softmax over key blocks inside a map over query
              blocks: never materialises the full attention matrix.
   splash     TPU splash attention (Pallas) for training/prefill without a cache.
@@ -68,9 +69,14 @@ def visibility_mask(q_positions, kv_positions, kv_valid, causal: bool) -> jax.Ar
 
 
 def _xla(q, k, v, q_positions, kv_positions, kv_valid, causal):
+    if jax.default_backend() == "cpu":
+        # (B, K) leading both products: XLA:CPU then transposes q, k and v once
+        # instead of the scores (measured ~20% faster forward + backward than
+        # jax.nn.dot_product_attention at 8 x 256 tokens, 8 heads of 64).
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        return _xla_heads_major(q, k, v, q_positions, kv_positions, kv_valid, causal)
     mask = visibility_mask(q_positions, kv_positions, kv_valid, causal)[:, None]
-    impl = "xla" if jax.default_backend() == "cpu" else None
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
 def _xla_heads_major(q, k, v, q_positions, kv_positions, kv_valid, causal):
