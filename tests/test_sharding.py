@@ -34,7 +34,8 @@ def test_sharded_forward_equals_unsharded(shape, tmp_path, eight_devices):
     with jax.set_mesh(mesh):
         ids_sharded = jax.device_put(ids, jax.NamedSharding(mesh, jax.P(("data", "fsdp"))))
         out = forward(state, ids_sharded)
-    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
+    # sharded matmuls sum in another order: fp32 rounding, relative to the logits' size
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_rules_fall_back_to_replication_on_odd_sizes(eight_devices):
