@@ -43,7 +43,11 @@ MICRO = {
 }
 
 
-def test_demo_micro_runs_every_stage_and_resumes(tmp_path):
+def test_demo_micro_runs_every_stage_and_resumes(tmp_path, eight_devices, monkeypatch):
+    # The SFT subprocesses see one device each, as in a user's run; the 8 fake
+    # devices of this process (conftest; initialised by the fixture before the
+    # flags change) made them ~2x slower to compile and run.
+    monkeypatch.setenv("XLA_FLAGS", "")
     spec = load_preset("tiny", MICRO)
     out = io.StringIO()
     report = Demo(spec, tmp_path, out=out).run()

@@ -30,8 +30,9 @@ def test_sft_on_synthetic_data_learns_and_writes_a_run_dir(tmp_path, capsys):
             "mesh.data=4",
         ]
     )
-    out = capsys.readouterr().out
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     assert (run / "processor" / "preprocessor_config.json").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["30"]

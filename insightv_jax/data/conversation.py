@@ -197,7 +197,7 @@ def build_tokenizer(
     decoding keeps them), plus a chat template; save it to `out_dir` and return
     the `transformers` tokenizer loaded back from there."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     t = get_template(template)
     specials = [*t.specials, IMAGE_TOKEN, PAD_TOKEN]
@@ -223,7 +223,28 @@ def build_tokenizer(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
-    return AutoTokenizer.from_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+# what transformers 4 and 5 call the plain fast tokenizer in tokenizer_config.json
+_PLAIN_FAST = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer(folder: str | Path):
+    """The Hugging Face tokenizer saved in `folder`. A plain fast tokenizer
+    (what `build_tokenizer` writes) loads directly: `AutoTokenizer` would first
+    import torch through transformers' config classes (~3 s a process)."""
+    import json
+
+    config = Path(folder) / "tokenizer_config.json"
+    if config.is_file() and (Path(folder) / "tokenizer.json").is_file():
+        if json.loads(config.read_text()).get("tokenizer_class") in _PLAIN_FAST:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def add_think_tokens(tokenizer) -> list[int]:

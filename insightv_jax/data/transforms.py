@@ -63,9 +63,9 @@ class ChatTransform:
     @property
     def tokenizer(self):
         if self._tok is None:
-            from transformers import AutoTokenizer
+            from insightv_jax.data.conversation import load_tokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            self._tok = load_tokenizer(self.tokenizer_dir)
         return self._tok
 
     @property

@@ -23,9 +23,9 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
     model, cfg, tok_dir, proc_dir = load_model(path, mesh)
     tokenizer = processor = None
     if tok_dir is not None:
-        from transformers import AutoTokenizer
+        from insightv_jax.data.conversation import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        tokenizer = load_tokenizer(tok_dir)
     if proc_dir is not None and (Path(proc_dir) / "preprocessor_config.json").is_file():
         from insightv_jax.data.images import ImageProcessor
 

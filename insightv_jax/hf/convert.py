@@ -148,9 +148,9 @@ def hf_tensors(model: nnx.Module, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
 def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         return {}
-    from transformers import AutoTokenizer
+    from insightv_jax.data.conversation import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = load_tokenizer(tokenizer_dir)
     ids = {
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,

@@ -42,8 +42,8 @@ def data_batches(cfg, tokenizer_dir: Path | None):
     """The grain loader over `train.data`, tokenised with the model's chat
     template; each process reads its own shard (global_batch / processes rows)."""
     import jax
-    from transformers import AutoTokenizer
 
+    from insightv_jax.data.conversation import load_tokenizer
     from insightv_jax.data.loader import loader_from_config
     from insightv_jax.data.transforms import ChatTransform
     from insightv_jax.sample.prompting import detect_template
@@ -53,7 +53,7 @@ def data_batches(cfg, tokenizer_dir: Path | None):
         raise InsightVError(
             f"train.data={t.data}: no tokenizer (set train.tokenizer or init from a checkpoint with one)"
         )
-    template = detect_template(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    template = detect_template(load_tokenizer(tokenizer_dir))
     if template is None:
         raise InsightVError(
             f"{tokenizer_dir}: tokenizer uses none of the llama3/chatml/minimal templates"

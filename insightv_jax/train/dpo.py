@@ -211,12 +211,11 @@ class PairData:
 
     @classmethod
     def for_checkpoint(cls, cfg: RunConfig, model_cfg, tokenizer_dir: Path, root: Path):
-        from transformers import AutoTokenizer
-
+        from insightv_jax.data.conversation import load_tokenizer
         from insightv_jax.data.transforms import ChatTransform
         from insightv_jax.sample.prompting import detect_template
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tok = load_tokenizer(tokenizer_dir)
         template = detect_template(tok)
         if template is None:
             raise ConfigError(f"{tokenizer_dir}: no known chat template (llama3/chatml/minimal)")
