@@ -154,3 +154,24 @@ def test_decoding_view_unstacks_blocks_and_computes_the_same():
         m.decode_hidden(embeds, KVCache.empty(cfg, 2, 16))[0] for m in (view, model)
     )  # unstacked blocks vs slices of the stack
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+
+
+def test_cpu_decode_loop_compiles_without_ynnpack_fusions():
+    """The decode loop's batch-row matmuls skip XLA:CPU's YNNPACK fusions
+    (faster there); a renamed or ignored option would show up here."""
+    import jax
+
+    from insightv_jax.sample import sampler as S
+
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                        num_heads=2, num_kv_heads=2)  # fmt: skip
+    s = Sampler(construct(ModelConfig(decoder=cfg), seed=0), pad_id=0)
+    state = s.extend(s.start(2, 16), [[1, 2, 3], [4, 5]])
+    args = (s.graphdef, s.params, state, np.array([-3], np.int32), S._stop_table([], 1),
+            np.ones(2, bool), (None, None, None), np.zeros(2, np.int32))  # fmt: skip
+    static = dict(steps=4, temperature=0.0, top_k=0, top_p=1.0, penalty=1.0, pad_id=0)
+    default = jax.jit(S._decode_loop, static_argnames=tuple(static) + ("graphdef",))
+    tuned = S._decode_program("cpu")
+    if "ynn_fusion" not in default.lower(*args, **static).compile().as_text():
+        pytest.skip("this jaxlib does not fuse matmuls into YNNPACK by default")
+    assert "ynn_fusion" not in tuned.lower(*args, **static).compile().as_text()
