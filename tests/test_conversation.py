@@ -97,3 +97,22 @@ def test_grow_vocab_mean_rows():
     np.testing.assert_array_equal(emb[:50], np.asarray(model.embed[...]))
     ids = np.array([[1, 2, 51]])
     assert np.asarray(nnx.jit(lambda m, x: m(x))(grown, ids)).shape == (1, 3, 54)
+
+
+def test_load_tokenizer_matches_auto_tokenizer(tmp_path):
+    """The direct load of a built tokenizer (no AutoTokenizer) is the same
+    tokenizer: same class family, ids, specials and chat template."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from insightv_jax.data.conversation import load_tokenizer
+
+    build_tokenizer(CORPUS, tmp_path, "minimal", 300)
+    ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert isinstance(ours, PreTrainedTokenizerFast)
+    text = f"{IMAGE_TOKEN}how many red squares ? answer 2"
+    assert ours.encode(text) == auto.encode(text)
+    assert ours.all_special_ids == auto.all_special_ids and ours.pad_token_id == auto.pad_token_id
+    msgs = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(msgs, tokenize=False) == auto.apply_chat_template(
+        msgs, tokenize=False
+    )
