@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from insightv_jax.allocator import reexec_with_allocator
 from insightv_jax.errors import InsightVError
 
 
@@ -308,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as the program, not called from Python
+        try:
+            reexec_with_allocator()
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
