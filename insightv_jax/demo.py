@@ -16,6 +16,7 @@ A preset (configs/demo/<preset>.yaml) holds every knob; its `base`, `reason`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -75,6 +76,10 @@ class Demo:
     def run(self) -> dict:
         """All stages in order (finished ones skipped); returns the eval report."""
         self.ws.mkdir(parents=True, exist_ok=True)
+        with compile_cache(self.ws / "jax_cache"):
+            return self._run_stages()
+
+    def _run_stages(self) -> dict:
         (self.ws / "preset.yaml").write_text(yaml.safe_dump(self.spec, sort_keys=False))
         t0 = time.time()
         for i, name in enumerate(STAGES, 1):
@@ -486,6 +491,43 @@ def headline_text(eval_dir: Path, spec: dict) -> str:
         f"direct {100 * h['b']:.1f}% -> {100 * h['diff']:+.1f} points "
         f"(paired 95% CI {100 * h['ci95'][0]:+.1f} .. {100 * h['ci95'][1]:+.1f})"
     )
+
+
+@contextlib.contextmanager
+def compile_cache(folder: Path):
+    """JAX's persistent compilation cache in `folder` while the block runs, for this
+    process and the stages it spawns, unless the user chose one already
+    (JAX_COMPILATION_CACHE_DIR); the previous setting is restored afterwards.
+
+    The demo's processes compile the same programs again — the model init, the
+    SFT steps of agents that share a shape, samplers across DPO rounds and eval —
+    and a cached program is the same program, so results do not change."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    keys = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    saved_env = {k: os.environ.get(k) for k in keys}
+    saved_dir = jax.config.jax_compilation_cache_dir
+    saved_min = jax.config.jax_persistent_cache_min_compile_time_secs
+    folder = Path(saved_env[keys[0]] or folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # programs that compile in well under a second are cheaper to rebuild than to read
+    min_secs = saved_env[keys[1]] or "0.5"
+    os.environ.update({keys[0]: str(folder), keys[1]: min_secs})
+    cc.set_cache_dir(str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_secs))
+    cc.reset_cache()
+    try:
+        yield folder
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        cc.set_cache_dir(saved_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_min)
+        cc.reset_cache()
 
 
 def run_demo(preset: str = "tiny", workdir: str = "workdir/demo", overrides=None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 from insightv_jax.demo import STAGES, Demo, load_preset
 
@@ -48,6 +49,7 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path, eight_devices, monkey
     # devices of this process (conftest; initialised by the fixture before the
     # flags change) made them ~2x slower to compile and run.
     monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     spec = load_preset("tiny", MICRO)
     out = io.StringIO()
     report = Demo(spec, tmp_path, out=out).run()
@@ -67,6 +69,10 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path, eight_devices, monkey
     for agent in ("reason", "summary", "cot"):
         assert (tmp_path / "hf" / agent / "config.json").is_file()
     assert "headline (" in text and "stage wall times" in text
+    # the stages shared a persistent compilation cache in the workdir, and the
+    # setting did not outlive the run
+    assert any((tmp_path / "jax_cache").iterdir())
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
     # the data engine ran while the base trained (it does not need the base model)
     assert text.index("[4/8] data: finished") < text.index("[3/8] base: finished")
     # the base trained on direct QA plus one inventory question per training grid image
