@@ -131,3 +131,27 @@ def test_a_lone_surrogate_is_named(tmp_path):
     path.write_text(json.dumps(rec) + "\n")  # ensure_ascii keeps the surrogate as \ud800
     bad = dict(validate_source(JsonlSource(path), LIMITS).bad)
     assert "UTF-8" in bad["s"] and "conversations[0].value" in bad["s"], bad
+
+
+def test_image_paths_are_checked_through_symlinks_and_dots(tmp_path):
+    root = tmp_path / "d"
+    make_corpus(root)
+    images = root / "images"
+    (images / "out.png").symlink_to(tmp_path / "outside.png")  # a link out of the root
+    (images / "in.png").symlink_to(images / "ok.png")  # a link that stays inside
+    (root / "linked").symlink_to(tmp_path)  # a directory link out of the root
+    (images / "sub").mkdir()
+    cases = {
+        "link out": "images/out.png",
+        "link in": "images/in.png",
+        "dir link out": "linked/outside.png",
+        "dots inside": "images/sub/../ok.png",
+        "dots out": "images/../../outside.png",
+        "a directory": "images/sub",
+    }
+    (root / "paths.json").write_text(json.dumps([_rec(k, v) for k, v in cases.items()]))
+    bad = dict(validate_source(LlavaJsonSource(root / "paths.json"), LIMITS).bad)
+    assert set(bad) == {"link out", "dir link out", "dots out", "a directory"}, bad
+    for rid in ("link out", "dir link out", "dots out"):
+        assert "leaves the data root" in bad[rid]
+    assert "not found" in bad["a directory"]

@@ -9,6 +9,7 @@ picklable (grain workers): the tokenizer and processor load lazily from paths.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ class ChatTransform:
         self.cfg = model_cfg
         self.root = Path(root)
         self._tok = self._proc = None
+        self._image_tokens: dict[tuple[int, int], int] = {}
 
     def __getstate__(self):
         return {**self.__dict__, "_tok": None, "_proc": None}
@@ -77,9 +79,12 @@ class ChatTransform:
         return self._proc
 
     def image_tokens(self, size: tuple[int, int]) -> int:
-        from insightv_jax.models.anyres import num_image_tokens
+        size = tuple(int(x) for x in size)
+        if size not in self._image_tokens:  # validation asks for every record
+            from insightv_jax.models.anyres import num_image_tokens
 
-        return num_image_tokens(tuple(int(x) for x in size), self.cfg)
+            self._image_tokens[size] = num_image_tokens(size, self.cfg)
+        return self._image_tokens[size]
 
     def __call__(self, rec: dict) -> dict[str, np.ndarray]:
         name = f"record {rec.get('id')}"
@@ -121,9 +126,14 @@ class ChatTransform:
     def limits(self, max_length: int) -> Limits:
         """Validation limits that count tokens exactly as this transform does."""
         tok = self.tokenizer
+
+        @functools.lru_cache(maxsize=1 << 16)  # datasets repeat questions and answers
+        def count_tokens(text: str) -> int:
+            return len(conv.encode_text(tok, text))
+
         return Limits(
             max_length=max_length,
             image_tokens=self.image_tokens if self.cfg.is_vlm else 0,
-            count_tokens=lambda text: len(conv.encode_text(tok, text)),
+            count_tokens=count_tokens,
             turn_overhead=4,
         )

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,8 +127,40 @@ def load_image_size(path: Path) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _resolved(root: str) -> Path:
-    return Path(root).resolve()
+def _resolved(root: str) -> str:
+    return os.path.realpath(root)
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _image_file(root: str, p: str) -> tuple[str | None, os.stat_result | None]:
+    """(real path, stat) of image `p` relative to the real directory `root`:
+    path None when it leaves `root` (`..`, absolute, a symlink out), stat None
+    when it is not a file. Resolves each directory once and each file with one
+    lstat, since validation checks every record's images."""
+
+    def inside(path: str) -> bool:
+        return path.startswith(root + os.sep)
+
+    if os.path.isabs(p):
+        return None, None
+    head, name = os.path.split(os.path.join(root, p))
+    full = os.path.normpath(os.path.join(_real_dir(head), name))
+    if not inside(full):
+        return None, None
+    try:
+        st = os.lstat(full)
+        if stat.S_ISLNK(st.st_mode):
+            full = os.path.realpath(full)
+            if not inside(full):
+                return None, None
+            st = os.stat(full)
+    except OSError:
+        return full, None
+    return full, (st if stat.S_ISREG(st.st_mode) else None)
 
 
 @functools.lru_cache(maxsize=1 << 20)
@@ -178,13 +211,13 @@ def check_record(rec, root: Path, limits: Limits) -> str | None:
         for p in image_paths(rec):
             if not isinstance(p, str) or not p:
                 return f"image path {p!r} is not a string"
-            full = (root_abs / p).resolve()
-            if Path(p).is_absolute() or not full.is_relative_to(root_abs):
+            full, st = _image_file(root_abs, p)
+            if full is None:
                 return f"image path {p} leaves the data root"
-            if not full.is_file():
+            if st is None:
                 return f"image {p} not found"
             try:
-                sizes.append(load_image_size(full))
+                sizes.append(_decoded_size(full, st.st_mtime_ns, st.st_size))
             except (OSError, ValueError, SyntaxError) as e:
                 return f"image {p} does not decode ({type(e).__name__})"
     n_tags = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
