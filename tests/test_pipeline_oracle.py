@@ -169,6 +169,23 @@ def test_torn_last_line_is_dropped_and_rewritten(tmp_path):
     assert [r["v"] for r in read_shards(tmp_path)] == [1, 3]
 
 
+def test_writer_syncs_once_a_second_and_on_close(tmp_path, monkeypatch):
+    from insightv_jax.pipeline import records
+
+    synced = []
+    monkeypatch.setattr(records.os, "fsync", lambda fd: synced.append(fd))
+    with ShardWriter(tmp_path / "shard-00000-of-00001.jsonl") as w:
+        for i in range(100):
+            w.write({"key": f"q#{i}"})
+        assert len(synced) <= 1  # a fast burst: not a disk flush per line
+    assert len(synced) <= 2 and len(read_shards(tmp_path)) == 100  # the close syncs
+    synced.clear()
+    with ShardWriter(tmp_path / "b" / "shard-00000-of-00001.jsonl", sync_every=0.0) as w:
+        for i in range(10):
+            w.write({"key": f"q#{i}"})
+        assert len(synced) == 10
+
+
 def test_sigkill_halfway_then_rerun_loses_and_duplicates_nothing(suite, oracle_run, tmp_path):
     _, ref_out, _, _ = oracle_run
     args = [sys.executable, "-m", "insightv_jax.cli", "generate",

@@ -2,9 +2,13 @@
 
 Every record carries a `key` (e.g. "<query id>#<sample>"). A writer reopens its
 shard, drops a torn last line (a write the kill interrupted), remembers the keys
-already there and skips them, and fsyncs every line it appends: after a kill at
-any point a rerun loses nothing and duplicates nothing. Process k of n writes
-`shard-0000k-of-0000n.jsonl`; readers merge every shard of a folder.
+already there and skips them, and hands every line to the OS as it is written:
+after a kill at any point a rerun loses nothing and duplicates nothing. Lines
+reach the disk (fsync) at least once a second and on close, so a machine that
+loses power loses at most the last second of records (redone on rerun); an
+fsync per line cost the demo's data stage ~40 s for 100k records.
+Process k of n writes `shard-0000k-of-0000n.jsonl`; readers merge every shard
+of a folder.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 from insightv_jax.errors import DataError
@@ -40,8 +45,9 @@ def _good_prefix(path: Path) -> tuple[list[dict], int]:
 class ShardWriter:
     """Appends records to one shard; thread-safe; skips keys already written."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, sync_every: float = 1.0):
         self.path = Path(path)
+        self.sync_every = sync_every  # seconds between fsyncs
         self.path.parent.mkdir(parents=True, exist_ok=True)
         records, end = _good_prefix(self.path) if self.path.exists() else ([], 0)
         if self.path.exists() and end < self.path.stat().st_size:
@@ -51,6 +57,7 @@ class ShardWriter:
         self.resumed = len(self.done)
         self._lock = threading.Lock()
         self._file = open(self.path, "ab")
+        self._synced = time.monotonic()
 
     def write(self, record: dict) -> bool:
         """Append one record (False if its key is already there)."""
@@ -59,13 +66,22 @@ class ShardWriter:
             if record["key"] in self.done:
                 return False
             self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            self._file.flush()  # in the OS: survives the process being killed
+            if time.monotonic() - self._synced >= self.sync_every:
+                self._sync()
             self.done.add(record["key"])
         return True
 
+    def _sync(self) -> None:
+        os.fsync(self._file.fileno())
+        self._synced = time.monotonic()
+
     def close(self) -> None:
-        self._file.close()
+        if not self._file.closed:
+            with self._lock:
+                self._file.flush()
+                self._sync()
+                self._file.close()
 
     def __enter__(self) -> ShardWriter:
         return self
