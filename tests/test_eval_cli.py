@@ -46,6 +46,22 @@ def test_eval_cli_with_checkpoints(tmp_path, capsys):
     assert len(preds) == 6 and all(isinstance(p["raw"], str) for p in preds)
     assert all(p["chain"] is not None for p in preds if p["system"] == "agents")
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
+    # a rerun reuses each system's saved results; a changed checkpoint or sampling
+    # setting answers again
+    assert cli.main(["eval", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("results of an earlier run") == 2 and "eval direct" not in err
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    assert cli.main(["eval", "--config", str(config), "eval.sampling.direct_max_tokens=3"]) == 0
+    err = capsys.readouterr().err
+    assert "eval: base on tiny" in err and "results of an earlier run" not in err
+    assert cli.main(["eval", "--config", str(config)]) == 0  # the first setting's files
+    assert capsys.readouterr().err.count("eval: loading") == 2  # were replaced
+    assert cli.main(["eval", "--config", str(config)]) == 0
+    assert capsys.readouterr().err.count("results of an earlier run") == 2
+    (tmp_path / "m" / "config.yaml").write_text((tmp_path / "m" / "config.yaml").read_text() + "\n")
+    assert cli.main(["eval", "--config", str(config)]) == 0
+    assert "results of an earlier run" not in capsys.readouterr().err
     # a bad override is one line, exit 1
     assert cli.main(["eval", "--config", str(config), "eval.compare=[[agents, nobody]]"]) == 1
     assert "error: eval.compare: 'nobody' is not a system" in capsys.readouterr().err

@@ -9,6 +9,9 @@ checkpoints with the sampler; `evaluate` runs a whole `eval:` config.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import random
 import sys
 import time
@@ -248,10 +251,67 @@ def load_benchmarks(cfg) -> dict[str, list[EvalItem]]:
     return out
 
 
+def _files_stamp(path: str | None) -> list:
+    """(relative path, size, mtime) of every file under `path`: a checkpoint or
+    chains file that is rewritten gets a new stamp."""
+    if not path:
+        return []
+    root = Path(path)
+    if root.is_file():
+        st = root.stat()
+        return [[root.name, st.st_size, st.st_mtime_ns]]
+    out = []
+    for dirpath, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            st = os.stat(os.path.join(dirpath, f))
+            out.append(
+                [os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns]
+            )
+    return out
+
+
+def system_fingerprint(system, cfg, prompts, benches: dict[str, list[EvalItem]]) -> str:
+    """What a system's results depend on: its config and checkpoint files, the
+    sampling settings, prompts, seed and batch size, and the questions asked."""
+    parts = {
+        "system": dataclasses.asdict(system),
+        "files": {k: _files_stamp(getattr(system, k)) for k in ("model", "reason", "summary", "chains")},
+        "sampling": dataclasses.asdict(cfg.sampling),
+        "prompts": prompts,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "questions": {name: [[it.id, it.prompt, it.answer, str(it.image)] for it in items] for name, items in benches.items()},
+    }  # fmt: skip
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def load_system_results(path: Path, fingerprint: str) -> list[ItemResult] | None:
+    """A system's saved results if they were made with `fingerprint`, else None."""
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            return None
+        return [ItemResult(**r) for r in saved["results"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # missing, torn or from another version: answer again
+
+
+def save_system_results(path: Path, fingerprint: str, results: list[ItemResult]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    rows = [dataclasses.asdict(r) for r in results]
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "results": rows}))
+    os.replace(tmp, path)
+
+
 def evaluate(run_cfg, answer_fns: dict[str, AnswerFn] | None = None, quiet: bool = False) -> dict:
     """Run every system of `run_cfg.eval` on every benchmark; write the report and
     print it (progress on stderr) unless `quiet`. `answer_fns` (system name ->
-    answer_fn) replaces checkpoint loading."""
+    answer_fn) replaces checkpoint loading. A checkpoint system's results are saved
+    in `<out>/systems/<name>.json` and reused while its fingerprint (config,
+    checkpoint files, sampling, prompts, questions) is unchanged, so an interrupted
+    or extended evaluation only answers what is missing."""
     progress = None if quiet else sys.stderr
     from insightv_jax.config import ConfigError
     from insightv_jax.eval.report import build_report, write_report
@@ -263,17 +323,26 @@ def evaluate(run_cfg, answer_fns: dict[str, AnswerFn] | None = None, quiet: bool
     results: dict[str, list[ItemResult]] = {}
     modes: dict[str, str] = {}
     for system in cfg.systems:
+        modes[system.name] = system.mode
         fn = (answer_fns or {}).get(system.name)
-        if fn is None:
+        saved = None
+        if fn is None:  # checkpoint systems keep their results for reruns
+            key = system_fingerprint(system, cfg, run_cfg.pipeline.prompts, benches)
+            saved = Path(cfg.out) / "systems" / f"{system.name}.json"
+            results[system.name] = load_system_results(saved, key)
+            if results[system.name] is not None:
+                _say(f"eval: {system.name}: results of an earlier run ({saved})", progress)
+                continue
             _say(f"eval: loading {system.name} ({system.mode})", progress)
             fn = checkpoint_answer_fn(system, cfg.sampling, run_cfg.pipeline.prompts, cfg.seed)
-        modes[system.name] = system.mode
         results[system.name] = []
         for name, items in benches.items():
             _say(f"eval: {system.name} on {name} ({len(items)} questions)", progress)
             results[system.name] += run_mode(
                 system.mode, items, fn, cfg.seed, cfg.batch_size, progress
             )
+        if saved is not None:
+            save_system_results(saved, key, results[system.name])
     report = build_report(
         results, modes, cfg.compare, method=cfg.paired_method, n_boot=cfg.bootstrap,
         seed=cfg.seed, meta={"benchmarks": {k: len(v) for k, v in benches.items()}},
