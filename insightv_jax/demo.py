@@ -348,9 +348,34 @@ class Demo:
         (self.ws / "configs" / "dpo.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
         cfg = from_dict(RunConfig, d)
         cfg.validate()
-        with _redirect(self.out):
-            rows = run_iterate(cfg, rounds=rounds, print_fn=lambda m: self.say(f"  dpo | {m}"))
+        beside = self._eval_beside_dpo()
+        try:
+            with _redirect(self.out):
+                rows = run_iterate(cfg, rounds=rounds, print_fn=lambda m: self.say(f"  dpo | {m}"))
+        finally:
+            if beside is not None:
+                code = beside.wait()
+                self.say(f"  eval | systems before DPO: {'done' if code == 0 else f'exit {code}'}"
+                         f", log {self.ws / 'logs' / 'eval_before_dpo.log'}")  # fmt: skip
         return {"rounds": len(rows), "pairs": [r.get("pairs") for r in rows]}
+
+    def _eval_beside_dpo(self) -> subprocess.Popen | None:
+        """An `insightv eval` subprocess for the systems that do not depend on DPO,
+        run while DPO keeps ~1.3 of 2 cores busy; the eval stage reuses their saved
+        results (eval/systems/). Same environment, so the same programs run."""
+        if int(self.spec.get("parallel", 1)) < 2:
+            return None
+        self.corrupted_chains(self.spec["eval"].get("split", "test"))
+        path = self.ws / "configs" / "eval_before_dpo.yaml"
+        path.write_text(yaml.safe_dump(self.eval_config(with_dpo=False), sort_keys=False))
+        log = self.ws / "logs" / "eval_before_dpo.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "insightv_jax.cli", "eval", "--config", str(path)]
+        self.say(f"  eval | systems before DPO: started beside it, log {log}")
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD}".strip()
+        with open(log, "w") as f:
+            return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
 
     def round_policies(self) -> list[str]:
         """The reasoning agent after each finished DPO round."""
@@ -362,7 +387,7 @@ class Demo:
             out.append(json.loads(done.read_text())["policy_out"])
         return out
 
-    def eval_config(self) -> dict:
+    def eval_config(self, with_dpo: bool = True) -> dict:
         e = dict(self.spec["eval"])
         systems = [
             {"name": "base", "mode": "direct", "model": str(self.runs / "base")},
@@ -375,7 +400,7 @@ class Demo:
                         "summary": str(self.runs / "summary"), "chains": str(chains)})  # fmt: skip
         compare = [["cot", "base"], ["two_agent", "cot"], ["two_agent", "base"],
                    ["summary_corrupted", "base"]]  # fmt: skip
-        for t, policy in enumerate(self.round_policies(), 1):
+        for t, policy in enumerate(self.round_policies() if with_dpo else [], 1):
             systems.append({"name": f"two_agent_dpo{t}", "mode": "two_agent", "reason": policy,
                             "summary": str(self.runs / "summary")})  # fmt: skip
         if len(systems) > 3:
@@ -400,7 +425,9 @@ class Demo:
         path = self.ws / "eval" / "corrupted_chains.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"id": r["id"], "chain": chain_steps_text(teacher.chain(r, 0))} for r in records]
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        if not path.is_file() or path.read_text() != text:  # unchanged: saved results stay valid
+            path.write_text(text)
         return path
 
     def stage_eval(self) -> dict:
