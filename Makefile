@@ -27,8 +27,10 @@ lint: $(STAMP_TEST)
 	$(BIN)/ruff check insightv_jax tests
 	$(BIN)/ruff format --check insightv_jax tests
 
+# mimalloc preloaded as `insightv` does (insightv_jax/allocator.py): fewer page faults per XLA step
 pytest: $(STAMP_TEST)
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	LD_PRELOAD="$$($(BIN)/python -m insightv_jax.allocator) $$LD_PRELOAD" \
+		$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test: lint pytest
 
