@@ -36,6 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
+def one_thread_env(env: dict) -> dict:
+    """`env` with XLA:CPU limited to one thread (a subprocess that shares the cores)."""
+    return {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD}".strip()}
+
+
 def preset_path(preset: str) -> Path:
     """configs/demo/<preset>.yaml (or a path to a preset file)."""
     path = Path(preset)
@@ -305,7 +310,7 @@ class Demo:
         env["PYTHONUNBUFFERED"] = "1"  # progress lines as they come
         cmd = [sys.executable, "-m", "insightv_jax.cli", "sft", "--config", str(path)]
         if core is not None:
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD}".strip()
+            env = one_thread_env(env)
             if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
                 cmd = ["taskset", "-c", str(core), *cmd] if _has_taskset() else cmd
         logs = self.ws / "logs"
@@ -372,8 +377,7 @@ class Demo:
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "insightv_jax.cli", "eval", "--config", str(path)]
         self.say(f"  eval | systems before DPO: started beside it, log {log}")
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD}".strip()
+        env = one_thread_env(dict(os.environ))
         with open(log, "w") as f:
             return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
 

@@ -126,11 +126,6 @@ def load_image_size(path: Path) -> tuple[int, int]:
     return _decoded_size(full, st.st_mtime_ns, st.st_size)
 
 
-@functools.lru_cache(maxsize=64)
-def _resolved(root: str) -> str:
-    return os.path.realpath(root)
-
-
 @functools.lru_cache(maxsize=4096)
 def _real_dir(path: str) -> str:
     return os.path.realpath(path)
@@ -207,7 +202,7 @@ def check_record(rec, root: Path, limits: Limits) -> str | None:
     if "image_arrays" in rec:
         sizes = [tuple(a.shape[:2]) for a in rec["image_arrays"]]
     else:
-        root_abs = _resolved(str(root))
+        root_abs = _real_dir(str(root))
         for p in image_paths(rec):
             if not isinstance(p, str) or not p:
                 return f"image path {p!r} is not a string"
