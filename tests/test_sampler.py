@@ -98,6 +98,27 @@ def test_temperature_one_frequencies_match_softmax():
     assert pvalue > 1e-3, (counts, probs * n)
 
 
+def test_first_argmax_is_argmax_and_sampling_draws_as_categorical():
+    """The sampler's argmax (max + min over an iota) picks what jnp.argmax picks,
+    ties and fully masked rows included, and its Gumbel-max draw is the one
+    jax.random.categorical makes with the same key."""
+    import jax
+    import jax.numpy as jnp
+
+    from insightv_jax.sample.processors import first_argmax, process_logits
+
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 5, (64, 300)).astype(np.float32)  # many ties
+    x[3] = -1e30  # a row the constraint masked entirely
+    x[4, :] = -np.inf
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, -1))
+    logits = jnp.asarray(rng.randn(64, 300).astype(np.float32))
+    key = jax.random.key(7)
+    got = process_logits(logits, jnp.zeros(logits.shape, bool), key, None,
+                         temperature=1.0, top_k=0, top_p=1.0, penalty=1.0)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.random.categorical(key, logits)))
+
+
 def test_top_p_keeps_only_the_nucleus():
     model = _toy(vocab=8, seed=2)
     prompt = [1, 2, 3]
@@ -139,7 +160,7 @@ def test_decoding_view_unstacks_blocks_and_computes_the_same():
     cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                         num_heads=4, num_kv_heads=2)  # fmt: skip
     model = construct(ModelConfig(decoder=cfg), seed=0)
-    view = decoding_view(model)
+    view = decoding_view(model, fuse=False)
     assert isinstance(view.layers, nnx.List) and len(view.layers) == 3
     assert not isinstance(model.layers, nnx.List)  # the model itself is untouched
     q = view.layers[2].attn.q_proj
@@ -147,13 +168,24 @@ def test_decoding_view_unstacks_blocks_and_computes_the_same():
     assert q.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
     assert view.embed is model.embed  # non-layer arrays are shared, not copied
 
+    fused = decoding_view(model, fuse=True)  # q/k/v and gate/up as one weight each
+    attn, mlp = fused.layers[1].attn, fused.layers[1].mlp
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    assert attn.qkv_proj[...].shape == (32, 4 + 2 + 2, 8)  # (D, N + 2K, H)
+    assert mlp.gate_up_proj[...].shape == (32, 2 * 64)  # (D, 2F)
+    np.testing.assert_array_equal(
+        np.asarray(attn.qkv_proj[...][:, 4:6]), np.asarray(model.layers.attn.k_proj[...][1])
+    )
+    assert hasattr(model.layers.attn, "q_proj")  # the model itself is untouched
+
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 7)))
-    np.testing.assert_allclose(np.asarray(view(ids)), np.asarray(model(ids)), atol=1e-6, rtol=0)
     embeds = model.embed_tokens(ids)
-    got, want = (
-        m.decode_hidden(embeds, KVCache.empty(cfg, 2, 16))[0] for m in (view, model)
-    )  # unstacked blocks vs slices of the stack
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+    for m in (view, fused):
+        np.testing.assert_allclose(np.asarray(m(ids)), np.asarray(model(ids)), atol=1e-6, rtol=0)
+        got, want = (
+            x.decode_hidden(embeds, KVCache.empty(cfg, 2, 16))[0] for x in (m, model)
+        )  # unstacked (and fused) blocks vs slices of the stack
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
 
 
 def test_cpu_decode_loop_compiles_without_ynnpack_fusions():
