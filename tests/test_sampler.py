@@ -112,6 +112,8 @@ def test_first_argmax_is_argmax_and_sampling_draws_as_categorical():
     x[3] = -1e30  # a row the constraint masked entirely
     x[4, :] = -np.inf
     np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, -1))
+    nan_row = jnp.full((1, 300), jnp.nan).at[0, 7].set(1.0)
+    assert int(first_argmax(nan_row)[0]) == 299  # matches nothing: the last index, in range
     logits = jnp.asarray(rng.randn(64, 300).astype(np.float32))
     key = jax.random.key(7)
     got = process_logits(logits, jnp.zeros(logits.shape, bool), key, None,
