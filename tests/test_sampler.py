@@ -190,6 +190,32 @@ def test_decoding_view_unstacks_blocks_and_computes_the_same():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
 
 
+def test_cache_rope_table_is_the_rotation_of_each_slot_position():
+    """Decoding gathers cos/sin from the cache's per-slot table; it must equal
+    the rotation computed from the positions (Llama-3.1 scaling included), and
+    a padded position past the last slot takes the last slot's."""
+    import jax.numpy as jnp
+
+    from insightv_jax.config import RopeScaling
+    from insightv_jax.models.cache import KVCache
+    from insightv_jax.models.rope import decoder_inv_freq, rope_cos_sin
+
+    cfg = DecoderConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1,
+                        num_heads=2, num_kv_heads=1, rope_theta=500000.0,
+                        rope_scaling=RopeScaling(rope_type="llama3", factor=8.0))  # fmt: skip
+    cache = KVCache.empty(cfg, 2, 32)
+    assert cache.rope_cos.shape == (32, 16)
+    positions = jnp.asarray([[0, 5, 31], [7, 30, 31]])
+    got = cache.rope_at(positions)
+    want = rope_cos_sin(positions, decoder_inv_freq(cfg))
+    for g, w in zip(got, want):
+        assert g.shape == (2, 3, 1, 16)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=0)
+    past = cache.rope_at(jnp.asarray([[40]]))
+    np.testing.assert_array_equal(np.asarray(past[0])[0, 0, 0], np.asarray(cache.rope_cos[31]))
+    assert cache.repeat_rows(3).rope_cos is cache.rope_cos  # shared by every row
+
+
 def test_cpu_decode_loop_compiles_without_ynnpack_fusions():
     """The decode loop's batch-row matmuls skip XLA:CPU's YNNPACK fusions
     (faster there); a renamed or ignored option would show up here."""

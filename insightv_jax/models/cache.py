@@ -11,6 +11,10 @@ The cache holds one (B, K, S, H) array per layer, not one stacked array: the
 decode loop visits layers in Python order, so each layer reads and writes its
 own buffer in place (slicing a layer out of a stacked cache copies it, every
 token — at long contexts that copy costs as much as the attention itself).
+
+It also keeps the rotary cos/sin of every slot's position, computed once, so a
+decode step gathers its tokens' rotations instead of evaluating sin and cos
+(XLA fuses those into every layer's q and k rotation, once per head).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from insightv_jax.config import DecoderConfig
+from insightv_jax.models.rope import decoder_inv_freq, rope_cos_sin
 
 
 @struct.dataclass
@@ -29,6 +34,8 @@ class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     lengths: jax.Array  # (B,) int32: filled slots per row
+    rope_cos: jax.Array  # (S, H/2) fp32: cos of slot s's rotation angles (position s)
+    rope_sin: jax.Array  # (S, H/2) fp32
 
     @property
     def max_length(self) -> int:
@@ -43,16 +50,26 @@ class KVCache:
         """A zero cache for `batch` rows of `max_length` slots."""
         shape = (batch, cfg.num_kv_heads, max_length, cfg.resolved_head_dim)
         dtype = jnp.dtype(dtype or cfg.dtype)
+        cos, sin = rope_cos_sin(jnp.arange(max_length)[None], decoder_inv_freq(cfg))
         return cls(
             k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             lengths=jnp.zeros((batch,), jnp.int32),
+            rope_cos=cos[0, :, 0],
+            rope_sin=sin[0, :, 0],
         )
+
+    def rope_at(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(cos, sin) at positions (B, T), each (B, T, 1, H/2); positions past the
+        last slot (right padding of a chunk) get the last slot's."""
+        cos = jnp.take(self.rope_cos, positions, axis=0, mode="clip")
+        sin = jnp.take(self.rope_sin, positions, axis=0, mode="clip")
+        return cos[:, :, None], sin[:, :, None]
 
     def repeat_rows(self, n: int) -> KVCache:
         """Each row copied n times (row b -> rows b*n .. b*n+n-1): N samples of a
         prompt share one prefill."""
-        return KVCache(
+        return self.replace(
             k=tuple(jnp.repeat(k, n, axis=0) for k in self.k),
             v=tuple(jnp.repeat(v, n, axis=0) for v in self.v),
             lengths=jnp.repeat(self.lengths, n, axis=0),

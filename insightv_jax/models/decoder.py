@@ -1,8 +1,8 @@
 """The Llama-3 / Qwen2 family decoder in Flax NNX.
 
-Read top to bottom: RMSNorm, rotary embeddings, attention, SwiGLU MLP, one
-pre-norm block, and the decoder that embeds tokens, scans the stacked blocks,
-normalises and projects to the vocabulary.
+Read top to bottom: RMSNorm, attention (rotary embeddings in `rope.py`),
+SwiGLU MLP, one pre-norm block, and the decoder that embeds tokens, scans the
+stacked blocks, normalises and projects to the vocabulary.
 
 Shapes: B batch, T tokens, D hidden, N query heads, K key/value heads, H head
 dim, F MLP width, V vocabulary. Every parameter carries logical axis names
@@ -11,17 +11,15 @@ dim, F MLP width, V vocabulary. Every parameter carries logical axis names
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from insightv_jax.config import DecoderConfig, RopeScaling
+from insightv_jax.config import DecoderConfig
 from insightv_jax.models.attention import attention
 from insightv_jax.models.cache import KVCache, write_rows
 from insightv_jax.models.linear import dense, param, zeros
+from insightv_jax.models.rope import apply_rope, decoder_inv_freq, rope_cos_sin
 from insightv_jax.models.stack import layer_modules, scan_layers, stack_layers, unstack_layers
 from insightv_jax.parallel import constrain
 
@@ -37,40 +35,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
-
-
-# ----------------------------------------------------------------- rotary
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """Inverse frequencies (H/2,), with Llama-3.1 or linear scaling if configured."""
-    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    if scaling is None:
-        return inv.astype(np.float32)
-    if scaling.rope_type == "linear":
-        return (inv / scaling.factor).astype(np.float32)
-    old = scaling.original_max_position_embeddings
-    low_wavelen = old / scaling.low_freq_factor
-    high_wavelen = old / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
-    smooth = (old / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate x (B, T, heads, H) by its positions (B, T); HF's half-split layout."""
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # (B, T, H/2)
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 # ------------------------------------------------------------ attention, MLP
@@ -94,8 +58,9 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = zeros((D,), ("embed",), pd)
 
-    def __call__(self, x, positions, kv_valid, offsets=None, layer_kv=None):
-        """Self-attention over x; with a cache (`offsets` (B,), `layer_kv` =
+    def __call__(self, x, positions, rope, kv_valid, offsets=None, layer_kv=None):
+        """Self-attention over x at `positions` (B, T), rotated by `rope`
+        (`rope_cos_sin` of those positions); with a cache (`offsets` (B,), `layer_kv` =
         this layer's (k, v), each (B, K, S, H)) the new keys/values are written
         in place at [row, offset...], attention runs over the cache slots
         (`kv_valid` is then (B, S)), and (y, (k, v)) is returned."""
@@ -111,13 +76,8 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
-        inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q = constrain(
-            apply_rope(q, positions, inv_freq), "act_batch", "act_length", "act_heads", None
-        )
-        k = constrain(
-            apply_rope(k, positions, inv_freq), "act_batch", "act_length", "act_kv_heads", None
-        )
+        q = constrain(apply_rope(q, rope), "act_batch", "act_length", "act_heads", None)
+        k = constrain(apply_rope(k, rope), "act_batch", "act_length", "act_kv_heads", None)
         kv_positions = positions
         backend = cfg.attention
         if layer_kv is not None:
@@ -175,11 +135,13 @@ class DecoderBlock(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, kv_valid, offsets=None, layer_kv=None):
+    def __call__(self, x, positions, rope, kv_valid, offsets=None, layer_kv=None):
         if layer_kv is None:
-            x = x + self.attn(self.input_norm(x), positions, kv_valid)
+            x = x + self.attn(self.input_norm(x), positions, rope, kv_valid)
         else:
-            y, layer_kv = self.attn(self.input_norm(x), positions, kv_valid, offsets, layer_kv)
+            y, layer_kv = self.attn(
+                self.input_norm(x), positions, rope, kv_valid, offsets, layer_kv
+            )
             x = x + y
         x = x + self.mlp(self.post_attn_norm(x))
         x = constrain(x, "act_batch", "act_length", "act_embed")
@@ -231,6 +193,7 @@ class Decoder(nnx.Module):
             self.layers,
             inputs_embeds,
             positions,
+            rope_cos_sin(positions, decoder_inv_freq(self.cfg)),
             kv_valid,
             remat=self.cfg.remat,
             collect=collect,
@@ -254,12 +217,14 @@ class Decoder(nnx.Module):
         # Layers run in Python order (unrolled), each on its own cache buffer:
         # a scan would slice every layer's weights and cache out of the stacked
         # arrays per token (copies). See `decoding_view`.
+        rope = cache.rope_at(positions)
         x, ks, vs = inputs_embeds, [], []
         for i, layer in enumerate(layer_modules(self.layers, self.cfg.num_layers)):
-            x, (k, v) = layer(x, positions, slot_valid, cache.lengths, (cache.k[i], cache.v[i]))
+            layer_kv = (cache.k[i], cache.v[i])
+            x, (k, v) = layer(x, positions, rope, slot_valid, cache.lengths, layer_kv)
             ks.append(k)
             vs.append(v)
-        new_cache = KVCache(
+        new_cache = cache.replace(
             k=tuple(ks), v=tuple(vs), lengths=cache.lengths + counts.astype(jnp.int32)
         )
         return self.norm(x), new_cache
