@@ -44,7 +44,8 @@ def first_argmax(x: jax.Array) -> jax.Array:
     for finite inputs. A max and a min over an iota instead of argmax's paired
     (value, index) reduction, which XLA:CPU runs as a scalar loop (~7x slower
     over an 8192-token vocabulary). A row of NaNs, which matches nothing, gives
-    the last index."""
+    the last index (under default compiler options; the CPU decode loop's fast
+    min/max may skip NaNs instead)."""
     n = x.shape[-1]
     best = jnp.max(x, axis=-1, keepdims=True)
     idx = jnp.min(jnp.where(x == best, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
