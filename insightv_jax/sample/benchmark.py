@@ -275,7 +275,10 @@ def shared_prefill(dcfg: DecoderConfig, n: int = 8, prompt: int = 256, new: int 
 
 
 def context_scaling(dcfg: DecoderConfig, batch: int = 8, new: int = 32) -> dict:
-    """Decode time per token with 128 vs 1024 tokens already in the cache."""
+    """Decode time per token with 128 vs 1024 tokens already in the cache, at
+    `batch` rows. At batch 8 an fp32 cache of 1,024 tokens holds twice the
+    bytes of bench-20m's weights, so a step bound by memory reads takes about
+    twice as long there; at batch 1 the weights dominate both."""
     sampler = Sampler(construct(ModelConfig(decoder=dcfg), seed=0), pad_id=0)
     params = SamplingParams(max_new_tokens=new)
     per_token = {}
@@ -290,6 +293,7 @@ def context_scaling(dcfg: DecoderConfig, batch: int = 8, new: int = 32) -> dict:
     return {
         "per_token_1024_over_128": round(per_token[1024] / per_token[128], 3),
         "ms_per_token": {k: round(v * 1e3, 3) for k, v in per_token.items()},
+        "batch": batch,
     }
 
 
@@ -306,6 +310,7 @@ def bench_sample(which: str = "all") -> dict:
         ("bench-20m: constrained vs unconstrained", lambda: constrained_cost(bench20)),
         ("bench-20m: shared prefill N=8", lambda: shared_prefill(bench20)),
         ("bench-20m: context 128 vs 1024", lambda: context_scaling(bench20)),
+        ("bench-20m: context 128 vs 1024, batch 1", lambda: context_scaling(bench20, batch=1)),
         ("bench-20m + vision: progressive cache reuse", lambda: progressive_reuse(bench20)),
     ]
     out = {}
