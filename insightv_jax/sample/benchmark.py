@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 from insightv_jax.config import DecoderConfig, ModelConfig, load_config
 from insightv_jax.models.factory import construct
 from insightv_jax.sample.sampler import Sampler, SamplingParams
+from insightv_jax.train.benchmark import _timed as timed_calls
 
 TINY_LM = DecoderConfig(
     vocab_size=512,
@@ -51,15 +51,7 @@ def _timed(fn, repeat: int = 3, min_seconds: float = 0.5) -> float:
     least `repeat` calls and `min_seconds`: calls of a few milliseconds get
     enough tries that one slow moment of a shared machine does not decide the
     figure, whichever side it falls on."""
-    jax.block_until_ready(fn())
-    best, calls = float("inf"), 0
-    t_end = time.perf_counter() + min_seconds
-    while calls < repeat or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-        calls += 1
-    return best
+    return timed_calls(lambda: jax.block_until_ready(fn()), min_seconds, repeat, stat=min)
 
 
 def _hf_peer(model, cfg: ModelConfig):

@@ -21,8 +21,9 @@ def _batch(cfg, seed: int = 0) -> dict:
     return {k: np.stack([src[i][k] for i in range(len(src))]) for k in src[0]}
 
 
-def _timed(step, min_seconds: float, min_steps: int = 3) -> float:
-    """Median seconds per call of `step()` after one warm-up call."""
+def _timed(step, min_seconds: float, min_steps: int = 3, stat=np.median) -> float:
+    """Seconds per call of the blocking `step()` after one warm-up call: `stat`
+    (median by default) over at least `min_steps` calls and `min_seconds`."""
     step()
     times: list[float] = []
     t_end = time.perf_counter() + min_seconds
@@ -30,7 +31,7 @@ def _timed(step, min_seconds: float, min_steps: int = 3) -> float:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(stat(times))
 
 
 def jax_step(cfg, batch: dict):
