@@ -5,7 +5,9 @@ weights (exported by our exporter), the same batch and lengths. Figures:
 decode and prefill tokens/s; constrained vs unconstrained cost per token;
 progressive generation with cache reuse vs re-encoding every turn; N samples
 with a shared prefill vs decoding alone; decode time per token at contexts 128
-vs 1024.
+vs 1024; and, for decode, the bytes a step reads per second as a fraction of
+the memory read bandwidth measured in the same run (MBU, model bandwidth
+utilisation: decode at small batch is bound by reading weights and cache).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from insightv_jax.config import DecoderConfig, ModelConfig, load_config
 from insightv_jax.models.factory import construct
-from insightv_jax.sample.sampler import Sampler, SamplingParams
+from insightv_jax.sample.sampler import Sampler, SamplingParams, bucket, cache_bucket
 from insightv_jax.train.benchmark import _timed as timed_calls
 
 TINY_LM = DecoderConfig(
@@ -54,6 +58,35 @@ def _timed(fn, repeat: int = 3, min_seconds: float = 0.5) -> float:
     return timed_calls(lambda: jax.block_until_ready(fn()), min_seconds, repeat, stat=min)
 
 
+def read_bandwidth_peak(mib: int = 256) -> float:
+    """Best bytes/s of a jitted sum over a `mib` MiB fp32 array (far beyond any
+    CPU cache): how fast this machine streams memory into XLA, the denominator
+    of the decode MBU."""
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    return x.nbytes / _timed(lambda: total(x))
+
+
+def decode_bytes(model, batch: int, cache_slots: int) -> int:
+    """Bytes one decode step of a text decoder reads: every weight except the
+    embedding table (a step gathers `batch` rows of it; tied embeddings are
+    read whole as the LM head), and all of the K and V cache (attention reads
+    every slot of the bucket, filled or not)."""
+    cfg = model.decoder_config
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if not cfg.tie_embeddings:
+        weights -= model.embed[...].nbytes
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cache_slots * cfg.resolved_head_dim
+    return int(weights + kv * itemsize)
+
+
+def _bandwidth(model, batch: int, cache_slots: int, seconds_per_step: float, peak: float):
+    """Read GB/s of a decode step and its MBU against `peak` bytes/s."""
+    rate = decode_bytes(model, batch, cache_slots) / seconds_per_step
+    return {"read_gb_per_s": round(rate / 1e9, 1), "mbu": round(rate / peak, 3)}
+
+
 def _hf_peer(model, cfg: ModelConfig):
     """The same weights as a transformers model, via our exporter."""
     import torch
@@ -68,8 +101,10 @@ def _hf_peer(model, cfg: ModelConfig):
 
 
 def decode_vs_transformers(
-    dcfg: DecoderConfig, batch: int = 8, prompt: int = 32, new: int = 64
+    dcfg: DecoderConfig, peak: float, batch: int = 8, prompt: int = 32, new: int = 64
 ) -> dict:
+    """Decode and prefill tokens/s against `transformers` generate, and the
+    decode step's read bandwidth against `peak` bytes/s."""
     import torch
 
     cfg = ModelConfig(decoder=dcfg)
@@ -109,12 +144,16 @@ def decode_vs_transformers(
     t_hf_pre = _timed(hf_prefill)
     ours_decode = batch * new / max(t_gen - t_pre, 1e-9)
     hf_decode = batch * new / max(t_hf_gen - t_hf_pre, 1e-9)
+    step = (t_gen - t_pre) / new
+    slots = cache_bucket(bucket(prompt, 8) + new)  # as `generate` sizes the cache
     return {
         "decode_tokens_per_s": round(ours_decode, 1),
         "hf_decode_tokens_per_s": round(hf_decode, 1),
         "decode_ratio_vs_hf": round(ours_decode / hf_decode, 2),
         "prefill_tokens_per_s": round(batch * prompt / t_pre, 1),
         "hf_prefill_tokens_per_s": round(batch * prompt / t_hf_pre, 1),
+        "ms_per_step": round(step * 1e3, 3),
+        **_bandwidth(model, batch, slots, step, peak),
     }
 
 
@@ -271,14 +310,16 @@ def shared_prefill(dcfg: DecoderConfig, n: int = 8, prompt: int = 256, new: int 
     }
 
 
-def context_scaling(dcfg: DecoderConfig, batch: int = 8, new: int = 32) -> dict:
+def context_scaling(dcfg: DecoderConfig, peak: float, batch: int = 8, new: int = 32) -> dict:
     """Decode time per token with 128 vs 1024 tokens already in the cache, at
-    `batch` rows. At batch 8 an fp32 cache of 1,024 tokens holds twice the
-    bytes of bench-20m's weights, so a step bound by memory reads takes about
-    twice as long there; at batch 1 the weights dominate both."""
-    sampler = Sampler(construct(ModelConfig(decoder=dcfg), seed=0), pad_id=0)
+    `batch` rows, and each one's read bandwidth against `peak` bytes/s. At
+    batch 8 an fp32 cache of 1,024 tokens holds twice the bytes of bench-20m's
+    weights, so a step bound by memory reads takes about twice as long there;
+    at batch 1 the weights dominate both."""
+    model = construct(ModelConfig(decoder=dcfg), seed=0)
+    sampler = Sampler(model, pad_id=0)
     params = SamplingParams(max_new_tokens=new)
-    per_token = {}
+    per_token, bandwidth = {}, {}
     for ctx in (128, 1024):
         ids = np.random.RandomState(0).randint(1, dcfg.vocab_size, (batch, ctx - 8)).tolist()
         state0 = sampler.extend(sampler.start(batch, ctx + new), ids)
@@ -287,10 +328,12 @@ def context_scaling(dcfg: DecoderConfig, batch: int = 8, new: int = 32) -> dict:
             return sampler.decode(jax.tree.map(lambda x: x.copy(), state0), params)[1].tokens
 
         per_token[ctx] = _timed(fn) / new
+        bandwidth[ctx] = _bandwidth(model, batch, state0.cache.max_length, per_token[ctx], peak)
     return {
         "per_token_1024_over_128": round(per_token[1024] / per_token[128], 3),
         "ms_per_token": {k: round(v * 1e3, 3) for k, v in per_token.items()},
         "batch": batch,
+        "bandwidth": bandwidth,
     }
 
 
@@ -301,16 +344,31 @@ def bench_sample(which: str = "all") -> dict:
     import sys
 
     bench20 = _bench_decoder()
+    peak = read_bandwidth_peak()
+    out = {
+        "read_peak_gb_per_s": round(peak / 1e9, 1),
+        "convention": "MBU = bytes a decode step reads (weights but the embedding table, "
+        "and the whole K/V cache bucket) per second / the XLA sum rate over 256 MiB",
+    }
+    print(json.dumps(out), file=sys.stderr, flush=True)
     sections = [
-        ("tiny: decode vs transformers (batch 8)", lambda: decode_vs_transformers(TINY_LM)),
-        ("bench-20m: decode vs transformers (batch 8)", lambda: decode_vs_transformers(bench20)),
+        (
+            "tiny: decode vs transformers (batch 8)",
+            lambda: decode_vs_transformers(TINY_LM, peak),
+        ),
+        (
+            "bench-20m: decode vs transformers (batch 8)",
+            lambda: decode_vs_transformers(bench20, peak),
+        ),
         ("bench-20m: constrained vs unconstrained", lambda: constrained_cost(bench20)),
         ("bench-20m: shared prefill N=8", lambda: shared_prefill(bench20)),
-        ("bench-20m: context 128 vs 1024", lambda: context_scaling(bench20)),
-        ("bench-20m: context 128 vs 1024, batch 1", lambda: context_scaling(bench20, batch=1)),
+        ("bench-20m: context 128 vs 1024", lambda: context_scaling(bench20, peak)),
+        (
+            "bench-20m: context 128 vs 1024, batch 1",
+            lambda: context_scaling(bench20, peak, batch=1),
+        ),
         ("bench-20m + vision: progressive cache reuse", lambda: progressive_reuse(bench20)),
     ]
-    out = {}
     for name, fn in sections:
         out[name] = fn()
         print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
