@@ -7,7 +7,8 @@ progressive generation with cache reuse vs re-encoding every turn; N samples
 with a shared prefill vs decoding alone; decode time per token at contexts 128
 vs 1024; and, for decode, the bytes a step reads per second as a fraction of
 the memory read bandwidth measured in the same run (MBU, model bandwidth
-utilisation: decode at small batch is bound by reading weights and cache).
+utilisation: decode at small batch is bound by reading weights and cache),
+beside the rate XLA's own matmul streams weights at with 1 and 8 rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from flax import nnx
 
 from insightv_jax.config import DecoderConfig, ModelConfig, load_config
 from insightv_jax.models.factory import construct
-from insightv_jax.sample.sampler import Sampler, SamplingParams, bucket, cache_bucket
+from insightv_jax.sample.sampler import (
+    CPU_DECODE_OPTIONS,
+    Sampler,
+    SamplingParams,
+    bucket,
+    cache_bucket,
+)
 from insightv_jax.train.benchmark import _timed as timed_calls
 
 TINY_LM = DecoderConfig(
@@ -58,13 +65,40 @@ def _timed(fn, repeat: int = 3, min_seconds: float = 0.5) -> float:
     return timed_calls(lambda: jax.block_until_ready(fn()), min_seconds, repeat, stat=min)
 
 
-def read_bandwidth_peak(mib: int = 256) -> float:
+def read_bandwidth_peak(mib: int = 256, min_seconds: float = 2.0) -> float:
     """Best bytes/s of a jitted sum over a `mib` MiB fp32 array (far beyond any
     CPU cache): how fast this machine streams memory into XLA, the denominator
-    of the decode MBU."""
+    of the decode MBU. Timed over 2 s of calls: on a shared machine the rate
+    moves by ~1.5x from second to second, and the peak is the best of them."""
     x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    return x.nbytes / _timed(lambda: total(x))
+    return x.nbytes / _timed(lambda: total(x), min_seconds=min_seconds)
+
+
+def matmul_read_rates(rows=(1, 8), d: int = 512, f: int = 2816, count: int = 16) -> dict:
+    """GB/s at which XLA's matmul streams weights it must read from memory:
+    `rows` x d activations through a chain of `count` distinct d x f fp32
+    weights (16 x 5.8 MB, beyond any CPU cache), as a decode step does with
+    one row per sequence, compiled with the decode loop's CPU options. What a
+    decode step could read at, batch by batch."""
+    rng = np.random.RandomState(0)
+    weights = [jnp.asarray(rng.randn(d, f).astype(np.float32) * 0.02) for _ in range(count)]
+    nbytes = sum(w.nbytes for w in weights)
+
+    def chain(x, weights):
+        for w in weights:  # each product feeds the next: no matmul can be skipped
+            x = x * 0.5 + (x @ w).sum(-1, keepdims=True) * 1e-3
+        return x
+
+    cpu = jax.default_backend() == "cpu"
+    chain = jax.jit(chain, compiler_options=CPU_DECODE_OPTIONS if cpu else None)
+
+    out = {}
+    for m in rows:
+        x = jnp.asarray(rng.randn(m, d).astype(np.float32))
+        seconds = _timed(lambda x=x: chain(x, weights))
+        out[f"rows_{m}_gb_per_s"] = round(nbytes / seconds / 1e9, 1)
+    return out
 
 
 def decode_bytes(model, batch: int, cache_slots: int) -> int:
@@ -368,6 +402,7 @@ def bench_sample(which: str = "all") -> dict:
             lambda: context_scaling(bench20, peak, batch=1),
         ),
         ("bench-20m + vision: progressive cache reuse", lambda: progressive_reuse(bench20)),
+        ("XLA matmul weight read rate, 1 vs 8 rows", matmul_read_rates),
     ]
     for name, fn in sections:
         out[name] = fn()
