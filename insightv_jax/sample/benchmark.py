@@ -371,7 +371,7 @@ def context_scaling(dcfg: DecoderConfig, peak: float, batch: int = 8, new: int =
     }
 
 
-def bench_sample(which: str = "all") -> dict:
+def bench_sample() -> dict:
     """All sampler figures for the tiny decoder and bench-20m (each section is
     printed as soon as it is measured)."""
     import json
