@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from insightv_jax.config import DecoderConfig
+from insightv_jax.models import panel_matmul
 from insightv_jax.models.attention import attention
 from insightv_jax.models.cache import KVCache, write_rows
 from insightv_jax.models.linear import dense, param, zeros
+from insightv_jax.models.panel_matmul import PackedWeight, packed_weight
 from insightv_jax.models.rope import apply_rope, decoder_inv_freq, rope_cos_sin
 from insightv_jax.models.stack import layer_modules, scan_layers, stack_layers, unstack_layers
 from insightv_jax.parallel import constrain
@@ -67,7 +69,8 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         if hasattr(self, "qkv_proj"):  # fused by `decoding_view`: one matmul
             N, K = cfg.num_heads, cfg.num_kv_heads
-            q, k, v = jnp.split(dense(x, self.qkv_proj[...].astype(dt)), [N, N + K], axis=2)
+            qkv = dense(x, self.qkv_proj[...].astype(dt), packed=packed_weight(self, "qkv_proj"))
+            q, k, v = jnp.split(qkv, [N, N + K], axis=2)
         else:
             q = dense(x, self.q_proj[...].astype(dt))  # (B, T, N, H)
             k = dense(x, self.k_proj[...].astype(dt))  # (B, T, K, H)
@@ -97,7 +100,7 @@ class Attention(nnx.Module):
             block_size=cfg.attention_block_size,
             heads_major=layer_kv is not None,
         )
-        y = dense(out, self.o_proj[...].astype(dt), axes=2)
+        y = dense(out, self.o_proj[...].astype(dt), axes=2, packed=packed_weight(self, "o_proj"))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dt)
         return y if layer_kv is None else (y, layer_kv)
@@ -117,12 +120,15 @@ class MLP(nnx.Module):
     def __call__(self, x):
         dt = self.dtype
         if hasattr(self, "gate_up_proj"):  # fused by `decoding_view`: one matmul
-            gate, up = jnp.split(dense(x, self.gate_up_proj[...].astype(dt)), 2, axis=-1)
+            gate_up = dense(
+                x, self.gate_up_proj[...].astype(dt), packed=packed_weight(self, "gate_up_proj")
+            )
+            gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
             gate = dense(x, self.gate_proj[...].astype(dt))
             up = dense(x, self.up_proj[...].astype(dt))
         h = constrain(jax.nn.silu(gate) * up, "act_batch", "act_length", "mlp")
-        return dense(h, self.down_proj[...].astype(dt))
+        return dense(h, self.down_proj[...].astype(dt), packed=packed_weight(self, "down_proj"))
 
 
 class DecoderBlock(nnx.Module):
@@ -237,7 +243,9 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states to fp32 vocabulary logits."""
-        out = dense(hidden, self.output_head().astype(hidden.dtype))
+        out = dense(
+            hidden, self.output_head().astype(hidden.dtype), packed=packed_weight(self, "head")
+        )
         return constrain(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
     def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None) -> jax.Array:
@@ -266,7 +274,9 @@ class Decoder(nnx.Module):
         return self.logits(self.hidden_states(inputs_embeds, attention_mask, positions))
 
 
-def decoding_view(model: nnx.Module, fuse: bool | None = None) -> nnx.Module:
+def decoding_view(
+    model: nnx.Module, fuse: bool | None = None, pack: bool | None = None
+) -> nnx.Module:
     """`model` (a Decoder, or a model with a `.decoder`) with its decoder blocks
     unstacked into separate modules, for KV-cache decoding: the layer loop then
     reads each block's weights in place instead of slicing them out of the
@@ -275,17 +285,27 @@ def decoding_view(model: nnx.Module, fuse: bool | None = None) -> nnx.Module:
     `fuse` (default: on the CPU backend) also concatenates each block's q/k/v
     and gate/up weights, so a decode step runs 3 matmuls per block instead of 7:
     XLA:CPU pays a fixed cost per matmul, large beside a one-row-per-sequence
-    product (bench-20m at batch 8: ~6 % less time a token). The fused weights are copies."""
+    product (bench-20m at batch 8: ~6 % less time a token). The fused weights are copies.
+
+    `pack` (default: wherever `panel_matmul` applies, see there) adds a copy of
+    every block matmul's weight and of the LM head packed for the CPU panel
+    kernel, which decode steps then use instead of XLA's matmul."""
     graphdef, state = nnx.split(model)
     view = nnx.merge(graphdef, state)
     decoder = view if isinstance(view, Decoder) else getattr(view, "decoder", None)
-    if isinstance(decoder, Decoder) and not isinstance(decoder.layers, nnx.List):
+    if not isinstance(decoder, Decoder):
+        return view
+    if not isinstance(decoder.layers, nnx.List):
         decoder.layers = unstack_layers(decoder.layers, decoder.cfg.num_layers)
     if fuse is None:
         fuse = jax.default_backend() == "cpu"
-    if fuse and isinstance(decoder, Decoder):
+    if fuse:
         for layer in decoder.layers:
             _fuse_projections(layer)
+    if pack is None:
+        pack = fuse and _packable(decoder) and panel_matmul.available()
+    if pack:
+        _pack_weights(decoder)
     return view
 
 
@@ -300,3 +320,25 @@ def _fuse_projections(block: DecoderBlock) -> None:
     for module, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
         for name in names:
             delattr(module, name)
+
+
+def _packable(decoder: Decoder) -> bool:
+    """fp32 weights and compute, every weight on a single device."""
+    cfg = decoder.cfg
+    if jnp.dtype(cfg.dtype) != jnp.float32 or jnp.dtype(cfg.param_dtype) != jnp.float32:
+        return False
+    leaves = jax.tree.leaves(nnx.state(decoder, nnx.Param))
+    return all(len(x.sharding.device_set) == 1 for x in leaves)
+
+
+def _pack_weights(decoder: Decoder) -> None:
+    """Attach `<weight>_packed` copies (see `panel_matmul.pack`) to a decoder whose
+    blocks are unstacked and fused."""
+    D = decoder.cfg.hidden_size
+    for block in decoder.layers:
+        attn, mlp = block.attn, block.mlp
+        attn.qkv_proj_packed = PackedWeight(panel_matmul.pack(attn.qkv_proj[...].reshape(D, -1)))
+        attn.o_proj_packed = PackedWeight(panel_matmul.pack(attn.o_proj[...].reshape(-1, D)))
+        mlp.gate_up_proj_packed = PackedWeight(panel_matmul.pack(mlp.gate_up_proj[...]))
+        mlp.down_proj_packed = PackedWeight(panel_matmul.pack(mlp.down_proj[...]))
+    decoder.head_packed = PackedWeight(panel_matmul.pack(decoder.output_head()))
