@@ -8,7 +8,8 @@ with a shared prefill vs decoding alone; decode time per token at contexts 128
 vs 1024; and, for decode, the bytes a step reads per second as a fraction of
 the memory read bandwidth measured in the same run (MBU, model bandwidth
 utilisation: decode at small batch is bound by reading weights and cache),
-beside the rate XLA's own matmul streams weights at with 1 and 8 rows.
+beside the rates at which XLA's matmul and our panel kernel stream weights
+through 1 and 8 rows.
 """
 
 from __future__ import annotations
@@ -76,28 +77,37 @@ def read_bandwidth_peak(mib: int = 256, min_seconds: float = 2.0) -> float:
 
 
 def matmul_read_rates(rows=(1, 8), d: int = 512, f: int = 2816, count: int = 16) -> dict:
-    """GB/s at which XLA's matmul streams weights it must read from memory:
-    `rows` x d activations through a chain of `count` distinct d x f fp32
-    weights (16 x 5.8 MB, beyond any CPU cache), as a decode step does with
-    one row per sequence, compiled with the decode loop's CPU options. What a
-    decode step could read at, batch by batch."""
+    """GB/s at which a matmul streams weights it must read from memory: `rows`
+    x d activations through a chain of `count` distinct d x f fp32 weights
+    (16 x 5.8 MB, beyond any CPU cache), as a decode step does with one row per
+    sequence. XLA's matmul (with the decode loop's CPU options) and, where it
+    runs, the panel kernel that decode steps use instead (`panel_matmul`)."""
+    from insightv_jax.models import panel_matmul
+
     rng = np.random.RandomState(0)
     weights = [jnp.asarray(rng.randn(d, f).astype(np.float32) * 0.02) for _ in range(count)]
     nbytes = sum(w.nbytes for w in weights)
+    products = {"xla": (lambda x, w: x @ w, weights)}
+    if panel_matmul.available():
+        packed = [panel_matmul.pack(w) for w in weights]
+        products["panel"] = (lambda x, p: panel_matmul.matmul(x, p, f), packed)
 
-    def chain(x, weights):
-        for w in weights:  # each product feeds the next: no matmul can be skipped
-            x = x * 0.5 + (x @ w).sum(-1, keepdims=True) * 1e-3
-        return x
+    def chain(product):
+        def run(x, weights):
+            for w in weights:  # each product feeds the next: no matmul can be skipped
+                x = x * 0.5 + product(x, w).sum(-1, keepdims=True) * 1e-3
+            return x
 
-    cpu = jax.default_backend() == "cpu"
-    chain = jax.jit(chain, compiler_options=CPU_DECODE_OPTIONS if cpu else None)
+        cpu = jax.default_backend() == "cpu"
+        return jax.jit(run, compiler_options=CPU_DECODE_OPTIONS if cpu else None)
 
     out = {}
-    for m in rows:
-        x = jnp.asarray(rng.randn(m, d).astype(np.float32))
-        seconds = _timed(lambda x=x: chain(x, weights))
-        out[f"rows_{m}_gb_per_s"] = round(nbytes / seconds / 1e9, 1)
+    for name, (product, ws) in products.items():
+        run = chain(product)
+        for m in rows:
+            x = jnp.asarray(rng.randn(m, d).astype(np.float32))
+            seconds = _timed(lambda x=x, run=run, ws=ws: run(x, ws))
+            out[f"{name}_rows_{m}_gb_per_s"] = round(nbytes / seconds / 1e9, 1)
     return out
 
 
@@ -402,7 +412,7 @@ def bench_sample() -> dict:
             lambda: context_scaling(bench20, peak, batch=1),
         ),
         ("bench-20m + vision: progressive cache reuse", lambda: progressive_reuse(bench20)),
-        ("XLA matmul weight read rate, 1 vs 8 rows", matmul_read_rates),
+        ("matmul weight read rate, 1 vs 8 rows", matmul_read_rates),
     ]
     for name, fn in sections:
         out[name] = fn()
