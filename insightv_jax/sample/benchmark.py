@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -64,6 +65,26 @@ def _timed(fn, repeat: int = 3, min_seconds: float = 0.5) -> float:
     enough tries that one slow moment of a shared machine does not decide the
     figure, whichever side it falls on."""
     return timed_calls(lambda: jax.block_until_ready(fn()), min_seconds, repeat, stat=min)
+
+
+def _timed_in_turn(*fns, repeat: int = 3, min_seconds: float = 0.5) -> list[float]:
+    """Best wall time of each `fn()`, calling them in turn (after one warm-up
+    call each) for at least `repeat` rounds and `min_seconds` a function. The
+    memory speed of a shared machine drifts from second to second, and a decode
+    step follows it while a prefill, bound by arithmetic, does not: timed one
+    after the other, a ratio of two figures would carry that drift."""
+    calls = [lambda f=f: jax.block_until_ready(f()) for f in fns]
+    for call in calls:
+        call()
+    best = [float("inf")] * len(calls)
+    rounds, end = 0, time.perf_counter() + min_seconds * len(calls)
+    while rounds < repeat or time.perf_counter() < end:
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            best[i] = min(best[i], time.perf_counter() - start)
+        rounds += 1
+    return best
 
 
 def read_bandwidth_peak(mib: int = 256, min_seconds: float = 2.0) -> float:
@@ -164,8 +185,6 @@ def decode_vs_transformers(
         state = sampler.start(batch, prompt + new)
         return sampler.extend(state, prompts.tolist()).logits
 
-    t_gen = _timed(ours_generate)
-    t_pre = _timed(ours_prefill)
     hf = _hf_peer(model, cfg)
     ids = torch.tensor(prompts)
 
@@ -184,8 +203,9 @@ def decode_vs_transformers(
         with torch.no_grad():
             return hf(ids, use_cache=True).logits
 
-    t_hf_gen = _timed(hf_generate, repeat=2)
-    t_hf_pre = _timed(hf_prefill)
+    t_gen, t_pre, t_hf_gen, t_hf_pre = _timed_in_turn(
+        ours_generate, ours_prefill, hf_generate, hf_prefill
+    )
     ours_decode = batch * new / max(t_gen - t_pre, 1e-9)
     hf_decode = batch * new / max(t_hf_gen - t_hf_pre, 1e-9)
     step = (t_gen - t_pre) / new
@@ -228,8 +248,7 @@ def constrained_cost(dcfg: DecoderConfig, batch: int = 8) -> dict:
     # A constrained row stops when its object closes; the unconstrained run is
     # given exactly as many loop iterations, so both do the same work per row.
     iters = int(np.max(jax.device_get(run(constraint, steps)())))
-    t_con = _timed(run(constraint, steps))
-    t_free = _timed(run(None, iters))
+    t_con, t_free = _timed_in_turn(run(constraint, steps), run(None, iters))
     return {"constrained_over_unconstrained": round(t_con / t_free, 3), "vocab": len(tok)}
 
 
@@ -319,8 +338,7 @@ def progressive_reuse(
         def run(reuse: bool):
             return lambda: len(progressive_generate(sampler, qs, reuse_cache=reuse, **kw))
 
-        t_reuse = _timed(run(True), repeat=2)
-        t_again = _timed(run(False), repeat=2)
+        t_reuse, t_again = _timed_in_turn(run(True), run(False), repeat=2)
     return {
         "reencode_over_reuse": round(t_again / t_reuse, 2),
         "turns": turns,
@@ -345,8 +363,7 @@ def shared_prefill(dcfg: DecoderConfig, n: int = 8, prompt: int = 256, new: int 
         state = _repeat(jax.tree.map(lambda x: x.copy(), warm), n)
         return sampler.decode(state, params)[1].tokens
 
-    t_shared = _timed(shared)
-    t_decode = _timed(decode_only)
+    t_shared, t_decode = _timed_in_turn(shared, decode_only)
     return {
         "shared_prefill_over_decode_only": round(t_shared / t_decode, 3),
         "n": n,
@@ -363,16 +380,21 @@ def context_scaling(dcfg: DecoderConfig, peak: float, batch: int = 8, new: int =
     model = construct(ModelConfig(decoder=dcfg), seed=0)
     sampler = Sampler(model, pad_id=0)
     params = SamplingParams(max_new_tokens=new)
-    per_token, bandwidth = {}, {}
-    for ctx in (128, 1024):
+    contexts, fns, slots = (128, 1024), [], []
+    for ctx in contexts:
         ids = np.random.RandomState(0).randint(1, dcfg.vocab_size, (batch, ctx - 8)).tolist()
         state0 = sampler.extend(sampler.start(batch, ctx + new), ids)
 
         def fn(state0=state0):
             return sampler.decode(jax.tree.map(lambda x: x.copy(), state0), params)[1].tokens
 
-        per_token[ctx] = _timed(fn) / new
-        bandwidth[ctx] = _bandwidth(model, batch, state0.cache.max_length, per_token[ctx], peak)
+        fns.append(fn)
+        slots.append(state0.cache.max_length)
+    seconds = _timed_in_turn(*fns)
+    per_token = {ctx: t / new for ctx, t in zip(contexts, seconds)}
+    bandwidth = {
+        ctx: _bandwidth(model, batch, n, per_token[ctx], peak) for ctx, n in zip(contexts, slots)
+    }
     return {
         "per_token_1024_over_128": round(per_token[1024] / per_token[128], 3),
         "ms_per_token": {k: round(v * 1e3, 3) for k, v in per_token.items()},
