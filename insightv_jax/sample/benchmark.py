@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -33,7 +32,7 @@ from insightv_jax.sample.sampler import (
     bucket,
     cache_bucket,
 )
-from insightv_jax.train.benchmark import _timed as timed_calls
+from insightv_jax.train.benchmark import timed_in_turn
 
 TINY_LM = DecoderConfig(
     vocab_size=512,
@@ -59,32 +58,19 @@ def _bench_decoder() -> DecoderConfig:
     )
 
 
-def _timed(fn, repeat: int = 3, min_seconds: float = 0.5) -> float:
-    """Best wall time of `fn()` (after one warm-up call that compiles), over at
-    least `repeat` calls and `min_seconds`: calls of a few milliseconds get
-    enough tries that one slow moment of a shared machine does not decide the
-    figure, whichever side it falls on."""
-    return timed_calls(lambda: jax.block_until_ready(fn()), min_seconds, repeat, stat=min)
-
-
 def _timed_in_turn(*fns, repeat: int = 3, min_seconds: float = 0.5) -> list[float]:
-    """Best wall time of each `fn()`, calling them in turn (after one warm-up
-    call each) for at least `repeat` rounds and `min_seconds` a function. The
-    memory speed of a shared machine drifts from second to second, and a decode
-    step follows it while a prefill, bound by arithmetic, does not: timed one
-    after the other, a ratio of two figures would carry that drift."""
+    """Best wall time of each `fn()`, calling them in turn for at least `repeat`
+    rounds and `min_seconds` a function (`train.benchmark.timed_in_turn`). A
+    decode step follows the machine's memory speed from second to second while
+    a prefill, bound by arithmetic, does not: timed one after the other, a
+    ratio of the two would carry that drift."""
     calls = [lambda f=f: jax.block_until_ready(f()) for f in fns]
-    for call in calls:
-        call()
-    best = [float("inf")] * len(calls)
-    rounds, end = 0, time.perf_counter() + min_seconds * len(calls)
-    while rounds < repeat or time.perf_counter() < end:
-        for i, call in enumerate(calls):
-            start = time.perf_counter()
-            call()
-            best[i] = min(best[i], time.perf_counter() - start)
-        rounds += 1
-    return best
+    return timed_in_turn(*calls, min_seconds=min_seconds, min_steps=repeat, stat=min)
+
+
+def _timed(fn, repeat: int = 3, min_seconds: float = 0.5) -> float:
+    """Best wall time of `fn()` over at least `repeat` calls and `min_seconds`."""
+    return _timed_in_turn(fn, repeat=repeat, min_seconds=min_seconds)[0]
 
 
 def read_bandwidth_peak(mib: int = 256, min_seconds: float = 2.0) -> float:

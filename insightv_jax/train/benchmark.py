@@ -21,17 +21,28 @@ def _batch(cfg, seed: int = 0) -> dict:
     return {k: np.stack([src[i][k] for i in range(len(src))]) for k in src[0]}
 
 
-def _timed(step, min_seconds: float, min_steps: int = 3, stat=np.median) -> float:
-    """Seconds per call of the blocking `step()` after one warm-up call: `stat`
-    (median by default) over at least `min_steps` calls and `min_seconds`."""
-    step()
-    times: list[float] = []
-    t_end = time.perf_counter() + min_seconds
-    while len(times) < min_steps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
+def timed_in_turn(*steps, min_seconds: float, min_steps: int = 3, stat=np.median) -> list[float]:
+    """Seconds per call of each blocking `step()`, `stat` (median by default)
+    over at least `min_steps` rounds and `min_seconds` a step, after one
+    warm-up call each. Several steps are called in turn, round after round:
+    the two sides of a ratio then see the same moments of a shared machine
+    (whose memory speed drifts from second to second) instead of one block
+    each, a few seconds apart."""
+    for step in steps:
         step()
-        times.append(time.perf_counter() - t0)
-    return float(stat(times))
+    times: list[list[float]] = [[] for _ in steps]
+    t_end = time.perf_counter() + min_seconds * len(steps)
+    while len(times[0]) < min_steps or time.perf_counter() < t_end:
+        for step, own in zip(steps, times):
+            t0 = time.perf_counter()
+            step()
+            own.append(time.perf_counter() - t0)
+    return [float(stat(own)) for own in times]
+
+
+def _timed(step, min_seconds: float, min_steps: int = 3, stat=np.median) -> float:
+    """Seconds per call of the blocking `step()` (see `timed_in_turn`)."""
+    return timed_in_turn(step, min_seconds=min_seconds, min_steps=min_steps, stat=stat)[0]
 
 
 def jax_step(cfg, batch: dict):
