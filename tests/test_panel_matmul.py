@@ -55,7 +55,14 @@ def test_decoding_view_packs_weights_and_decodes_as_xla_does():
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
-def test_a_kernel_that_cannot_be_built_leaves_decoding_to_xla(tmp_path):
+@pytest.mark.parametrize(
+    "env, warned",
+    [({"CXX": "false"}, True), ({panel_matmul.ENV_SWITCH: "0"}, False)],
+    ids=["no-compiler", "switched-off"],
+)
+def test_without_the_kernel_decoding_uses_xla(tmp_path, env, warned):
+    """A kernel that cannot be built (one warning) or is switched off leaves
+    decoding to XLA's matmul."""
     code = """
 import warnings
 from insightv_jax.config import DecoderConfig, ModelConfig
@@ -68,12 +75,14 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     sampler = Sampler(construct(ModelConfig(decoder=cfg)), pad_id=0)
 assert not panel_matmul.available()
-assert [str(w.message) for w in caught if "panel matmul not built" in str(w.message)]
+warned = [str(w.message) for w in caught if "panel matmul not built" in str(w.message)]
+assert len(warned) == WARNED, warned
 out = sampler.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
 assert len(out[0]["tokens"]) == 3
 print("decoded")
 """
-    env = {**os.environ, "CXX": "false", "XDG_CACHE_HOME": str(tmp_path)}
+    env = {**os.environ, **env, "XDG_CACHE_HOME": str(tmp_path)}
+    code = code.replace("WARNED", str(int(warned)))
     run = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
