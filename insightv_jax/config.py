@@ -274,6 +274,9 @@ class DataConfig:
             )
 
 
+SUMMARY_MIX_KEYS = ("high", "mid", "low", "wrong", "general", "agent")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Data generation (`insightv generate | assess | build`, METHOD.md §1–3).
@@ -325,8 +328,22 @@ class PipelineConfig:
     mid_threshold: float = 50.0  # score >= this: mid, else low
     min_gap: float = 10.0  # preference pairs: chosen - rejected >= min_gap
     summary_mix: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"high": 1.0, "mid": 1.0, "low": 1.0, "wrong": 1.0, "general": 1.0}
-    )
+        default_factory=lambda: {
+            "high": 1.0, "mid": 1.0, "low": 1.0, "wrong": 1.0, "general": 1.0, "agent": 1.0,
+        }
+    )  # fmt: skip
+    # the reasoning agent's own chains for the summary set (`insightv agent-chains`,
+    # METHOD §3): sampled from `agent_reasoner` on the first `agent_questions` queries
+    # (0 = all), `agent_samples` per question; judged by the chain's own final claim,
+    # else by `agent_summary`'s greedy answer from it
+    agent_reasoner: str | None = None
+    agent_summary: str | None = None
+    agent_samples: int = 2
+    agent_questions: int = 0
+    agent_temperature: float = 0.7
+    agent_top_p: float = 0.95
+    agent_max_tokens: int = 256
+    agent_batch: int = 64
     general_data: str | None = None  # general QA (LLaVA JSON); None: the queries answered directly
     batch_size: int = 32  # queries per unit of work (generate, assess)
     shard: int | None = None  # this process's share; None: jax.process_index()
@@ -340,12 +357,15 @@ class PipelineConfig:
             raise ConfigError(f"pipeline.error_rate={self.error_rate} is not in [0, 1]")
         if not self.mid_threshold <= self.high_threshold:
             raise ConfigError("pipeline.mid_threshold must be <= pipeline.high_threshold")
-        unknown = sorted(set(self.summary_mix) - {"high", "mid", "low", "wrong", "general"})
+        unknown = sorted(set(self.summary_mix) - set(SUMMARY_MIX_KEYS))
         if unknown or any(v < 0 for v in self.summary_mix.values()):
             raise ConfigError(
-                f"pipeline.summary_mix: keys must be high/mid/low/wrong/general with weights "
+                f"pipeline.summary_mix: keys must be {'/'.join(SUMMARY_MIX_KEYS)} with weights "
                 f">= 0 (got {dict(self.summary_mix)})"
             )
+        if self.agent_samples < 1 or self.agent_batch < 1 or self.agent_questions < 0:
+            raise ConfigError("pipeline.agent_samples and agent_batch must be >= 1, "
+                              "agent_questions >= 0")  # fmt: skip
         if (self.shard is None) != (self.num_shards is None):
             raise ConfigError("pipeline.shard and pipeline.num_shards are set together")
         if self.num_shards is not None and not 0 <= self.shard < self.num_shards:
@@ -381,7 +401,10 @@ class SystemConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSampling:
-    """Decoding for benchmarks (METHOD.md §6): direct and CoT greedy by default."""
+    """Decoding for benchmarks: the token budgets of each system, and the
+    temperatures that `eval.decoding: custom` uses. `reference` decoding (the
+    authors' two-model inference script) samples every model at
+    `reference_temperature` / `reference_top_p`; `greedy` decodes every model greedily."""
 
     direct_temperature: float = 0.0
     cot_temperature: float = 0.0
@@ -392,6 +415,23 @@ class EvalSampling:
     cot_max_tokens: int = 320
     reason_max_tokens: int = 256
     summary_max_tokens: int = 64
+    reference_temperature: float = 0.2
+    reference_top_p: float = 0.95
+
+    def resolved(self, decoding: str) -> EvalSampling:
+        """The sampling settings of one decoding rule (`reference`, `greedy` or `custom`):
+        every system under the same rule, so CoT and two agents decode alike."""
+        if decoding == "custom":
+            return self
+        t = self.reference_temperature if decoding == "reference" else 0.0
+        p = self.reference_top_p if decoding == "reference" else 1.0
+        return dataclasses.replace(
+            self, direct_temperature=t, cot_temperature=t, reason_temperature=t,
+            summary_temperature=t, top_p=p,
+        )  # fmt: skip
+
+
+DECODINGS = ("reference", "greedy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,6 +442,10 @@ class EvalConfig:
     systems: tuple[SystemConfig, ...] = ()
     compare: tuple[tuple[str, str], ...] = ()  # (a, b): paired 95% CI of acc(a) - acc(b)
     sampling: EvalSampling = dataclasses.field(default_factory=EvalSampling)
+    # reference: every model at temperature 0.2, top-p 0.95 (the authors' inference
+    # script); greedy: every model greedy; both: one report for each (in <out>/reference
+    # and <out>/greedy); custom: the per-system temperatures of `sampling`
+    decoding: Literal["reference", "greedy", "both", "custom"] = "reference"
     paired_method: Literal["bootstrap", "mcnemar"] = "bootstrap"
     bootstrap: int = 2000  # resamples of the paired bootstrap
     batch_size: int = 8
@@ -462,6 +506,13 @@ class DPOConfig:
     rounds: int = 3
     eval_data: str | None = None  # held-out questions: two-agent accuracy after each round
     eval_limit: int = 0  # the first K held-out questions; 0 = all
+    # against likelihood displacement (the chosen chain's log-prob falling):
+    # DPOP (Pal et al. 2024): -log σ(β(Δ - λ·max(0, log π_ref(c) - log π(c))))
+    dpop_lambda: float = 0.0
+    # score only the tokens from the first step where chosen and rejected differ
+    # (the shared prefix carries no preference)
+    truncate_at_divergence: bool = False
+    question_seed: int = 0  # the shuffled order rounds draw fresh questions from
 
     def validate(self) -> None:
         if self.beta <= 0 or self.gamma < 0:

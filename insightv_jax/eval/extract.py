@@ -131,3 +131,18 @@ def match(
         return Extracted(f"{got:g}", _numbers_equal(got, gt_num, relaxed))
     got = normalize_text(text)
     return Extracted(got, got == normalize_text(gt))
+
+
+_CLAIM = re.compile(r"\banswer(?:\s+is)?\s*[:\-]?\s*(.+?)\s*\.?\s*$", re.IGNORECASE)
+
+
+def chain_final_claim(chain: str) -> str | None:
+    """The answer a reasoning chain states itself, if its format has one: the last
+    line that says "answer X" / "the answer is X" (the synthetic chains end with an
+    `Answer: answer X` step). None when no line states an answer — then a caller
+    judges the chain by the summary agent's answer from it."""
+    for line in reversed([ln.strip() for ln in chain.strip().splitlines() if ln.strip()]):
+        m = _CLAIM.search(line.split(":", 1)[1] if ":" in line else line)
+        if m and m.group(1).strip():
+            return m.group(1).strip()
+    return None

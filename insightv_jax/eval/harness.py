@@ -319,6 +319,10 @@ def evaluate(run_cfg, answer_fns: dict[str, AnswerFn] | None = None, quiet: bool
     cfg = run_cfg.eval
     if not cfg.benchmarks or not cfg.systems:
         raise ConfigError("eval: the config needs eval.benchmarks and eval.systems")
+    if cfg.decoding == "both":
+        return _evaluate_each_decoding(run_cfg, answer_fns, quiet)
+    # one decoding rule for every system (resolved here, so it is in the fingerprint)
+    cfg = dataclasses.replace(cfg, sampling=cfg.sampling.resolved(cfg.decoding))
     benches = load_benchmarks(cfg)
     results: dict[str, list[ItemResult]] = {}
     modes: dict[str, str] = {}
@@ -345,9 +349,27 @@ def evaluate(run_cfg, answer_fns: dict[str, AnswerFn] | None = None, quiet: bool
             save_system_results(saved, key, results[system.name])
     report = build_report(
         results, modes, cfg.compare, method=cfg.paired_method, n_boot=cfg.bootstrap,
-        seed=cfg.seed, meta={"benchmarks": {k: len(v) for k, v in benches.items()}},
+        seed=cfg.seed,
+        meta={"benchmarks": {k: len(v) for k, v in benches.items()}, "decoding": cfg.decoding,
+              "sampling": dataclasses.asdict(cfg.sampling)},
     )  # fmt: skip
     table = write_report(report, results, Path(cfg.out))
     if not quiet:
         print(table)
     return report
+
+
+def _evaluate_each_decoding(run_cfg, answer_fns, quiet: bool) -> dict:
+    """`eval.decoding: both`: one evaluation per decoding rule, each in
+    `<out>/<rule>/`, and `<out>/report.txt` with both tables."""
+    from insightv_jax.config import DECODINGS
+
+    cfg = run_cfg.eval
+    reports, texts = {}, []
+    for rule in DECODINGS:
+        sub = dataclasses.replace(cfg, decoding=rule, out=str(Path(cfg.out) / rule))
+        reports[rule] = evaluate(dataclasses.replace(run_cfg, eval=sub), answer_fns, quiet)
+        texts.append(f"decoding: {rule}\n" + (Path(sub.out) / "report.txt").read_text().rstrip())
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "report.txt").write_text("\n\n".join(texts) + "\n")
+    return {"decodings": reports}

@@ -26,11 +26,14 @@ class Observer:
         self.claims: list[tuple[Claim, bool]] = []
         self.ops = 0  # corruptible operations so far
         self.corrupted = False
+        self.corrupted_kind: str | None = None  # the claim kind of the corrupted operation
 
-    def _hit(self) -> bool:
+    def _hit(self, kind: str) -> bool:
         hit = self.ops == self.corrupt_at
         self.ops += 1
         self.corrupted |= hit
+        if hit:
+            self.corrupted_kind = kind
         return hit
 
     def _off_by_one(self, n: int, lo: int = 0, hi: int | None = None) -> int:
@@ -42,7 +45,7 @@ class Observer:
     # ---------------------------------------------------------------- grid
     def count(self, colour: str | None, shape: str | None) -> int:
         n = self.scene.count(colour, shape)
-        if self._hit():
+        if self._hit("count"):
             n = self._off_by_one(n)
         self.claims.append((("count", colour, shape, n), True))
         return n
@@ -54,7 +57,7 @@ class Observer:
     def cell(self, r: int, c: int) -> tuple[str, str] | None:
         g: GridScene = self.scene
         content = g.at(r, c) if g.inside(r, c) else None
-        if self._hit():
+        if self._hit("cell"):
             wrong = [g.at(*rc) for rc in self._neighbours(r, c) if g.at(*rc) not in (None, content)]
             if wrong:  # read the neighbouring cell by mistake
                 content = self.rng.choice(wrong)
@@ -69,7 +72,7 @@ class Observer:
     def find(self, colour: str, shape: str) -> tuple[int, int]:
         """Where the (unique) `colour shape` is."""
         r, c = self.scene.find(colour, shape)[0]
-        if self._hit():
+        if self._hit("cell"):
             r, c = self.rng.choice(self._neighbours(r, c))
         self.claims.append((("cell", r, c, colour, shape), False))
         return r, c
@@ -77,7 +80,7 @@ class Observer:
     def hop(self, direction: str, r: int, c: int) -> tuple[int, int]:
         dr, dc = DIRECTIONS[direction]
         r2, c2 = r + dr, c + dc
-        if self._hit():
+        if self._hit("hop"):
             others = [rc for rc in self._neighbours(r, c) if rc != (r2, c2)]
             if others:
                 r2, c2 = self.rng.choice(others)
@@ -88,7 +91,7 @@ class Observer:
     def bar(self, label: str) -> int:
         ch: ChartScene = self.scene
         v = ch.value(label)
-        if self._hit():
+        if self._hit("bar"):
             v = self._off_by_one(v, lo=1, hi=ch.max_value)
         self.claims.append((("bar", label, v), True))
         return v
@@ -96,7 +99,7 @@ class Observer:
     def extreme(self, which: str, readings: dict[str, int]) -> str:
         order = sorted(readings, key=lambda k: readings[k], reverse=which == "tallest")
         label = order[0]
-        if self._hit() and len(order) > 1:
+        if self._hit("extreme") and len(order) > 1:
             label = order[1]
         self.claims.append((("extreme", which, label), False))
         return label
@@ -104,14 +107,14 @@ class Observer:
     # ---------------------------------------------------------------- arithmetic
     def add(self, a: int, b: int) -> int:
         s = a + b
-        if self._hit():
+        if self._hit("arith"):
             s = self._off_by_one(s)
         self.claims.append((("arith", a, "+", b, s), False))
         return s
 
     def sub(self, a: int, b: int) -> int:
         d = a - b
-        if self._hit():
+        if self._hit("arith"):
             d = self._off_by_one(d)
         self.claims.append((("arith", a, "-", b, d), False))
         return d

@@ -42,6 +42,11 @@ WORDING = {
 INTRO_TITLES = ["Understand the question", "Plan", "Restate the task"]
 CHECK_TITLES = ["Double-check", "Re-examine", "Verify"]
 END_TITLES = ["Conclusion", "Answer", "Final step"]
+# Where a corrupted operation's error shows: in the chain's own text (a sum that does
+# not add up, a hop to a cell that is not a neighbour, an extreme that contradicts
+# the listed readings) or only against the image (a miscount, a misread cell or bar).
+ERROR_VISIBLE_IN = {"arith": "text", "hop": "text", "extreme": "text",
+                    "count": "image", "cell": "image", "bar": "image"}  # fmt: skip
 TERSE_TITLES = {"count": "Count", "cell": "Look", "hop": "Move", "bar": "Read",
                 "extreme": "Rank", "arith": "Compute", "cmp": "Compare"}  # fmt: skip
 
@@ -74,7 +79,8 @@ class OracleTeacher:
         # model cannot learn to match shuffled reads back to the question's terms
         claims = obs.claims if self.style == "terse" else _reorder(obs.claims, rng)
         steps = self._steps(claims, rng, answer, question_of(item))
-        return {"steps": steps, "final_answer": answer, "corrupted": obs.corrupted}
+        return {"steps": steps, "final_answer": answer, "corrupted": obs.corrupted,
+                "corrupted_kind": obs.corrupted_kind}  # fmt: skip
 
     def chains(self, item: dict, n: int) -> list[dict]:
         return [self.chain(item, i) for i in range(n)]
