@@ -177,3 +177,26 @@ def save_model_dir(
 
             multihost_utils.sync_global_devices("save_model_dir")
     return out
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def agent_prompts(configured, reason: str | Path | None = None, summary: str | Path | None = None):
+    """The prompts two agents run with: a config whose prompts differ from the
+    defaults wins (an explicit override); otherwise the reasoning wording comes from
+    the reasoning agent's checkpoint and the summary wording from the summary
+    agent's (their `prompts.json`), each falling back to `configured` where a
+    checkpoint carries none."""
+    import dataclasses
+
+    from insightv_jax.data.prompts import DEFAULT_PROMPTS, read_prompts
+
+    configured = configured or DEFAULT_PROMPTS
+    if configured != DEFAULT_PROMPTS:
+        return configured
+    from_reason, from_summary = read_prompts(reason), read_prompts(summary)
+    out = from_reason or configured
+    if from_summary is not None:
+        out = dataclasses.replace(out, summary_instruction=from_summary.summary_instruction)
+    return out

@@ -40,12 +40,13 @@ def _convert_hf2jax(args: argparse.Namespace) -> None:
 
 def _convert_jax2hf(args: argparse.Namespace) -> None:
     from insightv_jax.checkpoint import atomic_dir, load_model
+    from insightv_jax.data.prompts import read_prompts
     from insightv_jax.hf.convert import export_hf
 
     t0 = time.time()
     model, cfg, tok_dir, proc_dir = load_model(args.src)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        export_hf(model, cfg, tmp, tok_dir, proc_dir)
+        export_hf(model, cfg, tmp, tok_dir, proc_dir, prompts=read_prompts(args.src))
     print(f"exported {args.src} -> {args.out} ({cfg.kind}, {time.time() - t0:.1f}s)")
 
 
@@ -54,9 +55,11 @@ def _infer(args: argparse.Namespace) -> None:
 
     from insightv_jax.sample.infer import InferSettings, _check_row, infer, read_rows
 
-    settings = InferSettings(
+    settings = InferSettings.for_decoding(
+        args.decoding,
         reason_max_tokens=args.max_reason_tokens,
         summary_max_tokens=args.max_summary_tokens,
+        batch_size=args.batch_size,
         seed=args.seed,
     )
     if args.batch:
@@ -89,7 +92,14 @@ def _infer(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from insightv_jax.demo import run_demo
 
-    run_demo(args.preset, args.workdir)
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise InsightVError(f"--seeds {args.seeds!r}: not a comma-separated list of "
+                                "integers") from None  # fmt: skip
+    run_demo(args.preset, args.workdir, seeds=seeds)
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -184,6 +194,10 @@ def _pipeline(args: argparse.Namespace) -> None:
         from insightv_jax.pipeline.assess import run_assess
 
         print(json.dumps(run_assess(cfg), indent=1))
+    elif args.command == "agent-chains":
+        from insightv_jax.pipeline.agent_chains import run_agent_chains
+
+        print(json.dumps(run_agent_chains(cfg), indent=1))
     else:
         from insightv_jax.pipeline.build import format_table, run_build
 
@@ -261,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--max-reason-tokens", type=int, default=256)
     inf.add_argument("--max-summary-tokens", type=int, default=64)
     inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument("--decoding", choices=("reference", "greedy"), default="reference",
+                     help="reference: both agents at temperature 0.2, top-p 0.95 (the authors' "
+                     "inference script; what `insightv eval` uses); greedy: both greedy")  # fmt: skip
+    inf.add_argument("--batch-size", type=int, default=8, help="questions per sampler call")
     inf.set_defaults(func=_infer)
 
     sft = sub.add_parser("sft", help="supervised fine-tuning (reasoning or summary agent)")
@@ -288,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (
         ("generate", "data pipeline 1/3: N reasoning chains per query (resumable shards)"),
         ("assess", "data pipeline 2/3: judge answers, score and bucket the paths"),
+        ("agent-chains", "after the reasoning agent's SFT: its own chains for the summary "
+         "set (pipeline.agent_reasoner; resumable shards; then rerun build)"),
         ("build", "data pipeline 3/3: reasoning/summary/CoT SFT sets and preference pairs"),
-    ):
+    ):  # fmt: skip
         stage = sub.add_parser(name, help=what)
         stage.add_argument("--config", required=True, help="run config YAML (configs/pipeline/...)")
         stage.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -304,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="tiny",
                       help="tiny | small (configs/demo/) or the path of a preset YAML")  # fmt: skip
     demo.add_argument("--workdir", default="workdir/demo")
+    demo.add_argument("--seeds", default=None,
+                      help="e.g. 0,1,2: the demo once per seed in <workdir>/seed_<s>, and the "
+                      "paper's orderings over them with a CI over questions and seeds")  # fmt: skip
     demo.set_defaults(func=_demo)
     return parser
 

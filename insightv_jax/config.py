@@ -492,7 +492,7 @@ class DPOConfig:
     logprob_batch: int = 8  # pairs per call of the reference log-prob pass
     # iterate: sampling from M_t, judging, scoring, pairs
     questions: str | None = None  # LLaVA JSON / JSONL questions (the synthetic suite's train.json)
-    questions_per_round: int = 0  # the first K questions each round; 0 = all
+    questions_per_round: int = 0  # round t: the t-th block of K of a seeded shuffle; 0 = all
     summary: str | None = None  # the summary agent's checkpoint (fixed over rounds)
     samples_per_question: int = 4
     reason_temperature: float = 0.7

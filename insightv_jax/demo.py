@@ -6,10 +6,14 @@ rerun skips finished stages, and an interrupted SFT resumes from its checkpoint)
   2 tokenizer  a byte-level BPE on every text the demo tokenises
   3 base       the base VLM from scratch on direct question -> answer data
   4 data       oracle generation (N chains per question) -> assess -> build
-  5 agents     SFT of the reasoning agent, the summary agent and the CoT baseline
-  6 dpo        iterative DPO of the reasoning agent (train/iterate.py)
-  7 eval       base direct, CoT, two-agent, two-agent after each DPO round
-  8 export     the final agents as Hugging Face folders
+  5 agents     SFT of the reasoning agent and the CoT baseline, one budget for both
+  6 chains     the reasoning agent's own chains on training questions, judged, added
+               to the summary set (pipeline/agent_chains.py, METHOD §3)
+  7 summary    SFT of the summary agent on that set
+  8 dpo        iterative DPO of the reasoning agent (train/iterate.py)
+  9 eval       base direct, CoT, two-agent, two-agent after each DPO round, the summary
+               agent on corrupted chains; each under the reference and greedy decoding
+ 10 export     the final agents as Hugging Face folders
 A preset (configs/demo/<preset>.yaml) holds every knob; its `base`, `reason`,
 `summary`, `cot` and `dpo` sections are merged over the SFT config it names.
 """
@@ -30,8 +34,9 @@ import yaml
 from insightv_jax.config import ConfigError, RunConfig, deep_merge, from_dict, read_with_includes
 from insightv_jax.errors import InsightVError
 
-STAGES = ("synth", "tokenizer", "base", "data", "agents", "dpo", "eval", "export")
-AGENTS = ("cot", "reason", "summary")  # the CoT baseline first: the longest job
+STAGES = ("synth", "tokenizer", "base", "data", "agents", "chains", "summary", "dpo", "eval",
+          "export")  # fmt: skip
+AGENTS = ("cot", "reason")  # trained side by side, with the same schedule
 REPO = Path(__file__).resolve().parents[1]
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
@@ -89,13 +94,20 @@ class Demo:
         t0 = time.time()
         for i, name in enumerate(STAGES, 1):
             self._stage(i, name, getattr(self, f"stage_{name}"))
-        report = json.loads((self.ws / "eval" / "report.json").read_text())
+        main = self.main_eval_dir()
+        report = json.loads((main / "report.json").read_text())
         self.say("\n" + (self.ws / "eval" / "report.txt").read_text().rstrip())
-        self.say(headline_text(self.ws / "eval", self.spec))
+        self.say(headline_text(main, self.spec))
         rows = "  ".join(f"{k} {v:.0f}s" for k, v in self.times.items())
         self.say(f"\nstage wall times: {rows}\ndemo total {time.time() - t0:.0f}s; "
                  f"workdir {self.ws}")  # fmt: skip
         return report
+
+    def main_eval_dir(self) -> Path:
+        """Where the headline's report is: `eval/reference/` when the preset evaluates
+        under both decodings, else `eval/`."""
+        both = self.spec["eval"].get("decoding") == "both"
+        return self.ws / "eval" / "reference" if both else self.ws / "eval"
 
     def _marker(self, name: str) -> Path:
         return self.ws / "stages" / f"{name}.done"
@@ -253,18 +265,51 @@ class Demo:
             "pairs": counts["pairs"].get("pairs", 0),
         }
 
-    def stage_agents(self) -> dict:
+    def _agent_config(self, name: str) -> dict:
+        sets = {"reason": "reasoning", "summary": "summary", "cot": "cot"}
         build = self.ws / "pipeline" / "build"
-        jobs = {}
-        for name in AGENTS:
-            sets = {"reason": "reasoning", "summary": "summary", "cot": "cot"}
-            jobs[name] = self._config(name, {
-                "train": {"data": str(build / f"{sets[name]}.json"), "tokenizer": None,
-                          "init": str(self.runs / "base"), "workdir": str(self.runs / name)},
-                "data": {"image_root": str(self.data)},
-            })  # fmt: skip
+        return self._config(name, {
+            "train": {"data": str(build / f"{sets[name]}.json"), "tokenizer": None,
+                      "init": str(self.runs / "base"), "workdir": str(self.runs / name)},
+            "data": {"image_root": str(self.data)},
+        })  # fmt: skip
+
+    def stage_agents(self) -> dict:
+        """The reasoning agent and the CoT baseline: same base, same schedule (the
+        preset's `reason` section; `cot` may only change the data buckets)."""
+        jobs = {name: self._agent_config(name) for name in AGENTS}
+        if jobs["cot"]["train"] != {**jobs["reason"]["train"], **{
+            k: jobs["cot"]["train"][k] for k in ("data", "workdir")
+        }}:  # fmt: skip
+            raise ConfigError("demo preset: the reason and cot sections must train with the "
+                              "same schedule (equal budgets)")  # fmt: skip
         self._sft_jobs(jobs)
         return {name: jobs[name]["train"].get("steps") for name in AGENTS}
+
+    def stage_chains(self) -> dict:
+        """The reasoning agent's own chains on training questions, judged by the chain's
+        own final claim (oracle judge), then the summary set rebuilt with them."""
+        from insightv_jax.pipeline.agent_chains import run_agent_chains
+        from insightv_jax.pipeline.build import run_build
+
+        # the training questions from the suite's own file (its images resolve beside it);
+        # the first `agent_questions` of them are among the data engine's questions
+        section = {k: v for k, v in self.spec["pipeline"].items() if k != "questions"}
+        section.update(data=str(self.data / "train.json"), out=str(self.ws / "pipeline"),
+                       agent_reasoner=str(self.runs / "reason"))  # fmt: skip
+        cfg = from_dict(RunConfig, {"seed": self.spec.get("seed", 0), "pipeline": section})
+        cfg.validate()
+        with _redirect(self.out):
+            stats = run_agent_chains(cfg, progress_file=open(os.devnull, "w"))
+        counts = run_build(cfg)
+        return {"chains": stats["chains_written"] + stats["chains_resumed"],
+                "right": counts["agent_chains"]["right"],
+                "summary": counts["summary"]}  # fmt: skip
+
+    def stage_summary(self) -> dict:
+        cfg = self._agent_config("summary")
+        self._sft_jobs({"summary": cfg})
+        return {"summary": cfg["train"].get("steps") or f"{cfg['train'].get('epochs')} epochs"}
 
     def _sft_jobs(self, jobs: dict[str, dict]) -> None:
         """Run SFT configs; with `parallel` >= 2, side by side as 1-thread
@@ -345,7 +390,8 @@ class Demo:
                       "tokenizer": None, "data": None},
             "data": {"image_root": str(self.data)},
             "dpo": {"questions": str(self.data / "train.json"),
-                    "summary": str(self.runs / "summary")},
+                    "summary": str(self.runs / "summary"),
+                    "eval_data": str(self.data / "val.json")},  # the held-out slice
             "pipeline": {**{k: v for k, v in self.spec["pipeline"].items() if k != "questions"},
                          "data": str(self.data / "train.json")},
         })  # fmt: skip
@@ -420,7 +466,7 @@ class Demo:
     def corrupted_chains(self, split: str) -> Path:
         """Robustness check input: for each eval question, an oracle chain with
         one deliberate error (a miscount, wrong cell, misread bar or slip)."""
-        from insightv_jax.data.synthetic.teacher import OracleTeacher
+        from insightv_jax.data.synthetic.teacher import ERROR_VISIBLE_IN, OracleTeacher
         from insightv_jax.pipeline.backends import chain_steps_text
 
         p = self.spec["pipeline"]
@@ -428,7 +474,11 @@ class Demo:
         records = json.loads((self.data / f"{split}.json").read_text())
         path = self.ws / "eval" / "corrupted_chains.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{"id": r["id"], "chain": chain_steps_text(teacher.chain(r, 0))} for r in records]
+        rows = []
+        for r in records:
+            chain = teacher.chain(r, 0)
+            kind = ERROR_VISIBLE_IN.get(chain["corrupted_kind"]) if chain["corrupted"] else None
+            rows.append({"id": r["id"], "chain": chain_steps_text(chain), "kind": kind})
         text = "".join(json.dumps(row) + "\n" for row in rows)
         if not path.is_file() or path.read_text() != text:  # unchanged: saved results stay valid
             path.write_text(text)
@@ -442,11 +492,14 @@ class Demo:
         cfg.validate()
         with _redirect(self.out):
             report = evaluate(cfg, quiet=True)
-        return {n: round(s["benchmarks"]["synthetic"]["accuracy"], 4)
-                for n, s in report["systems"].items()}  # fmt: skip
+        reports = report.get("decodings") or {cfg.eval.decoding: report}
+        return {rule: {n: round(s["benchmarks"]["synthetic"]["accuracy"], 4)
+                       for n, s in rep["systems"].items()}
+                for rule, rep in reports.items()}  # fmt: skip
 
     def stage_export(self) -> dict:
         from insightv_jax.checkpoint import atomic_dir, load_model
+        from insightv_jax.data.prompts import read_prompts
         from insightv_jax.hf.convert import export_hf
 
         policies = self.round_policies()
@@ -455,7 +508,7 @@ class Demo:
         for name, src in final.items():
             model, cfg, tok_dir, proc_dir = load_model(src)
             with atomic_dir(self.ws / "hf" / name, overwrite=True) as tmp:
-                export_hf(model, cfg, tmp, tok_dir, proc_dir)
+                export_hf(model, cfg, tmp, tok_dir, proc_dir, prompts=read_prompts(src))
         return {name: str(self.ws / "hf" / name) for name in final}
 
 
@@ -561,8 +614,44 @@ def compile_cache(folder: Path):
         cc.reset_cache()
 
 
-def run_demo(preset: str = "tiny", workdir: str = "workdir/demo", overrides=None) -> dict:
-    """`insightv demo`: run (or resume) the demo; returns the eval report."""
+def orderings(demo: Demo) -> list[tuple[str, str]]:
+    """The paper's orderings this demo checks, as (a, b) for "a > b"."""
+    pairs = [("two_agent", "cot"), ("cot", "base"), ("summary_corrupted", "base")]
+    rounds = demo.round_policies()
+    if rounds:
+        pairs.append((f"two_agent_dpo{len(rounds)}", "two_agent"))
+    return pairs
+
+
+def run_seeds(preset: str, workdir: str, seeds: list[int], overrides=None) -> list[dict]:
+    """The demo once per seed (`<workdir>/seed_<s>/`, same questions, another training
+    seed), then each ordering as a mean over seeds with a CI over questions and seeds
+    (eval/multiseed.py) in `<workdir>/seeds.{txt,json}`."""
+    from insightv_jax.eval.multiseed import format_orderings, ordering, read_correct
+
+    demos = []
+    for seed in seeds:
+        print(f"\n=== seed {seed} ===", flush=True)
+        demo = Demo(load_preset(preset, deep_merge(overrides or {}, {"seed": seed})),
+                    Path(workdir) / f"seed_{seed}")  # fmt: skip
+        demo.run()
+        demos.append(demo)
+    per_seed = [read_correct(d.main_eval_dir() / "predictions.jsonl") for d in demos]
+    rows = [ordering(per_seed, a, b) for a, b in orderings(demos[0])]
+    text = format_orderings(rows)
+    out = Path(workdir)
+    (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "orderings": rows}, indent=1))
+    (out / "seeds.txt").write_text(text + "\n")
+    print("\n" + text, flush=True)
+    return rows
+
+
+def run_demo(preset: str = "tiny", workdir: str = "workdir/demo", overrides=None,
+             seeds: list[int] | None = None):  # fmt: skip
+    """`insightv demo`: run (or resume) the demo; returns the eval report (or, with
+    several `seeds`, the orderings over them)."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines show up when piped
+    if seeds:
+        return run_seeds(preset, workdir, seeds, overrides)
     return Demo(load_preset(preset, overrides), workdir).run()

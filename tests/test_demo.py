@@ -24,7 +24,13 @@ MICRO = {
         }
         for name in ("reason", "summary", "cot")
     },
-    "pipeline": {"num_samples": 2, "questions": 16},
+    "pipeline": {
+        "num_samples": 2,
+        "questions": 16,
+        "agent_questions": 16,
+        "agent_samples": 2,
+        "agent_max_tokens": 12,
+    },
     "dpo": {
         "train": {"epochs": 1, "global_batch": 8},
         "dpo": {
@@ -63,9 +69,32 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path, eight_devices, monkey
     assert "summary_corrupted" in systems  # the robustness check: deliberately wrong chains
     chains = (tmp_path / "eval" / "corrupted_chains.jsonl").read_text().splitlines()
     assert chains and all(json.loads(c)["chain"] for c in chains)
-    for f in ("report.json", "report.txt", "report.png", "predictions.jsonl", "headline.json"):
-        assert (tmp_path / "eval" / f).is_file()
-    assert json.loads((tmp_path / "eval" / "headline.json").read_text())["families"]
+    # every corrupted chain says where its error shows (text or image only)
+    assert {json.loads(c)["kind"] for c in chains} <= {"text", "image", None}
+    # both decodings were evaluated, each with its own report; the headline uses reference
+    for rule in ("reference", "greedy"):
+        for f in ("report.json", "report.txt", "report.png", "predictions.jsonl"):
+            assert (tmp_path / "eval" / rule / f).is_file()
+        meta = json.loads((tmp_path / "eval" / rule / "report.json").read_text())["meta"]
+        assert meta["decoding"] == rule
+    assert "decoding: reference" in text and "decoding: greedy" in text
+    assert json.loads((tmp_path / "eval" / "reference" / "headline.json").read_text())["families"]
+    # the reasoning agent's own chains reached the summary set verbatim (METHOD §3)
+    from insightv_jax.pipeline.records import read_shards
+
+    agent = read_shards(tmp_path / "pipeline" / "agent_chains")
+    assert len(agent) == 16 * 2
+    summary = json.loads((tmp_path / "pipeline" / "build" / "summary.json").read_text())
+    users = {r["id"]: r["conversations"][0]["value"] for r in summary}
+    used = [a for a in agent if f"{a['id']}-a{a['sample']}" in users]
+    assert used and all(a["chain"].strip() in users[f"{a['id']}-a{a['sample']}"] for a in used)
+    # the agents carry the wording they were trained with
+    from insightv_jax.data.prompts import read_prompts
+
+    for agent_dir in ("reason", "summary", "cot"):
+        got = read_prompts(tmp_path / "runs" / agent_dir)
+        assert got is not None and got.summary_instruction == "check the reasoning"
+        assert read_prompts(tmp_path / "hf" / agent_dir) == got
     for agent in ("reason", "summary", "cot"):
         assert (tmp_path / "hf" / agent / "config.json").is_file()
     assert "headline (" in text and "stage wall times" in text
@@ -74,7 +103,9 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path, eight_devices, monkey
     assert any((tmp_path / "jax_cache").iterdir())
     assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
     # the data engine ran while the base trained (it does not need the base model)
-    assert text.index("[4/8] data: finished") < text.index("[3/8] base: finished")
+    assert text.index(f"[4/{len(STAGES)}] data: finished") < text.index(
+        f"[3/{len(STAGES)}] base: finished"
+    )
     # the base trained on direct QA plus one inventory question per training grid image
     perception = json.loads((tmp_path / "data" / "perception.json").read_text())
     assert perception and {r["family"] for r in perception} == {"inventory"}

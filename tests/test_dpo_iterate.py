@@ -1,5 +1,6 @@
 """`iterate` with T = 2 on the tiny VLM preset: end to end, then SIGKILL in the
-middle of round 2 and a rerun that skips the finished stages."""
+middle of round 2 and a rerun that skips the finished stages. Each round draws
+fresh questions, and its row carries the probe and the held-out accuracies."""
 
 import hashlib
 import json
@@ -72,6 +73,7 @@ def run_driver(root, m1, run, wait_for=None):
         f"dpo.questions={root / 'suite' / 'train.json'}", "dpo.questions_per_round=6",
         "dpo.samples_per_question=4", "dpo.sample_batch=24", "dpo.reason_max_tokens=16",
         "dpo.summary_max_tokens=6", "dpo.min_gap=1", "dpo.logprob_batch=4",
+        f"dpo.eval_data={root / 'suite' / 'val.json'}", "dpo.eval_limit=4",
         "data.buckets=[128,256]", "data.max_length=256", "mesh.fsdp=1",
     ]  # fmt: skip
     script = DRIVER.format(tests=str(REPO / "tests"), config=None, overrides=overrides)
@@ -106,8 +108,18 @@ def test_iterate_two_rounds_resumes_after_kill(setup):
     assert [r["round"] for r in rows] == [1, 2]
     r1 = rows[0]
     assert r1["samples"] == 24 and r1["pairs"] >= 2 and r1["steps"] == 3
-    assert 0.0 <= r1["reward_accuracy"] <= 1.0 and r1["reward_margin"] is not None  # in the table
+    assert 0.0 <= r1["train_sample_accuracy"] <= 1.0
+    # the probe on the round's own pairs and chains (in the table)
+    assert 0.0 <= r1["reward_accuracy"] <= 1.0 and r1["reward_margin"] is not None
+    assert abs(r1["pref_loss_start"] - 0.6931) < 1e-3 and r1["pref_loss_end"] is not None
+    assert r1["logp_chosen_change"] is not None and r1["kl_k3_per_token"] >= 0
+    for r in rows:  # held out, after the round
+        assert 0.0 <= r["eval_accuracy"] <= 1.0 and 0.0 <= r["eval_chain_accuracy"] <= 1.0
+    assert "val_chain_acc" in out and "train_sample_acc" in out and "MFU" not in out
     assert rows[1]["policy_in"] == str(run / "round_1") == r1["policy_out"]
+    # fresh questions each round (6 of the 24, a seeded order), recorded per round
+    ids = [json.loads((run / f"round_{t}" / "questions.json").read_text())["ids"] for t in (1, 2)]
+    assert len(ids[0]) == len(ids[1]) == 6 and not set(ids[0]) & set(ids[1])
     for rd in (run / "round_1", r2):
         samples = [json.loads(x) for x in (rd / "samples.jsonl").read_text().splitlines()]
         assert {"logprob", "answer", "correct", "score", "reward"} <= set(samples[0])

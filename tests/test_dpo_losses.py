@@ -1,12 +1,21 @@
 """DPO losses: equal to a direct NumPy implementation; the gradient raises the
 chosen log-prob and lowers the rejected one on a toy model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from insightv_jax.train.losses import chunked_ce_sum, chunked_sequence_nll, dpo_loss, shift_labels
+from insightv_jax.train.losses import (
+    chunked_ce_sum,
+    chunked_sequence_nll,
+    chunked_token_nll,
+    dpo_loss,
+    dpo_pair_losses,
+    shift_labels,
+)
 
 
 def np_log_sigmoid(x):
@@ -81,3 +90,53 @@ def test_sequence_nll_per_row_matches_total():
         -sum(float(logp[b, i, tt[b, i]]) for i in range(T) if tt[b, i] != -100) for b in range(B)
     ]
     np.testing.assert_allclose(np.asarray(nll), want, rtol=1e-5)
+    per_token = chunked_token_nll(hidden, t, lambda x: x @ head, chunk=4)  # the terms of those sums
+    assert per_token.shape == (B, T) and np.all(np.asarray(per_token)[tt == -100] == 0)
+    np.testing.assert_allclose(np.asarray(per_token).sum(-1), want, rtol=1e-5)
+
+
+def np_dpop(pc, pr, rc, rr, beta, lam):
+    """DPOP (Pal et al. 2024): −log σ(β·(Δ − λ·max(0, log π_ref(c) − log π(c))))."""
+    delta = (pc - pr) - (rc - rr)
+    return -np_log_sigmoid(beta * (delta - lam * np.maximum(0.0, rc - pc)))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 3.0])
+def test_dpop_loss_matches_numpy(lam):
+    rng = np.random.default_rng(2)
+    B, beta, gamma = 16, 0.2, 0.4
+    ref = rng.normal(-40, 10, (B, 2))
+    # the first half of the pairs lost chosen log-prob (the case DPOP penalises),
+    # the second half gained it; the rejected side moves either way
+    shift = np.where(np.arange(B) < B // 2, -1.0, 1.0) * rng.uniform(0.5, 6, B)
+    pol = np.stack([ref[:, 0] + shift, ref[:, 1] + rng.normal(0, 4, B)], axis=1)
+    nll = rng.uniform(5, 50, B)
+    tokens = rng.integers(3, 30, B).astype(np.float64)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+
+    def loss(p):
+        return dpo_loss(p, f32(ref), f32(nll), f32(tokens), beta=beta, gamma=gamma,
+                        dpop_lambda=lam)  # fmt: skip
+
+    got, m = loss(f32(pol))
+    per = np_dpop(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta, lam)
+    np.testing.assert_allclose(float(got), per.mean() + gamma * nll.sum() / tokens.sum(), rtol=2e-5)
+    if lam == 0.0:  # plain DPO
+        np.testing.assert_allclose(per, np_dpo(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1],
+                                               beta, "sigmoid", 0.0))  # fmt: skip
+    # the implicit rewards do not include the penalty
+    margin = beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+    np.testing.assert_allclose(float(m["reward_margin"]), margin.mean(), rtol=1e-4)
+    # d/d log π(c): −β·σ(−z)·(1 + λ) where the chosen log-prob fell, −β·σ(−z) where it rose
+    g = np.asarray(jax.grad(lambda p: loss(p)[0])(f32(pol)))[:, 0]
+    z = beta * ((pol[:, 0] - pol[:, 1]) - (ref[:, 0] - ref[:, 1])
+                - lam * np.maximum(0.0, ref[:, 0] - pol[:, 0]))  # fmt: skip
+    fell = ref[:, 0] > pol[:, 0]
+    want = -beta / (1 + np.exp(z)) * np.where(fell, 1 + lam, 1.0) / B
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-9)
+
+
+def test_dpop_needs_the_sigmoid_loss():
+    x = jnp.zeros((2,))
+    with pytest.raises(ValueError, match="dpop_lambda"):
+        dpo_pair_losses(x, x, x, x, loss="ipo", dpop_lambda=1.0)

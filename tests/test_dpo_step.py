@@ -15,6 +15,7 @@ from insightv_jax.train.dpo import (
     DPOProgram,
     PairData,
     WithRefLogps,
+    chain_token_logps,
     heldout_rewards,
     precompute_ref_logps,
 )
@@ -132,3 +133,21 @@ def test_sharded_equals_single_device(tmp_path, eight_devices):
     # step 0 has policy == reference: every reward is ~0 and its sign is rounding noise
     np.testing.assert_allclose(m[1:, 1], s[1:, 1])
     assert results["single"][-1, 0] < results["single"][0, 0]  # it learns
+
+
+def test_token_logprobs_and_sequence_batches(tmp_path, eight_devices):
+    """The per-token pass sums to the sequence pass; single sequences packed two a
+    row (`PairData.sequence_batches`, the KL probe's chains) score like pair sides."""
+    mesh = make_mesh(MeshConfig(1, 1, 1), eight_devices[:1])
+    _, program, params = setup(tmp_path, mesh)
+    records = toy_pairs(6, seed=2)
+    (_, batch), = DATA.batches(records, 8)  # fmt: skip
+    sums = program.logprobs(params, batch)["sum"]
+    tok = program.token_logprobs(params, batch)
+    np.testing.assert_allclose((tok["logp"] * tok["scored"]).sum(-1), sums, rtol=1e-5)
+    assert np.array_equal(tok["scored"].sum(-1), program.logprobs(params, batch)["tokens"])
+    convs = [{"id": f"{r['id']}-{s}", "conversations": [*r["prompt"], {"from": "gpt", "value": r[s]}]}
+             for r in records for s in ("chosen", "rejected")][:11]  # fmt: skip
+    per_chain = chain_token_logps(program, params, convs, DATA, 4)  # batches of 8 chains, odd last
+    assert len(per_chain) == 11
+    np.testing.assert_allclose([c.sum() for c in per_chain], sums[:6].reshape(-1)[:11], rtol=1e-5)

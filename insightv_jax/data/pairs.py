@@ -9,6 +9,13 @@ A pair batch is `{"chosen": batch, "rejected": batch, "scores": (B, 2) f32,
 ["ref_logps": (B, 2) f32]}` where `chosen`/`rejected` are each a full training
 batch (input_ids, attention_mask, labels, pixel_values, image_sizes) padded to
 the same length, so one forward function serves both sides.
+
+With `truncate=True` (`dpo.truncate_at_divergence`) the leading lines both
+responses share (the chains' common first steps, `<thoughts>` at least) stay in
+the sequence, so they condition what follows, but their labels are masked: only
+the tokens from the first differing line on are scored. The shared prefix holds
+no preference, and its log-prob (identical on both sides) only adds noise to
+the chosen-side terms DPOP and the CE anchor see.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from insightv_jax.data.conversation import IGNORE, encode_text
 from insightv_jax.data.loader import Collate, Loader
 from insightv_jax.data.sources import BadRecord
 from insightv_jax.data.validate import Limits, check_record
@@ -104,15 +112,65 @@ def check_pair(rec, root: Path, limits: Limits) -> str | None:
     return None
 
 
-class PairTransform:
-    """Tokenises both sides of a pair with a record transform (picklable)."""
+def shared_lines(chosen: str, rejected: str) -> str:
+    """The whole leading lines (newlines included) `chosen` and `rejected` share.
+    A last line without its newline is never shared: the other side may go on."""
+    a, b = chosen.splitlines(keepends=True), rejected.splitlines(keepends=True)
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n] and a[n].endswith(("\n", "\r")):
+        n += 1
+    return "".join(a[:n])
 
-    def __init__(self, transform):
-        self.transform = transform
+
+def _common_prefix(*seqs) -> int:
+    """The length of the longest prefix all `seqs` share."""
+    n = 0
+    while all(n < len(s) for s in seqs) and all(s[n] == seqs[0][n] for s in seqs[1:]):
+        n += 1
+    return n
+
+
+def mask_shared_prefix(chosen: dict, rejected: dict, prefix_ids) -> int:
+    """Mask (in place) the labels of the response tokens both sides share, up to
+    the tokens of the shared lines `prefix_ids`; returns how many were masked.
+
+    Taking the common prefix of all three keeps the cut on a line boundary even
+    where the tokenizer merges a newline with what follows it (then the cut falls
+    a token early, and that token is scored on both sides)."""
+    pos = [np.flatnonzero(ex["labels"] != IGNORE) for ex in (chosen, rejected)]
+    resp = [ex["labels"][p].tolist() for ex, p in zip((chosen, rejected), pos)]
+    k = _common_prefix(resp[0], resp[1], list(prefix_ids))
+    for ex, p in zip((chosen, rejected), pos):
+        ex["labels"] = ex["labels"].copy()
+        ex["labels"][p[:k]] = IGNORE
+    return k
+
+
+class PairTransform:
+    """Tokenises both sides of a pair with a record transform (picklable).
+
+    `truncate`: score only from the first line where chosen and rejected differ
+    (module docstring); needs a transform with a `tokenizer` (ChatTransform)."""
+
+    def __init__(self, transform, truncate: bool = False):
+        self.transform, self.truncate = transform, truncate
+
+    def _encode(self, text: str) -> list[int]:
+        tok = getattr(self.transform, "tokenizer", None)
+        if tok is None:
+            raise DataError(
+                f"{type(self.transform).__name__} has no tokenizer: "
+                "truncate_at_divergence cannot find the shared lines' tokens"
+            )
+        return encode_text(tok, text)
 
     def __call__(self, rec: dict) -> dict:
         out = {"chosen": self.transform(side(rec, "chosen"))}
         out["rejected"] = self.transform(side(rec, "rejected"))
+        if self.truncate:
+            prefix = shared_lines(rec["chosen"], rec["rejected"])
+            if prefix:
+                mask_shared_prefix(out["chosen"], out["rejected"], self._encode(prefix))
         out["scores"] = np.asarray([rec["chosen_score"], rec["rejected_score"]], np.float32)
         if rec.get("ref_logps") is not None:
             ref = rec["ref_logps"]
@@ -147,12 +205,21 @@ class PairCollate:
         return batch
 
 
-def pair_loader(source, transform, *, batch_size: int, buckets: tuple[int, ...], **kw) -> Loader:
-    """A `Loader` over preference pairs: validation with `check_pair`, pair batches."""
+def pair_loader(
+    source,
+    transform,
+    *,
+    batch_size: int,
+    buckets: tuple[int, ...],
+    truncate: bool = False,
+    **kw,
+) -> Loader:
+    """A `Loader` over preference pairs: validation with `check_pair`, pair batches
+    (`truncate`: see `PairTransform`)."""
     pad_id = kw.pop("pad_id", 0)
     return Loader(
         source,
-        PairTransform(transform),
+        PairTransform(transform, truncate),
         batch_size=batch_size,
         buckets=buckets,
         collate=PairCollate(buckets, pad_id),

@@ -7,6 +7,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
+
+from insightv_jax.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,3 +92,39 @@ def scorer_prompt(
     return prompts.scorer.format(
         n=len(paths), question=question, ground_truth=ground_truth, paths=listed
     )
+
+
+# ------------------------------------------------------------------ prompts.json
+
+PROMPTS_FILE = "prompts.json"  # the wording an agent was trained with, beside its weights
+
+
+def write_prompts(folder: str | Path, prompts: Prompts) -> None:
+    """Write `prompts` as `folder/prompts.json` (build sets, run and model
+    directories and Hugging Face exports carry one)."""
+    path = Path(folder) / PROMPTS_FILE
+    path.write_text(json.dumps(dataclasses.asdict(prompts), indent=1, ensure_ascii=False) + "\n")
+
+
+def read_prompts(folder: str | Path | None) -> Prompts | None:
+    """The prompts in `folder/prompts.json`, or None when there is none (older
+    checkpoints, models from elsewhere). Unknown keys or a malformed file are a
+    one-line CheckpointError naming the file."""
+    if folder is None:
+        return None
+    path = Path(folder) / PROMPTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a prompts file ({e})") from None
+    known = {f.name: f.type for f in dataclasses.fields(Prompts)}
+    if not isinstance(data, dict) or set(data) - set(known):
+        bad = sorted(set(data) - set(known)) if isinstance(data, dict) else data
+        raise CheckpointError(f"{path}: unknown prompt keys {bad}")
+    for key, value in data.items():
+        want = int if key == "max_steps" else str
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: prompt {key!r} must be a {want.__name__}")
+    return Prompts(**data)

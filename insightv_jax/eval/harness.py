@@ -4,6 +4,9 @@ The scoring modes are pure functions of the items and an `answer_fn(items) ->
 list[str | dict]` (a dict carries `answer` and, for two agents, `chain`), so
 they run without models in tests. `checkpoint_answer_fn` builds answer_fns from
 checkpoints with the sampler; `evaluate` runs a whole `eval:` config.
+
+Two-agent and given-chain answers also judge the chain itself (`judge_chain`),
+for the summary agent's chain-vs-answer confusion (eval/diagnostics.py).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from insightv_jax.eval.extract import extract_number, match
+from insightv_jax.eval.extract import chain_final_claim, extract_number, match
 from insightv_jax.eval.metrics import ItemResult
 from insightv_jax.eval.readers import EvalItem, read_benchmark
 
 AnswerFn = Callable[[list[EvalItem]], list]
 MODES = ("direct", "cot", "two_agent", "given_chain")
+CHAIN_MODES = ("two_agent", "given_chain")  # the modes whose answers come from a chain
 
 
 def cot_answer(text: str) -> str:
@@ -62,6 +66,19 @@ def score(item: EvalItem, text: str, seed: int = 0) -> ItemResult:
     )  # fmt: skip
 
 
+def judge_chain(item: EvalItem, chain: str, chain_answer: str | None, seed: int = 0) -> bool | None:
+    """Whether a chain's own answer is right: its final claim (`chain_final_claim`)
+    or, when it states none, `chain_answer` (the summary agent's greedy answer from
+    it), scored like an answer. None when neither exists. A claim that only a
+    seeded MC guess could score counts as wrong: the guess is not what the chain says."""
+    claim = chain_final_claim(chain)
+    text = claim if claim is not None else chain_answer
+    if text is None:
+        return None
+    judged = score(item, text, seed)
+    return judged.correct and not judged.fallback
+
+
 def run_mode(
     mode: str,
     items: Sequence[EvalItem],
@@ -72,7 +89,10 @@ def run_mode(
 ) -> list[ItemResult]:
     """Answer `items` in batches with `answer_fn` and score them by `mode`:
     direct (the reply), cot (the text in <output>), two_agent or given_chain
-    (the summary agent's reply; a dict reply may carry the `chain`)."""
+    (the summary agent's reply). A dict reply may carry the `chain`; in the chain
+    modes its `chain_answer` (the greedy answer from a chain without a claim) and
+    `chain_kind` (a given chain's kind of error) go to `judge_chain` and the
+    result's `chain_correct` / `chain_kind`."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     results: list[ItemResult] = []
@@ -89,6 +109,12 @@ def run_mode(
             result = score(item, text, seed)
             if mode == "cot" or chain is not None:
                 result = dataclasses.replace(result, raw=raw, chain=chain)
+            if mode in CHAIN_MODES and chain is not None:
+                result = dataclasses.replace(
+                    result,
+                    chain_correct=judge_chain(item, chain, reply.get("chain_answer"), seed),
+                    chain_kind=reply.get("chain_kind"),
+                )
             results.append(result)
         done = start + len(batch)
         rate = done / max(time.time() - t0, 1e-9)
@@ -156,9 +182,11 @@ def checkpoint_answer_fn(system, sampling, prompts=None, seed: int = 0) -> Answe
     calls = iter(range(1 << 30))
     s = sampling
     if system.mode == "two_agent":
-        from insightv_jax.data.prompts import DEFAULT_PROMPTS
+        from insightv_jax.checkpoint import agent_prompts
         from insightv_jax.sample.reasoning import two_agent_answer
 
+        # each agent in the wording it was trained with, unless the config overrides it
+        prompts = agent_prompts(prompts, system.reason, system.summary)
         reasoner, summarizer = load_agent(system.reason), load_agent(system.summary)
         rp = SamplingParams(temperature=s.reason_temperature, top_p=s.top_p,
                             max_new_tokens=s.reason_max_tokens)  # fmt: skip
@@ -171,9 +199,10 @@ def checkpoint_answer_fn(system, sampling, prompts=None, seed: int = 0) -> Answe
                 reasoner, summarizer, [it.prompt for it in items],
                 dataclasses.replace(rp, seed=k),
                 dataclasses.replace(sp, seed=k),
-                prompts or DEFAULT_PROMPTS, images=_images(items),
+                prompts, images=_images(items),
             )  # fmt: skip
-            return [{"answer": o["answer"], "chain": o["chain"]} for o in outs]
+            replies = [{"answer": o["answer"], "chain": o["chain"]} for o in outs]
+            return _with_chain_answers(summarizer, items, replies, sp, prompts)
 
         return two_agent
     if system.mode == "given_chain":
@@ -192,26 +221,33 @@ def checkpoint_answer_fn(system, sampling, prompts=None, seed: int = 0) -> Answe
 
 def given_chain_answer_fn(system, sampling, prompts=None, seed: int = 0) -> AnswerFn:
     """The summary agent answering from chains read from `system.chains` (JSONL
-    of {"id", "chain"}: e.g. deliberately corrupted chains, the robustness check)."""
+    of {"id", "chain"}: e.g. deliberately corrupted chains, the robustness check).
+    A row's optional "kind" ("text", "image" or null: where the chain's error is
+    visible) comes back as each reply's `chain_kind`."""
     import json
 
-    from insightv_jax.data.prompts import DEFAULT_PROMPTS
+    from insightv_jax.checkpoint import agent_prompts
     from insightv_jax.errors import DataError
     from insightv_jax.sample.infer import load_agent
     from insightv_jax.sample.reasoning import summary_answer
     from insightv_jax.sample.sampler import SamplingParams
 
+    prompts = agent_prompts(prompts, None, system.summary)
     path = Path(system.chains or "")
     if not path.is_file():
         raise DataError(f"{system.name}: chains file {system.chains!r} not found")
-    chains = {}
+    chains, kinds = {}, {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
                 chains[str(row["id"])] = str(row["chain"])
-            except (ValueError, KeyError, TypeError) as e:
+                kind = row.get("kind")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise DataError(f"{path}:{n}: not a {{id, chain}} record ({e})") from None
+            if kind is not None and not isinstance(kind, str):
+                raise DataError(f"{path}:{n}: kind {kind!r} is not a string or null")
+            kinds[str(row["id"])] = kind
     summarizer = load_agent(system.summary)
     s = sampling
     calls = iter(range(1 << 30))
@@ -224,11 +260,39 @@ def given_chain_answer_fn(system, sampling, prompts=None, seed: int = 0) -> Answ
                                 max_new_tokens=s.summary_max_tokens, seed=seed + next(calls))  # fmt: skip
         outs = summary_answer(
             summarizer, [it.prompt for it in items], [chains[it.id] for it in items], params,
-            prompts or DEFAULT_PROMPTS, images=_images(items),
+            prompts, images=_images(items),
         )  # fmt: skip
-        return [{"answer": o["answer"], "chain": o["chain"]} for o in outs]
+        replies = [
+            {"answer": o["answer"], "chain": o["chain"], "chain_kind": kinds[it.id]}
+            for it, o in zip(items, outs)
+        ]
+        return _with_chain_answers(summarizer, items, replies, params, prompts)
 
     return answer
+
+
+def _with_chain_answers(summarizer, items, replies: list[dict], params, prompts) -> list[dict]:
+    """Add `chain_answer` to the replies whose chain states no answer of its own:
+    the summary agent's greedy answer from that chain (same max tokens), by which
+    `judge_chain` judges such a chain. A greedy summary's answer is that already."""
+    from insightv_jax.data.prompts import DEFAULT_PROMPTS
+    from insightv_jax.sample.reasoning import summary_answer
+
+    todo = [i for i, r in enumerate(replies) if chain_final_claim(r["chain"]) is None]
+    if not todo:
+        return replies
+    if params.temperature <= 0:
+        greedy = [replies[i]["answer"] for i in todo]
+    else:
+        outs = summary_answer(
+            summarizer, [items[i].prompt for i in todo], [replies[i]["chain"] for i in todo],
+            dataclasses.replace(params, temperature=0.0, top_p=1.0),
+            prompts or DEFAULT_PROMPTS, images=_images([items[i] for i in todo]),
+        )  # fmt: skip
+        greedy = [o["answer"] for o in outs]
+    for i, text in zip(todo, greedy):
+        replies[i] = {**replies[i], "chain_answer": text}
+    return replies
 
 
 # ------------------------------------------------------------------ a whole config

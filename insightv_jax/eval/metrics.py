@@ -20,7 +20,14 @@ Z95 = 1.959963984540054
 
 @dataclasses.dataclass(frozen=True)
 class ItemResult:
-    """One scored answer. `fallback`: the MC letter was a seeded guess."""
+    """One scored answer. `fallback`: the MC letter was a seeded guess.
+
+    Two-agent and given-chain answers also judge the chain they were given:
+    `chain_correct` is whether the chain's own answer is right (None where it was
+    not judged, e.g. results saved before chains were judged) and `chain_kind`
+    where a given chain's deliberate error is visible ("text", "image"; None for
+    an uncorrupted chain or one of unknown kind).
+    """
 
     id: str
     benchmark: str
@@ -32,6 +39,8 @@ class ItemResult:
     correct: bool
     fallback: bool = False
     chain: str | None = None  # two-agent: the reasoning chain
+    chain_correct: bool | None = None
+    chain_kind: str | None = None
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:

@@ -166,8 +166,10 @@ def export_hf(
     tokenizer_dir: Path | None = None,
     processor_dir: Path | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    prompts=None,
 ) -> None:
-    """Write a `save_pretrained`-style folder into `out` (which must exist)."""
+    """Write a `save_pretrained`-style folder into `out` (which must exist), with the
+    agent's training `prompts` (data.prompts.Prompts) as `prompts.json` when given."""
     from insightv_jax.checkpoint import copy_aux_dirs
 
     out = Path(out)
@@ -182,6 +184,10 @@ def export_hf(
             if k in ("bos_token_id", "eos_token_id", "pad_token_id")
         }
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if prompts is not None:
+            from insightv_jax.data.prompts import write_prompts
+
+            write_prompts(out, prompts)
     tensors = hf_tensors(model, cfg)
     if jax.process_index() == 0:
         write_folder(tensors, out, max_shard_bytes=max_shard_bytes)

@@ -4,9 +4,12 @@ Writes to `<out>/build/`:
   reasoning.json  best correct path per question -> `<thoughts>` (no answer)
   cot.json        the same chains + `<output>{answer}</output>` (CoT baseline)
   summary.json    (question, path of bucket high/mid/low/wrong) -> correct
-                  answer, mixed with general QA at `summary_mix` ratios
+                  answer, mixed with general QA and the reasoning agent's own chains
+                  (`<out>/agent_chains/`, written by `insightv agent-chains`, if
+                  present) at `summary_mix` ratios
   pairs.jsonl     preference pairs, best vs worst (`build_preference_pairs`)
   manifest.json   counts, drop reasons and the image root of the sets
+  prompts.json    the wording of the sets (SFT runs on them carry it on)
 Image paths stay relative to the query file's folder (`data.image_root`).
 """
 
@@ -17,15 +20,15 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from insightv_jax.config import PipelineConfig, RunConfig
+from insightv_jax.config import SUMMARY_MIX_KEYS, PipelineConfig, RunConfig
 from insightv_jax.data.pairs import make_pair
-from insightv_jax.data.prompts import Prompts, reasoning_question, summary_question
+from insightv_jax.data.prompts import Prompts, reasoning_question, summary_question, write_prompts
 from insightv_jax.data.sources import BadRecord, open_source
 from insightv_jax.pipeline.backends import thoughts
 from insightv_jax.pipeline.generate import load_queries
 from insightv_jax.pipeline.records import read_shards
 
-MIX_KEYS = ("high", "mid", "low", "wrong", "general")
+MIX_KEYS = SUMMARY_MIX_KEYS
 
 
 def _user(query: dict, text: str) -> str:
@@ -131,8 +134,26 @@ def _mix(pools: dict[str, list], weights: dict[str, float], rng: random.Random) 
     return out
 
 
-def build_sets(assessed: list[dict], queries: list[dict], cfg: PipelineConfig, seed: int):
-    """(reasoning, cot, summary, pairs, counts) from the assessed records."""
+def _agent_pool(agent_chains: list[dict], by_id: dict, prompts: Prompts) -> list[dict]:
+    """(question, the reasoning agent's own chain, verbatim) -> the correct answer
+    (METHOD §3: aligns the summary agent with the chains it will read)."""
+    out = []
+    for rec in sorted(agent_chains, key=lambda r: r["key"]):
+        q = {**by_id.get(rec["id"], {}), "image": rec.get("image")}
+        user = _user(q, summary_question(rec["question"], rec["chain"], prompts))
+        out.append(_conversation(q, f"{rec['id']}-a{rec['sample']}", user, str(rec["answer"])))
+    return out
+
+
+def build_sets(
+    assessed: list[dict],
+    queries: list[dict],
+    cfg: PipelineConfig,
+    seed: int,
+    agent_chains: list[dict] | None = None,
+):
+    """(reasoning, cot, summary, pairs, counts) from the assessed records and, when
+    given, the reasoning agent's sampled chains (`insightv agent-chains`)."""
     prompts: Prompts = cfg.prompts
     by_id = {q["id"]: q for q in queries}
     assessed = sorted(assessed, key=lambda r: r["id"])
@@ -158,6 +179,7 @@ def build_sets(assessed: list[dict], queries: list[dict], cfg: PipelineConfig, s
         answer = f"{thoughts(best['steps'])}\n<output>{q['answer']}</output>"
         cot.append(_conversation(q, f"{q['id']}-cot", user, answer))
     pools["general"] = _general_pool(cfg, [by_id[r["id"]] for r in assessed if r["id"] in by_id])
+    pools["agent"] = _agent_pool(agent_chains or [], by_id, prompts)
     rng = random.Random(f"build/{seed}")
     mixed = _mix(pools, dict(cfg.summary_mix), rng)
     summary = [r for k in MIX_KEYS for r in mixed[k]]
@@ -182,6 +204,10 @@ def build_sets(assessed: list[dict], queries: list[dict], cfg: PipelineConfig, s
         "summary_available": {k: len(pools[k]) for k in MIX_KEYS},
         "pairs": pair_counts,
         "drops": dict(drops),
+        "agent_chains": {
+            "chains": len(agent_chains or []),
+            "right": sum(bool(r.get("correct")) for r in agent_chains or []),
+        },
     }
     return reasoning, cot, summary, pairs, counts
 
@@ -191,7 +217,11 @@ def run_build(cfg: RunConfig) -> dict:
     p = cfg.pipeline
     queries = load_queries(p.data)
     assessed = read_shards(Path(p.out) / "assess")
-    reasoning, cot, summary, pairs, counts = build_sets(assessed, queries, p, cfg.seed)
+    agent_dir = Path(p.out) / "agent_chains"
+    agent_chains = read_shards(agent_dir) if any(agent_dir.glob("shard-*.jsonl")) else []
+    reasoning, cot, summary, pairs, counts = build_sets(
+        assessed, queries, p, cfg.seed, agent_chains
+    )
     out = Path(p.out) / "build"
     out.mkdir(parents=True, exist_ok=True)
     for name, recs in (("reasoning", reasoning), ("cot", cot), ("summary", summary)):
@@ -201,6 +231,7 @@ def run_build(cfg: RunConfig) -> dict:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     counts["image_root"] = str(Path(p.data).parent.resolve())
     (out / "manifest.json").write_text(json.dumps(counts, indent=1) + "\n")
+    write_prompts(out, p.prompts)
     return counts
 
 

@@ -3,6 +3,7 @@ JSONL batch (one bad row is reported and skipped; the others still run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -16,13 +17,25 @@ from insightv_jax.sample.sampler import Sampler, SamplingParams
 
 @dataclass(frozen=True)
 class InferSettings:
-    reason_temperature: float = 0.7
+    """Two-agent decoding; the defaults are the reference decoding (both agents at
+    temperature 0.2, top-p 0.95), the rule `insightv eval` uses by default."""
+
+    reason_temperature: float = 0.2
     summary_temperature: float = 0.2
     top_p: float = 0.95
     reason_max_tokens: int = 256
     summary_max_tokens: int = 64
     batch_size: int = 8
     seed: int = 0
+
+    @classmethod
+    def for_decoding(cls, decoding: str, **kw) -> InferSettings:
+        """Settings of one decoding rule: `reference` or `greedy`."""
+        if decoding == "greedy":
+            kw = {"reason_temperature": 0.0, "summary_temperature": 0.0, "top_p": 1.0, **kw}
+        elif decoding != "reference":
+            raise InsightVError(f"decoding {decoding!r} is not reference or greedy")
+        return cls(**kw)
 
 
 def load_agent(path: str | Path) -> Sampler:
@@ -83,9 +96,16 @@ def infer(
     rows: list[dict],
     settings: InferSettings = InferSettings(),
     progress=None,
+    prompts=None,
 ) -> list[dict]:
-    """Two-agent answers for validated rows (`question`, optional `image`)."""
+    """Two-agent answers for validated rows (`question`, optional `image`), in the
+    wording each agent was trained with (its checkpoint's prompts.json) unless
+    `prompts` overrides it. Each batch samples with seed `settings.seed` + its index,
+    as `insightv eval` does."""
+    from insightv_jax.checkpoint import agent_prompts
+
     progress = progress or sys.stderr
+    prompts = agent_prompts(prompts, reason, summary)
     reasoner, summarizer = load_agent(reason), load_agent(summary)
     for name, agent in ((reason, reasoner), (summary, summarizer)):
         if any(r["image"] for r in rows) and agent.encoder.model_cfg is None:
@@ -94,23 +114,23 @@ def infer(
         temperature=settings.reason_temperature,
         top_p=settings.top_p,
         max_new_tokens=settings.reason_max_tokens,
-        seed=settings.seed,
     )
     sp = SamplingParams(
         temperature=settings.summary_temperature,
         top_p=settings.top_p,
         max_new_tokens=settings.summary_max_tokens,
-        seed=settings.seed,
     )
     results, t0 = [], time.time()
     for start in range(0, len(rows), settings.batch_size):
         chunk = rows[start : start + settings.batch_size]
+        seed = settings.seed + start // settings.batch_size
         outs = two_agent_answer(
             reasoner,
             summarizer,
             [r["question"] for r in chunk],
-            rp,
-            sp,
+            dataclasses.replace(rp, seed=seed),
+            dataclasses.replace(sp, seed=seed),
+            prompts,
             images=[[r["image"]] if r["image"] else [] for r in chunk],
         )
         for r, o in zip(chunk, outs):

@@ -225,6 +225,53 @@ def two_agent_answer(
     ]
 
 
+def sample_chains(
+    reasoner: Sampler,
+    questions: Sequence[str],
+    num_samples: int,
+    params: SamplingParams,
+    prompts: Prompts = DEFAULT_PROMPTS,
+    images: Sequence[Sequence] | None = None,
+) -> list[list[dict]]:
+    """`num_samples` reasoning chains per question from one shared prefill per
+    question: `[question][sample] -> {"chain", "text", "tokens"}` (the chain is the
+    text inside <thoughts>, as the summary agent will read it)."""
+    images = images or [()] * len(questions)
+    enc = encoder_of(reasoner)
+    encoded = [
+        enc.prompt(
+            [{"role": "user", "content": _with_image(reasoning_question(q, prompts), images[i])}],
+            images[i],
+            f"question {i}",
+        )
+        for i, q in enumerate(questions)
+    ]
+    ends = tuple(enc.end_of_turn())
+    params = dataclasses.replace(
+        params,
+        stop_token_ids=tuple(params.stop_token_ids) + ends,
+        stop_strings=tuple(params.stop_strings) + ("</thoughts>",),
+    )
+    ids = [e.ids for e in encoded]
+    state = reasoner.start(
+        len(ids), bucket(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
+    )
+    state = reasoner.extend(state, ids, *stack_prompts(encoded))
+    state = _repeat(state, num_samples)
+    _, out = reasoner.decode(state, params)
+    rows = reasoner.unpack(out, params)
+    chains = [
+        {
+            "chain": extract_chain(r["text"]).replace(IMAGE_MARKER, "").strip(),
+            "text": r["text"],
+            "tokens": len(r["tokens"]),
+        }
+        for r in rows
+    ]
+    n = num_samples
+    return [chains[q * n : (q + 1) * n] for q in range(len(questions))]
+
+
 def summary_answer(
     summarizer: Sampler,
     questions: Sequence[str],

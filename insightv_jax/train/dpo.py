@@ -12,6 +12,12 @@ Reference log-probs are precomputed once by `precompute_ref_logps` (the
 log-prob pass of the reference model, written into the pair records), so no
 second model sits in memory while training; `dpo.ref_logps=on_the_fly` keeps
 the reference parameters and runs the same pass before every step instead.
+
+`train_dpo` also probes the run: the preference loss on its own pairs before
+the first and after the last update (same batches), the end reward accuracy and
+margin, how far the chosen and rejected log-probs moved, and, given chains
+sampled from the start policy, the per-token KL of the trained policy from it
+(`round_probe`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Iterator
+import math
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -33,6 +41,7 @@ from insightv_jax.errors import DataError
 from insightv_jax.train.losses import (
     IGNORE,
     chunked_sequence_nll,
+    chunked_token_nll,
     dpo_pair_losses,
     shift_labels,
 )
@@ -96,6 +105,7 @@ class DPOProgram(SFTProgram):
         per_pair, rw_c, rw_r = dpo_pair_losses(
             logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1],
             beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
+            dpop_lambda=d.dpop_lambda,
         )  # fmt: skip
         chosen_nll = jnp.sum(nll[:, 0])
         share = jnp.sum(per_pair) / totals["pairs"]
@@ -127,34 +137,56 @@ class DPOProgram(SFTProgram):
             "tokens": totals["tokens"],
         }
 
-    # ----------------------------------------------------- the log-prob pass
+    # ----------------------------------------------------- the log-prob passes
 
     def _logprob_pass(self, params: dict, batch: dict) -> dict:
         model = nnx.merge(self.graphdef, params, self.rest)
         nll, count = self._sequence_nll(model, batch)
         return {"sum": -nll, "mean": -nll / jnp.maximum(count, 1.0), "tokens": count}
 
-    def logprob_fn(self, batch: dict):
-        """The jitted log-prob pass for this batch's shapes: (full params, batch) ->
-        {sum, mean, tokens} over response tokens, each (B, 2)."""
-        key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+    def _token_pass(self, params: dict, batch: dict) -> dict:
+        model = nnx.merge(self.graphdef, params, self.rest)
+        rows = {k: _rows(batch[k]) for k in BATCH_KEYS if k in batch}
+        targets = shift_labels(rows["labels"])
+        nll = chunked_token_nll(
+            self._hidden(model, rows), targets, model.logits, self.cfg.loss_chunk
+        )
+        shape = batch["labels"].shape
+        return {"logp": (-nll).reshape(shape), "scored": (targets != IGNORE).reshape(shape)}
+
+    def _pass_fn(self, name: str, fn: Callable, batch: dict):
+        """`fn` jitted for this batch's shapes (compiled once per shape)."""
+        key = (name, tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())))
         if key not in self._passes:
             p_sh = merge(self.shardings["params"], self.shardings["frozen"])
             self._passes[key] = jax.jit(
-                self._logprob_pass,
+                fn,
                 in_shardings=(p_sh, self.batch_shardings(batch)),
                 out_shardings=NamedSharding(self.mesh, PartitionSpec()),
             )
         return self._passes[key]
 
-    def logprobs(self, params: dict, batch: dict) -> dict:
-        """Summed and token-mean response log-probs of a pair batch (numpy, (B, 2))."""
+    def logprob_fn(self, batch: dict):
+        """The jitted log-prob pass for this batch's shapes: (full params, batch) ->
+        {sum, mean, tokens} over response tokens, each (B, 2)."""
+        return self._pass_fn("sums", self._logprob_pass, batch)
+
+    def _run_pass(self, name: str, fn: Callable, params: dict, batch: dict) -> dict:
         batch = {k: np.asarray(v) for k, v in batch.items() if k in BATCH_KEYS}
         shardings = self.batch_shardings(batch)
         arrays = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
         with jax.set_mesh(self.mesh):
-            out = self.logprob_fn(batch)(params, arrays)
+            out = self._pass_fn(name, fn, batch)(params, arrays)
         return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+
+    def logprobs(self, params: dict, batch: dict) -> dict:
+        """Summed and token-mean response log-probs of a pair batch (numpy, (B, 2))."""
+        return self._run_pass("sums", self._logprob_pass, params, batch)
+
+    def token_logprobs(self, params: dict, batch: dict) -> dict:
+        """Per-token log-probs of a pair batch (numpy): `logp` (B, 2, T), where
+        position t scores token t + 1, and `scored` (B, 2, T), the label positions."""
+        return self._run_pass("tokens", self._token_pass, params, batch)
 
 
 class WithRefLogps:
@@ -202,12 +234,14 @@ class PairBatches:
 
 @dataclasses.dataclass
 class PairData:
-    """What turns pair records into batches: transform, buckets, pad id, image root."""
+    """What turns pair records into batches: transform, buckets, pad id, image root,
+    and whether pairs are scored from where they diverge (`dpo.truncate_at_divergence`)."""
 
     transform: object  # record -> example (data.transforms.ChatTransform)
     buckets: tuple[int, ...]
     pad_id: int
     root: Path
+    truncate: bool = False
 
     @classmethod
     def for_checkpoint(cls, cfg: RunConfig, model_cfg, tokenizer_dir: Path, root: Path):
@@ -221,37 +255,152 @@ class PairData:
             raise ConfigError(f"{tokenizer_dir}: no known chat template (llama3/chatml/minimal)")
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         transform = ChatTransform(tokenizer_dir, template, model_cfg, root)
-        return cls(transform, tuple(cfg.data.buckets), int(pad), Path(root))
+        return cls(
+            transform, tuple(cfg.data.buckets), int(pad), Path(root),
+            truncate=cfg.dpo.truncate_at_divergence,
+        )  # fmt: skip
 
     def batches(self, records: list[dict], size: int) -> Iterator[tuple[int, dict]]:
         """(number of real pairs, pair-layout batch) over `records` in order; the
         last batch is padded with copies of its last pair to `size` rows."""
-        from insightv_jax.data.pairs import PairCollate, PairTransform
+        from insightv_jax.data.pairs import PairTransform
 
-        tf, collate = PairTransform(self.transform), PairCollate(self.buckets, self.pad_id)
+        tf = PairTransform(self.transform, self.truncate)
         for i in range(0, len(records), size):
             chunk = records[i : i + size]
-            examples = [tf(r) for r in chunk]
-            examples += [examples[-1]] * (size - len(chunk))
-            try:
-                batch = collate(examples)
-            except DataError as e:
-                ids = ", ".join(str(r.get("id")) for r in chunk)
-                raise DataError(f"pairs {ids}: {e} (raise data.buckets)") from None
-            yield len(chunk), pair_batch(batch)
+            yield len(chunk), self._collate([tf(r) for r in chunk], size, chunk)
+
+    def sequence_batches(self, convs: list[dict], size: int) -> Iterator[tuple[int, dict]]:
+        """(number of real sequences, pair-layout batch) over single conversation
+        records (LLaVA `conversations`, response = the last turn) in order, two
+        per row: sequences 2i and 2i + 1 of a batch sit on row i's two sides, so
+        the pair passes score them. Up to `2 * size` sequences a batch."""
+        for i in range(0, len(convs), 2 * size):
+            chunk = convs[i : i + 2 * size]
+            seqs = [self.transform(c) for c in chunk]
+            seqs += seqs[-1:] * (len(seqs) % 2)  # an odd last sequence gets a partner
+            rows = [
+                {"chosen": a, "rejected": b, "scores": np.zeros(2, np.float32)}
+                for a, b in zip(seqs[::2], seqs[1::2])
+            ]
+            yield len(chunk), self._collate(rows, size, chunk)
+
+    def _collate(self, examples: list[dict], size: int, records: list[dict]) -> dict:
+        """Pair examples -> a pair-layout batch of `size` rows (last row repeated)."""
+        from insightv_jax.data.pairs import PairCollate
+
+        examples = examples + [examples[-1]] * (size - len(examples))
+        try:
+            batch = PairCollate(self.buckets, self.pad_id)(examples)
+        except DataError as e:
+            ids = ", ".join(str(r.get("id")) for r in records)
+            raise DataError(f"records {ids}: {e} (raise data.buckets)") from None
+        return pair_batch(batch)
+
+
+def policy_logps(
+    program: DPOProgram, params: dict, records: list[dict], data: PairData, size: int
+) -> np.ndarray:
+    """Summed response log-probs (chosen, rejected) of every pair under `params`:
+    (len(records), 2) float64, in record order, batches of `size` pairs."""
+    out = [program.logprobs(params, batch)["sum"][:n] for n, batch in data.batches(records, size)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 2))
 
 
 def precompute_ref_logps(
     program: DPOProgram, ref_params: dict, records: list[dict], data: PairData, size: int
 ) -> list[dict]:
-    """The records with `ref_logps` {chosen, rejected} from the reference's log-prob pass."""
+    """The records with `ref_logps` {chosen, rejected} from the reference's log-prob
+    pass, and `ref_truncated`: whether they score from the divergence (`data.truncate`)."""
+    sums = policy_logps(program, ref_params, records, data, size)
+    return [
+        {**rec, "ref_logps": {"chosen": c, "rejected": r}, "ref_truncated": data.truncate}
+        for rec, (c, r) in zip(records, sums.tolist())
+    ]
+
+
+def ref_array(records: list[dict]) -> np.ndarray:
+    """The records' `ref_logps` as (len(records), 2) (chosen, rejected)."""
+    return np.asarray(
+        [[r["ref_logps"]["chosen"], r["ref_logps"]["rejected"]] for r in records], np.float64
+    ).reshape(-1, 2)
+
+
+def chain_token_logps(
+    program: DPOProgram, params: dict, convs: list[dict], data: PairData, size: int
+) -> list[np.ndarray]:
+    """Per-token log-probs of each conversation's response under `params`: one
+    array per record, in record order (`PairData.sequence_batches`)."""
     out = []
-    batches = data.batches(records, size)
-    for start, (n, batch) in zip(range(0, len(records), size), batches):
-        sums = program.logprobs(ref_params, batch)["sum"]
-        for rec, (c, r) in zip(records[start : start + n], sums[:n].tolist()):
-            out.append({**rec, "ref_logps": {"chosen": float(c), "rejected": float(r)}})
+    for n, batch in data.sequence_batches(convs, size):
+        res = program.token_logprobs(params, batch)
+        logp = res["logp"].reshape(-1, res["logp"].shape[-1])
+        scored = res["scored"].reshape(logp.shape)
+        out += [logp[i][scored[i]].astype(np.float64) for i in range(n)]
     return out
+
+
+def preference_stats(logps: np.ndarray, ref: np.ndarray, dpo: DPOConfig) -> dict:
+    """The configured preference loss (DPOP penalty included, no CE term), reward
+    accuracy (margin > 0; ties count as wrong) and mean reward margin β·Δ of
+    pairs with summed log-probs `logps` and reference `ref`, both (n, 2)."""
+    columns = (jnp.asarray(x) for x in (logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1]))
+    losses = dpo_pair_losses(
+        *columns, beta=dpo.beta, loss=dpo.loss, label_smoothing=dpo.label_smoothing,
+        dpop_lambda=dpo.dpop_lambda,
+    )  # fmt: skip
+    per_pair, rw_c, rw_r = (np.asarray(x, np.float64) for x in losses)
+    margin = rw_c - rw_r
+    return {
+        "pref_loss": float(per_pair.mean()),
+        "reward_accuracy": float(np.mean(margin > 0)),
+        "reward_margin": float(margin.mean()),
+    }
+
+
+def kl_stats(start: list[np.ndarray], end: list[np.ndarray]) -> dict:
+    """Per-token KL of the trained policy π from the start policy π_ref, on chains
+    sampled from the start policy: with x = log π − log π_ref per token,
+    `kl_per_token` = mean(−x) estimates KL(π_ref‖π) (the plain estimator: it can
+    come out negative) and `kl_k3_per_token` = mean(eˣ − x − 1) the same with
+    less variance (Schulman's k3, never negative). The chains were sampled at the
+    round's temperature / top-p, not from π_ref itself, so both are estimates
+    under that sampling distribution."""
+    if not start:
+        return {}
+    x = np.concatenate(end) - np.concatenate(start)
+    return {
+        "kl_per_token": float(np.mean(-x)),
+        "kl_k3_per_token": float(np.mean(np.expm1(x) - x)),
+        "kl_tokens": int(x.size),
+    }
+
+
+def round_probe(
+    start: np.ndarray,
+    end: np.ndarray,
+    ref: np.ndarray,
+    dpo: DPOConfig,
+    start_chains: list[np.ndarray] | None = None,
+    end_chains: list[np.ndarray] | None = None,
+) -> dict:
+    """What a DPO run did to its own pairs (summed log-probs (n, 2) under the start
+    and end policies and the reference) and, optionally, to chains sampled from the
+    start policy (per-token log-probs under both): the preference loss before the
+    first and after the last update, the end reward accuracy and margin, and the
+    mean change of the chosen / rejected log-probs (a falling chosen log-prob is
+    likelihood displacement)."""
+    first, last = preference_stats(start, ref, dpo), preference_stats(end, ref, dpo)
+    return {
+        "probe_pairs": len(end),
+        "pref_loss_start": first["pref_loss"],
+        "pref_loss_end": last["pref_loss"],
+        "reward_accuracy_end": last["reward_accuracy"],
+        "reward_margin_end": last["reward_margin"],
+        "logp_chosen_change": float(np.mean(end[:, 0] - start[:, 0])),
+        "logp_rejected_change": float(np.mean(end[:, 1] - start[:, 1])),
+        **kl_stats(start_chains or [], end_chains or []),
+    }
 
 
 def heldout_rewards(
@@ -265,12 +414,9 @@ def heldout_rewards(
 ) -> dict:
     """Implicit-reward accuracy on held-out pairs: the fraction whose margin
     beta * ((pi_c - ref_c) - (pi_r - ref_r)) is > 0 (ties count as wrong), and the mean margin."""
-    margins = []
-    for n, batch in data.batches(records, size):
-        pol = np.asarray(program.logprobs(policy_params, batch)["sum"])[:n]
-        ref = np.asarray(program.logprobs(ref_params, batch)["sum"])[:n]
-        margins += (beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))).tolist()
-    m = np.asarray(margins)
+    pol = policy_logps(program, policy_params, records, data, size)
+    ref = policy_logps(program, ref_params, records, data, size)
+    m = beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
     return {
         "pairs": len(m),
         "reward_accuracy": float(np.mean(m > 0)),
@@ -313,24 +459,105 @@ def aux_dirs(path: str | Path) -> tuple[Path | None, Path | None]:
     return tok, src / "processor" if (src / "processor").is_dir() else None
 
 
-def train_dpo(cfg: RunConfig, pairs_path: Path, root: Path, print_fn=print) -> dict:
+_MFU = re.compile(r" MFU [0-9.]+%")
+
+
+def _without_mfu(print_fn: Callable[[str], None]) -> Callable[[str], None]:
+    """`print_fn` minus the training log's MFU field: DPO measures no matmul peak
+    (and its pair-layout steps are not the SFT FLOP count the logger assumes), so
+    the field would always read a meaningless `MFU 0.0%`."""
+    return lambda line: print_fn(_MFU.sub("", line))
+
+
+def usable_records(
+    records: list[dict], check, data: PairData, on_bad_record: str, what: str, print_fn
+) -> list[dict]:
+    """The records `check(rec, root, limits)` passes (the loader's own validation,
+    so a count of them is the count the loader trains on). Bad ones are left out
+    with one line naming the first, or raise with `on_bad_record=fail`."""
+    limits = data.transform.limits(max(data.buckets))
+    good, bad = [], []
+    for rec in records:
+        reason = check(rec, data.root, limits)
+        if reason is None:
+            good.append(rec)
+        else:
+            bad.append((rec.get("id"), reason))
+    if bad and on_bad_record == "fail":
+        raise DataError(f"{what} {bad[0][0]}: {bad[0][1]} (data.on_bad_record=fail)")
+    if bad:
+        print_fn(f"skipping {len(bad)} of {len(records)} {what}s (first: {bad[0][0]}: {bad[0][1]})")
+    return good
+
+
+def step_budget(train, pairs: int) -> int:
+    """Optimizer steps of a DPO run: `train.steps`, else `train.epochs` passes over
+    `pairs` pairs. The loader repeats the shuffled pairs before it batches, so a
+    last partial batch fills up from the next pass: rounding up leaves no pair out."""
+    return train.steps or math.ceil(train.epochs * pairs / train.global_batch)
+
+
+def _ref_file_matches(path: Path, truncate: bool) -> bool:
+    """Whether a reference log-prob file exists and scored its pairs the way this
+    run does (from the divergence or whole): otherwise it is recomputed."""
+    rows = read_jsonl(path) if path.exists() else []
+    return bool(rows) and all(r.get("ref_truncated", False) == truncate for r in rows)
+
+
+def format_probe(p: dict) -> str:
+    line = (
+        f"probe on {p['probe_pairs']} pairs: preference loss {p['pref_loss_start']:.4f} -> "
+        f"{p['pref_loss_end']:.4f}, reward accuracy {p['reward_accuracy_end']:.3f}, "
+        f"margin {p['reward_margin_end']:+.3f}, log-prob change chosen "
+        f"{p['logp_chosen_change']:+.3f} rejected {p['logp_rejected_change']:+.3f}"
+    )
+    if "kl_per_token" in p:
+        line += (
+            f"; KL(start||end) per token {p['kl_per_token']:.5f} "
+            f"(k3 {p['kl_k3_per_token']:.5f}) over {p['kl_tokens']} sampled tokens"
+        )
+    return line
+
+
+def train_dpo(
+    cfg: RunConfig,
+    pairs_path: Path,
+    root: Path,
+    print_fn=print,
+    chains: list[dict] | None = None,
+) -> dict:
     """One DPO run from `train.init` on a pair file; returns the final metrics.
 
     With `dpo.ref_logps=precomputed`, pairs without `ref_logps` get them from
     the reference (`dpo.reference`, default `train.init`) once, written to
     `RUN/pairs_ref.jsonl`; a restart reuses that file and the latest checkpoint.
+    The run takes `train.steps` steps, else `train.epochs` passes over the usable
+    pairs (`step_budget`, printed before training).
+
+    After the last update `round_probe` compares the start and the end policy on
+    the pairs (the same batches for both) and, given `chains` (conversation
+    records whose responses were sampled from the start policy), measures the
+    per-token KL between them; written to RUN/probe.json and returned beside the
+    means of the last epoch's training steps.
     """
-    from insightv_jax.data.pairs import pair_loader
+    from insightv_jax.data.pairs import check_pair, pair_loader
     from insightv_jax.data.sources import JsonlSource
+    from insightv_jax.data.validate import check_record
     from insightv_jax.train import _model_config_of
     from insightv_jax.train.trainer import Trainer
 
+    print_fn = _without_mfu(print_fn)
     if not cfg.train.init:
         raise ConfigError("dpo: train.init must name the policy to start from")
     if cfg.data.group_by_length:
         raise ConfigError("dpo: data.group_by_length applies to SFT data, not preference pairs")
+    if cfg.dpo.dpop_lambda < 0 or (cfg.dpo.dpop_lambda and cfg.dpo.loss != "sigmoid"):
+        raise ConfigError(
+            f"dpo.dpop_lambda={cfg.dpo.dpop_lambda} must be >= 0 and needs dpo.loss=sigmoid"
+        )
     model_cfg = _model_config_of(cfg.train.init)
     cfg = dataclasses.replace(cfg, model=model_cfg)
+    d = cfg.dpo
     tok, proc = aux_dirs(cfg.train.init)
     if tok is None:
         raise ConfigError(f"{cfg.train.init}: checkpoint has no tokenizer (needed for pairs)")
@@ -339,13 +566,17 @@ def train_dpo(cfg: RunConfig, pairs_path: Path, root: Path, print_fn=print) -> d
     records = read_jsonl(pairs_path)
     if not records:
         raise ConfigError(f"{pairs_path}: no preference pairs")
-    per_epoch = len(records) // cfg.train.global_batch
-    if per_epoch < 1 and not cfg.train.steps:
-        raise ConfigError(
-            f"{pairs_path}: {len(records)} pairs < train.global_batch={cfg.train.global_batch}"
-        )
-    total = cfg.train.steps or cfg.train.epochs * per_epoch
     data = PairData.for_checkpoint(cfg, model_cfg, tok, root)
+    bad_rule = cfg.data.on_bad_record
+    records = usable_records(records, check_pair, data, bad_rule, "pair", print_fn)
+    # a chain too long for the buckets only leaves the KL estimate, never fails the run
+    chains = usable_records(chains or [], check_record, data, "skip", "chain", print_fn)
+    gb = cfg.train.global_batch
+    if len(records) < gb and not cfg.train.steps:
+        raise ConfigError(f"{pairs_path}: {len(records)} usable pairs < train.global_batch={gb}")
+    total = step_budget(cfg.train, len(records))
+    budget = f"train.steps={cfg.train.steps}" if cfg.train.steps else f"{cfg.train.epochs} epochs"
+    print_fn(f"DPO on {len(records)} pairs: {budget} = {total} steps of {gb} pairs")
     metrics_path = run / "metrics.jsonl"
 
     def on_step(step, metrics, local, state):
@@ -354,53 +585,78 @@ def train_dpo(cfg: RunConfig, pairs_path: Path, root: Path, print_fn=print) -> d
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    program_cls = functools.partial(DPOProgram, dpo=cfg.dpo)
+    program_cls = functools.partial(DPOProgram, dpo=d)
     # the loader is built after the trainer exists: precomputing needs its program
     trainer = Trainer(
         cfg, iter(()), total_steps=total, tokenizer_dir=tok, processor_dir=proc,
         on_step=on_step, print_fn=print_fn, measure_peak=False, program_cls=program_cls,
     )  # fmt: skip
     try:
-        program = trainer.program
+        program, mesh, size = trainer.program, trainer.mesh, d.logprob_batch
+        ref_path = d.reference or cfg.train.init
+        need_ref = d.loss != "ref_free"
         ref_params = None
-        need_ref = cfg.dpo.loss != "ref_free"
-        if need_ref and (cfg.dpo.ref_logps == "on_the_fly" or "ref_logps" not in records[0]):
-            ref_params = full_params_of(cfg.dpo.reference or cfg.train.init, trainer.mesh)
         train_path = pairs_path
-        if need_ref and cfg.dpo.ref_logps == "precomputed" and ref_params is not None:
+        if need_ref and d.ref_logps == "precomputed" and not all("ref_logps" in r for r in records):
             train_path = run / "pairs_ref.jsonl"
-            if not train_path.exists():
+            if not _ref_file_matches(train_path, data.truncate):
+                ref_params = full_params_of(ref_path, mesh)
                 print_fn(f"reference log-probs for {len(records)} pairs -> {train_path}")
-                rows = precompute_ref_logps(
-                    program, ref_params, records, data, cfg.dpo.logprob_batch
-                )
+                rows = precompute_ref_logps(program, ref_params, records, data, size)
                 write_jsonl(train_path, rows)
+            records = read_jsonl(train_path)
+        elif need_ref and d.ref_logps == "on_the_fly":
+            ref_params = full_params_of(ref_path, mesh)
+            records = precompute_ref_logps(program, ref_params, records, data, size)  # the probe's
+        ref = ref_array(records) if need_ref else np.zeros((len(records), 2))
+        # the start policy on the pairs (its log-probs are the reference's when it
+        # is the reference) and on the sampled chains
+        ref_is_start = need_ref and ref_path == cfg.train.init
+        start = ref if ref_is_start else None
+        start_chains = None
+        if start is None or chains:
+            params = ref_params if ref_is_start else None
+            if params is None:
+                params = full_params_of(cfg.train.init, mesh)
+            if start is None:
+                start = policy_logps(program, params, records, data, size)
+            if chains:
+                start_chains = chain_token_logps(program, params, chains, data, size)
+            del params
+        if d.ref_logps == "precomputed":
             ref_params = None  # not kept in memory while training
         loader = pair_loader(
-            JsonlSource(train_path, root), data.transform,
-            batch_size=cfg.train.global_batch // jax.process_count(), buckets=data.buckets,
-            seed=cfg.data.shuffle_seed, num_epochs=None, on_bad_record=cfg.data.on_bad_record,
-            limits=data.transform.limits(max(data.buckets)), pad_id=data.pad_id,
+            JsonlSource(train_path, root), data.transform, batch_size=gb // jax.process_count(),
+            buckets=data.buckets, seed=cfg.data.shuffle_seed, num_epochs=None,
+            on_bad_record=bad_rule, limits=data.transform.limits(max(data.buckets)),
+            pad_id=data.pad_id, truncate=data.truncate,
         )  # fmt: skip
         batches = PairBatches(loader)
         if ref_params is not None:
             batches = WithRefLogps(batches, program, ref_params)
         trainer.batches = batches
         result = trainer.run()
-        held = {}
-        if cfg.dpo.eval_pairs and not result.preempted:
-            held = evaluate_heldout(cfg, program, result.state, data, trainer.mesh, print_fn)
+        held, probe = {}, {}
+        if not result.preempted:
+            params = program.full_params(result.state)
+            end = policy_logps(program, params, records, data, size)
+            end_chains = chain_token_logps(program, params, chains, data, size) if chains else None
+            probe = round_probe(start, end, ref, d, start_chains, end_chains)
+            (run / "probe.json").write_text(json.dumps(probe, indent=1) + "\n")
+            print_fn(format_probe(probe))
+            if d.eval_pairs:
+                held = evaluate_heldout(cfg, program, result.state, data, mesh, print_fn)
     finally:
         trainer.close()
     last = final_epoch_means(read_jsonl(metrics_path) if metrics_path.exists() else [],
-                             max(per_epoch, 1))  # fmt: skip
+                             max(math.ceil(len(records) / gb), 1))  # fmt: skip
     last.update({f"heldout_{k}": v for k, v in held.items()})
     state = "preempted at" if result.preempted else "finished"
     print_fn(
         f"{state} step {result.step}/{total}; skipped {result.skipped} non-finite steps; "
         f"run directory {trainer.run_dir}"
     )
-    return {"step": result.step, "total": total, "preempted": result.preempted, **last}
+    return {"step": result.step, "total": total, "preempted": result.preempted, **last, **probe}
 
 
 def final_epoch_means(rows: list[dict], per_epoch: int) -> dict:

@@ -186,6 +186,41 @@ def chunked_sequence_nll(
     return total, count
 
 
+def chunked_token_nll(
+    hidden: jax.Array,
+    targets: jax.Array,
+    logits_fn: Callable[[jax.Array], jax.Array],
+    chunk: int = 1024,
+) -> jax.Array:
+    """Per-token negative log-likelihoods (B, T) fp32, 0 where `targets` is IGNORE.
+
+    The forward-only sibling of `chunked_sequence_nll` (same arguments, same
+    chunking): estimators that work token by token, such as the k3 KL estimate,
+    need the terms before they are summed.
+    """
+    B, T, D = hidden.shape
+    chunk = max(1, min(chunk, T))
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
+    hs = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)
+    ts = targets.reshape(B, n, chunk).swapaxes(0, 1)
+
+    def body(carry, xs):
+        h, t = xs
+        logits = logits_fn(h).astype(jnp.float32)
+        valid = t != IGNORE
+        safe = jnp.where(valid, t, 0)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+        return carry, jnp.where(valid, lse - picked, 0.0)
+
+    _, nll = jax.lax.scan(body, None, (hs, ts))  # (n, B, chunk)
+    return nll.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
 # ------------------------------------------------------------------ DPO family
 
 
@@ -201,21 +236,34 @@ def dpo_pair_losses(
     beta: float = 0.1,
     loss: str = "sigmoid",
     label_smoothing: float = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(per-pair loss, chosen reward, rejected reward), all (B,) fp32.
 
-    Inputs are summed response log-probs. With h = (π(c) − π(r)) − (π_ref(c) − π_ref(r)):
-      sigmoid:  −(1−ε)·log σ(β·h) − ε·log σ(−β·h)      (ε = label smoothing; DPO at ε = 0)
-      ipo:      (h − 1/(2β))²
-      ref_free: the sigmoid loss with the reference terms left out (h = π(c) − π(r)).
+    Inputs are summed response log-probs. With Δ = (π(c) − π(r)) − (π_ref(c) − π_ref(r)):
+      sigmoid:  −(1−ε)·log σ(β·Δ') − ε·log σ(−β·Δ')    (ε = label smoothing; DPO at ε = 0)
+                with Δ' = Δ − λ·max(0, π_ref(c) − π(c))  (λ = `dpop_lambda`)
+      ipo:      (Δ − 1/(2β))²
+      ref_free: the sigmoid loss with the reference terms left out (Δ = π(c) − π(r)).
     Rewards are β·(π − π_ref) (β·π for ref_free): the implicit DPO rewards.
+
+    DPOP (Pal et al. 2024, "Smaug"): plain DPO only asks the chosen chain to gain
+    on the rejected one, so both can fall ("likelihood displacement"). The penalty
+    is zero while π(c) ≥ π_ref(c) and otherwise charges every nat the chosen chain
+    lost, λ-weighted, against the margin. λ = 0 is plain DPO. The RPO-style term
+    (γ·token-mean CE of the chosen chain, `dpo_loss`'s `gamma`) pulls the same way
+    and is added outside this per-pair loss.
     """
     f32 = jnp.float32
     pc, pr = policy_chosen.astype(f32), policy_rejected.astype(f32)
     rc, rr = ref_chosen.astype(f32), ref_rejected.astype(f32)
+    if dpop_lambda and loss != "sigmoid":
+        raise ValueError(f"dpop_lambda applies to the sigmoid loss, not {loss!r}")
     if loss == "ref_free":
         rc, rr = jnp.zeros_like(rc), jnp.zeros_like(rr)
     h = (pc - pr) - (rc - rr)
+    if dpop_lambda:
+        h = h - dpop_lambda * jnp.maximum(0.0, rc - pc)
     if loss in ("sigmoid", "ref_free"):
         z = beta * h
         out = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * (
@@ -239,18 +287,20 @@ def dpo_loss(
     gamma: float = 1.0,
     loss: str = "sigmoid",
     label_smoothing: float = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> tuple[jax.Array, dict]:
-    """The batch DPO objective: mean over valid pairs of the pair loss + γ·token-mean
-    CE of the chosen responses. `policy_logps`/`ref_logps` are (B, 2) summed
-    log-probs (chosen, rejected); `chosen_nll`/`chosen_tokens` (B,) the chosen
-    responses' summed NLL and token counts; `mask` (B,) marks real pairs.
-    Returns (loss, metrics)."""
+    """The batch DPO objective: mean over valid pairs of the pair loss
+    (`dpo_pair_losses`, DPOP penalty included when `dpop_lambda` > 0) + γ·token-mean
+    CE of the chosen responses (the RPO-style anchor against likelihood
+    displacement). `policy_logps`/`ref_logps` are (B, 2) summed log-probs (chosen,
+    rejected); `chosen_nll`/`chosen_tokens` (B,) the chosen responses' summed NLL
+    and token counts; `mask` (B,) marks real pairs. Returns (loss, metrics)."""
     B = policy_logps.shape[0]
     mask = jnp.ones((B,), jnp.float32) if mask is None else mask.astype(jnp.float32)
     pairs = jnp.maximum(jnp.sum(mask), 1.0)
     per_pair, rw_c, rw_r = dpo_pair_losses(
         policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1],
-        beta=beta, loss=loss, label_smoothing=label_smoothing,
+        beta=beta, loss=loss, label_smoothing=label_smoothing, dpop_lambda=dpop_lambda,
     )  # fmt: skip
     pref = jnp.sum(per_pair * mask) / pairs
     ce = jnp.sum(chosen_nll * mask) / jnp.maximum(jnp.sum(chosen_tokens * mask), 1.0)

@@ -117,7 +117,8 @@ class MetricsLogger:
             return {}
         dt = max(time.perf_counter() - self._t0, 1e-9)
         tok_s = self._tokens / dt
-        mfu = tok_s * self.flops_per_token / self.peak if self.peak else 0.0
+        # no measured peak (DPO), no MFU: a 0 % would read as a measurement
+        mfu = tok_s * self.flops_per_token / self.peak if self.peak else None
         row = {
             "loss": float(metrics["loss"]),
             "grad_norm": float(metrics["grad_norm"]),
@@ -133,7 +134,8 @@ class MetricsLogger:
             self.print(
                 f"step {step}/{self.total} ({pct:4.1f}%) loss {row['loss']:.4f} "
                 f"gnorm {row['grad_norm']:.3f} lr {lr:.2e} {tok_s:,.0f} tok/s "
-                f"MFU {100 * mfu:.1f}% skipped {skipped} eta {eta:,.0f}s"
+                + (f"MFU {100 * mfu:.1f}% " if mfu is not None else "")
+                + f"skipped {skipped} eta {eta:,.0f}s"
             )
             if self.jsonl is not None:  # machine-readable history (appended on resume)
                 with self.jsonl.open("a") as f:

@@ -89,6 +89,18 @@ class TrainResult:
     program: SFTProgram
 
 
+def training_prompts(cfg: RunConfig):
+    """The wording the run trains with: the prompts its data was built with (the
+    `prompts.json` that `insightv build` writes beside the sets), else the config's."""
+    from insightv_jax.data.prompts import read_prompts
+
+    if cfg.train.data:
+        built = read_prompts(Path(cfg.train.data).parent)
+        if built is not None:
+            return built
+    return cfg.pipeline.prompts
+
+
 class Trainer:
     """SFT of one model on one mesh over an iterator of (process-local) batch dicts.
 
@@ -136,6 +148,9 @@ class Trainer:
             cfg = dataclasses.replace(self.cfg, model=self.model_cfg)
             save_yaml(cfg, self.run_dir / "config.yaml")
             from insightv_jax.checkpoint import copy_aux_dirs
+            from insightv_jax.data.prompts import write_prompts
+
+            write_prompts(self.run_dir, training_prompts(self.cfg))
 
             for sub, src in (("tokenizer", self.tokenizer_dir), ("processor", self.processor_dir)):
                 if src is not None and not (self.run_dir / sub).exists():
