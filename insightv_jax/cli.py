@@ -17,6 +17,7 @@ from insightv_jax.errors import InsightVError
 def _convert_hf2jax(args: argparse.Namespace) -> None:
     from insightv_jax.checkpoint import atomic_dir, copy_aux_dirs
     from insightv_jax.config import save_yaml, to_dict
+    from insightv_jax.data.prompts import read_prompts, write_prompts
     from insightv_jax.hf.convert import import_hf
     from insightv_jax.parallel import make_mesh
 
@@ -31,6 +32,9 @@ def _convert_hf2jax(args: argparse.Namespace) -> None:
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
         save_yaml({"model": to_dict(cfg)}, tmp / "config.yaml")
         copy_aux_dirs(tmp, src, src)
+        prompts = read_prompts(src)  # the agent's training wording, if the export has it
+        if prompts is not None:
+            write_prompts(tmp, prompts)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
             ckptr.wait_until_finished()
