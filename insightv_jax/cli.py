@@ -134,7 +134,11 @@ def _data_validate(args: argparse.Namespace) -> None:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as e:  # a missing folder or a corrupt tokenizer.json
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DataError(f"{args.tokenizer}: cannot load the tokenizer ({why})") from None
         count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     source = open_source(args.file, split=args.split, root=args.root)
     limits = Limits(max_length=args.max_length, image_tokens=args.image_tokens, count_tokens=count)

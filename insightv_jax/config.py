@@ -28,6 +28,14 @@ T = TypeVar("T")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _check_positive(section: Any, name: str, *keys: str) -> None:
+    """A ConfigError naming the first of `keys` that is below 1: a zero head count
+    or width would otherwise end in a ZeroDivisionError deep in model code."""
+    for key in keys:
+        if getattr(section, key) < 1:
+            raise ConfigError(f"{name}.{key}={getattr(section, key)} must be >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3.1-style frequency-dependent RoPE scaling (`rope_type: llama3`)."""
@@ -70,6 +78,12 @@ class DecoderConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
     def validate(self) -> None:
+        _check_positive(
+            self, "decoder", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+            "num_heads", "num_kv_heads", "max_position_embeddings",
+        )  # fmt: skip
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ConfigError(f"decoder.head_dim={self.head_dim} must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"decoder.num_heads={self.num_heads} is not a multiple of "
@@ -116,6 +130,10 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     def validate(self) -> None:
+        _check_positive(
+            self, "vision", "image_size", "patch_size", "hidden_size", "intermediate_size",
+            "num_layers", "num_heads", "num_channels",
+        )  # fmt: skip
         if self.patch_size > self.image_size:
             raise ConfigError(
                 f"vision.patch_size={self.patch_size} exceeds vision.image_size={self.image_size}"
@@ -589,7 +607,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        if not args:
+            return dict(value)
+        # the values too: a weight given as text would otherwise fail later, in arithmetic
+        kt, vt = args
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -656,7 +678,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:  # an unclosed list, a !!python tag: one line, no traceback
+            why = _yaml_problem(e)
+            raise ConfigError(f"override {dotted}: {raw!r} is not valid YAML ({why})") from None
         node = data
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
@@ -678,16 +704,28 @@ def _deep_copy(d: Any) -> Any:
     return d
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line saying what is wrong, and where, in a YAML text."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem:
+        return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark else problem
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing or malformed file is a one-line ConfigError."""
+    """Read a YAML mapping; a missing, unreadable or malformed file is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -713,6 +751,8 @@ def read_with_includes(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
     includes = data.pop("include", None) or []
     if isinstance(includes, str):
         includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: include must be a file name or a list of file names")
     merged: dict[str, Any] = {}
     for inc in includes:
         merged = deep_merge(merged, read_with_includes(path.parent / inc, (*_seen, path)))

@@ -31,7 +31,14 @@ from pathlib import Path
 
 import yaml
 
-from insightv_jax.config import ConfigError, RunConfig, deep_merge, from_dict, read_with_includes
+from insightv_jax.config import (
+    ConfigError,
+    RunConfig,
+    deep_merge,
+    from_dict,
+    read_with_includes,
+    read_yaml,
+)
 from insightv_jax.errors import InsightVError
 
 STAGES = ("synth", "tokenizer", "base", "data", "agents", "chains", "summary", "dpo", "eval",
@@ -60,7 +67,7 @@ def preset_path(preset: str) -> Path:
 def load_preset(preset: str, overrides: dict | None = None) -> dict:
     """The preset as a dict (relative config paths resolved), `overrides` merged in."""
     path = preset_path(preset)
-    spec = deep_merge(yaml.safe_load(path.read_text()) or {}, overrides or {})
+    spec = deep_merge(read_yaml(path), overrides or {})  # bad YAML: a one-line ConfigError
     for key in ("sft_config", "suite", "pipeline", "eval", "base"):
         if key not in spec:
             raise ConfigError(f"{path}: demo preset has no '{key}' section")

@@ -112,4 +112,5 @@ def test_truncated_orbax_params(good, tmp_path, capsys):
         ["convert", "jax2hf", "--src", str(tmp_path / "ck"), "--out", str(tmp_path / "o3")]
     )
     err = capsys.readouterr().err.strip()
-    _assert_clean_failure(code, err, tmp_path / "o3", "params", "cannot restore")
+    # checked before orbax reads anything: the first file that would fail is named
+    _assert_clean_failure(code, err, tmp_path / "o3", "params/_METADATA", "corrupt checkpoint")

@@ -41,6 +41,10 @@ class LlavaJsonSource:
             data = json.loads(self.path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise DataError(f"{self.path}: file not found") from None
+        except OSError as e:
+            raise DataError(
+                f"{self.path}: cannot read ({e.strerror or type(e).__name__})"
+            ) from None
         except UnicodeDecodeError as e:
             raise DataError(f"{self.path}: not valid UTF-8 at byte {e.start}") from None
         except json.JSONDecodeError as e:
@@ -67,6 +71,10 @@ class JsonlSource:
             raw = self.path.read_bytes().split(b"\n")
         except FileNotFoundError:
             raise DataError(f"{self.path}: file not found") from None
+        except OSError as e:
+            raise DataError(
+                f"{self.path}: cannot read ({e.strerror or type(e).__name__})"
+            ) from None
         self.lines = [(n + 1, line) for n, line in enumerate(raw) if line.strip()]
 
     def __len__(self) -> int:

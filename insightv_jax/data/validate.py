@@ -213,7 +213,7 @@ def check_record(rec, root: Path, limits: Limits) -> str | None:
                 return f"image {p} not found"
             try:
                 sizes.append(_decoded_size(full, st.st_mtime_ns, st.st_size))
-            except (OSError, ValueError, SyntaxError) as e:
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
                 return f"image {p} does not decode ({type(e).__name__})"
     n_tags = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
     if n_tags != len(sizes):

@@ -21,33 +21,70 @@ _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float1
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """A folder's config.json as a dict; unreadable or malformed is a one-line CheckpointError."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: config.json is missing")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: top level must be a JSON object")
+    return data
 
 
-def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    params = d.get("rope_parameters") or {}
-    legacy = d.get("rope_scaling") or {}
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+_REQUIRED = object()
+
+
+def _number(d: dict[str, Any], key: str, kind: type, where: str, default: Any = _REQUIRED):
+    """Field `key` of a config dict as an int or float (`kind`); null or absent gives
+    `default`. A missing required field or a value of another type names the field,
+    where int("x") or float(None) would end in a traceback."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise CheckpointError(f"{where}: required field {key!r} is missing")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{where}: field {key!r} is {value!r}, not a number")
+    if kind is int and value != int(value):
+        raise CheckpointError(f"{where}: field {key!r} is {value!r}, not an integer")
+    return kind(value)
+
+
+def _section(d: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """A nested object field (null or absent: empty)."""
+    value = d.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: field {key!r} is {value!r}, not an object")
+    return value
+
+
+def _rope(d: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+    params = _section(d, "rope_parameters", where)
+    legacy = _section(d, "rope_scaling", where)
+    theta = _number(params, "rope_theta", float, where, _number(d, "rope_theta", float, where, 1e4))
     kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
     src = params if params.get("rope_type") not in (None, "default") else legacy
     if kind == "default":
-        return float(theta), None
+        return theta, None
     if kind == "llama3":
-        return float(theta), RopeScaling(
+        return theta, RopeScaling(
             rope_type="llama3",
-            factor=float(src["factor"]),
-            low_freq_factor=float(src.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(src.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(src["original_max_position_embeddings"]),
+            factor=_number(src, "factor", float, where),
+            low_freq_factor=_number(src, "low_freq_factor", float, where, 1.0),
+            high_freq_factor=_number(src, "high_freq_factor", float, where, 4.0),
+            original_max_position_embeddings=_number(
+                src, "original_max_position_embeddings", int, where
+            ),
         )
     if kind == "linear":
-        return float(theta), RopeScaling(rope_type="linear", factor=float(src["factor"]))
+        return theta, RopeScaling(rope_type="linear", factor=_number(src, "factor", float, where))
     raise ConfigError(f"rope_type {kind!r} is not supported (default, linear, llama3)")
 
 
@@ -65,33 +102,33 @@ def decoder_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderCon
     if d.get("use_sliding_window"):
         raise CheckpointError(f"{where}: use_sliding_window=true is not supported")
     try:
-        theta, scaling = _rope(d)
-        heads = int(d["num_attention_heads"])
+        theta, scaling = _rope(d, where)
+        heads = _number(d, "num_attention_heads", int, where)
         dtype = str(d.get("dtype") or d.get("torch_dtype") or "float32")
         is_qwen = model_type == "qwen2"
-        return DecoderConfig(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
+        cfg = DecoderConfig(
+            vocab_size=_number(d, "vocab_size", int, where),
+            hidden_size=_number(d, "hidden_size", int, where),
+            intermediate_size=_number(d, "intermediate_size", int, where),
+            num_layers=_number(d, "num_hidden_layers", int, where),
             num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d["head_dim"]) if d.get("head_dim") else None,
+            num_kv_heads=_number(d, "num_key_value_heads", int, where, heads) or heads,
+            head_dim=_number(d, "head_dim", int, where, 0) or None,
             rope_theta=theta,
             rope_scaling=scaling,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_number(d, "rms_norm_eps", float, where, 1e-6),
             qkv_bias=True if is_qwen else bool(d.get("attention_bias", False)),
             o_bias=False if is_qwen else bool(d.get("attention_bias", False)),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            max_position_embeddings=_number(d, "max_position_embeddings", int, where, 8192),
             param_dtype=_DTYPE_NAMES.get(dtype, "float32"),
             dtype="float32",
             family="qwen2" if is_qwen else "llama",
         )
-    except KeyError as e:
-        raise CheckpointError(f"{where}: required field {e.args[0]!r} is missing") from None
+        cfg.validate()  # zero heads or widths: named here, not a ZeroDivisionError later
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
+    return cfg
 
 
 def decoder_to_hf(cfg: DecoderConfig, dtype: str | None = None) -> dict[str, Any]:

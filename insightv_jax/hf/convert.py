@@ -61,9 +61,23 @@ def _leaf_paths(tree, prefix=()) -> set[tuple[str, ...]]:
     return {prefix}
 
 
-def _host_value(folder: SafetensorsFolder, pm: ParamMap, n_layers: int) -> tuple[np.ndarray, str]:
+def _host_value(
+    folder: SafetensorsFolder, pm: ParamMap, n_layers: int, spec
+) -> tuple[np.ndarray, str]:
+    """The HF tensor(s) of `pm` in our layout. Each tensor's header shape is checked
+    first against the shape the config gives it in the HF layout: a tensor of the
+    right size but the wrong shape would otherwise reshape silently into garbage,
+    and one of the wrong size fail in numpy with a bare ValueError."""
+    keys = [pm.hf_key.format(i=i) for i in range(n_layers)] if pm.stacked else [pm.hf_key]
+    ours = spec.shape[1:] if pm.stacked else spec.shape
+    want = jax.eval_shape(pm.to_hf, jax.ShapeDtypeStruct(ours, np.float32)).shape
+    for key in keys:
+        if folder.shape(key) != tuple(want):
+            raise CheckpointError(
+                f"{folder.key_to_file[key]}: tensor {key!r} of shape {folder.shape(key)} does "
+                f"not fit the config (expects {tuple(want)})"
+            )
     if pm.stacked:
-        keys = [pm.hf_key.format(i=i) for i in range(n_layers)]
         return np.stack([pm.to_ours(folder.read(k)) for k in keys]), keys[0]
     return pm.to_ours(folder.read(pm.hf_key)), pm.hf_key
 
@@ -90,7 +104,7 @@ def import_hf(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = None):
     for pm in maps:
         spec = _get(target, pm.path)
         n_layers = _num_layers(cfg, pm)
-        host, first_key = _host_value(tensors, pm, n_layers)
+        host, first_key = _host_value(tensors, pm, n_layers, spec)
         if host.shape != spec.shape:
             raise CheckpointError(
                 f"{tensors.key_to_file[first_key]}: tensor {first_key!r} does not fit the config "

@@ -51,11 +51,15 @@ def load_agent(path: str | Path) -> Sampler:
 
 
 def _check_row(row: dict, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: row is not a JSON object")
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: empty question")
     image = row.get("image")
     if image is not None:
+        if not isinstance(image, str) or not image:
+            raise DataError(f"{where}: image {image!r} is not a path")
         _check_image(Path(image), where)
     return {"id": row.get("id", where), "question": question.strip(), "image": image}
 
@@ -68,7 +72,13 @@ def _check_image(path: Path, where: str) -> None:
     try:
         with Image.open(path) as im:
             im.load()
-    except (UnidentifiedImageError, OSError) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        EOFError,
+        Image.DecompressionBombError,
+    ) as e:
         raise DataError(f"{where}: image {path} is unreadable ({e.__class__.__name__})") from None
 
 

@@ -425,8 +425,28 @@ def heldout_rewards(
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The JSON objects of a JSONL file (a pair file, a run's own records); a missing
+    file or a bad line is a one-line DataError naming the file and line."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    rows = []
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -561,9 +581,9 @@ def train_dpo(
     tok, proc = aux_dirs(cfg.train.init)
     if tok is None:
         raise ConfigError(f"{cfg.train.init}: checkpoint has no tokenizer (needed for pairs)")
+    records = read_jsonl(pairs_path)  # a bad pair file fails before the run dir exists
     run = Path(cfg.train.workdir)
     run.mkdir(parents=True, exist_ok=True)
-    records = read_jsonl(pairs_path)
     if not records:
         raise ConfigError(f"{pairs_path}: no preference pairs")
     data = PairData.for_checkpoint(cfg, model_cfg, tok, root)

@@ -199,9 +199,18 @@ class Trainer:
         self.manager.save(step, args=args, force=force)
 
     def _restore_step(self, step: int) -> dict:
+        from insightv_jax.checkpoint import check_fits, check_orbax_item
+
         a = self.program.abstract_state
         model = SFTProgram.full_params(a)
         train = {"opt": a["opt"], "step": a["step"], "skipped": a["skipped"]}
+        # Every item is checked before orbax reads any: a truncated file then costs one
+        # warning line, not a restore that fails amid its own background reads.
+        step_dir = self.run_dir / "checkpoints" / str(step)
+        check_fits(step_dir / "model", check_orbax_item(step_dir / "model"), model)
+        check_orbax_item(step_dir / "train")
+        if (step_dir / "data").is_dir():
+            check_orbax_item(step_dir / "data")
         args = ocp.args.Composite(
             model=ocp.args.StandardRestore(model),
             train=ocp.args.StandardRestore(train),
@@ -223,20 +232,38 @@ class Trainer:
         }
 
     def restore_latest(self) -> dict | None:
-        """The newest checkpoint that restores; corrupt ones are reported and moved aside."""
+        """The newest checkpoint that restores; corrupt ones are moved aside
+        (`<step>.corrupt`) and reported in one warning line each, naming the step
+        resumed from instead. A checkpoint that does not fit the config is the
+        config's fault: an error, and nothing is moved."""
+        from insightv_jax.checkpoint import CheckpointMismatch
+
         steps = sorted(self.manager.all_steps(), reverse=True)
+        corrupt: list[tuple[int, str]] = []
         for step in steps:
             try:
                 state = self._restore_step(step)
-            except Exception as e:  # orbax raises many types; one line
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                self.print(f"warning: checkpoint step {step} does not restore ({first}); ")
+            except CheckpointMismatch:  # moving it aside would lose a good checkpoint
+                raise
+            except (CheckpointError, ValueError, OSError, KeyError) as e:  # orbax's read errors
+                corrupt.append((step, (str(e).strip().splitlines() or [type(e).__name__])[0]))
                 self._quarantine(step)
                 continue
-            self.print(f"resumed from {self.run_dir / 'checkpoints' / str(step)}")
+            where = self.run_dir / "checkpoints"
+            for bad, why in corrupt:
+                self.print(
+                    f"warning: checkpoint step {bad} does not restore ({why[:300]}); moved to "
+                    f"{where / f'{bad}.corrupt'}, resuming from step {step}"
+                )
+            if not corrupt:
+                self.print(f"resumed from {where / str(step)}")
             return state
         if steps:
-            raise CheckpointError(f"{self.run_dir}: no checkpoint restores (tried {steps})")
+            step, why = corrupt[0]
+            raise CheckpointError(
+                f"{self.run_dir}: no checkpoint restores (steps {steps} moved to <step>.corrupt; "
+                f"step {step}: {why[:300]})"
+            )
         return None
 
     def _quarantine(self, step: int) -> None:
