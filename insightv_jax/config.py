@@ -292,7 +292,7 @@ class DataConfig:
             )
 
 
-SUMMARY_MIX_KEYS = ("high", "mid", "low", "wrong", "general", "agent")
+SUMMARY_MIX_KEYS = ("high", "mid", "low", "wrong", "general", "agent", "slip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +348,7 @@ class PipelineConfig:
     summary_mix: dict[str, float] = dataclasses.field(
         default_factory=lambda: {
             "high": 1.0, "mid": 1.0, "low": 1.0, "wrong": 1.0, "general": 1.0, "agent": 1.0,
+            "slip": 0.0,
         }
     )  # fmt: skip
     # the reasoning agent's own chains for the summary set (`insightv agent-chains`,

@@ -329,7 +329,9 @@ class Demo:
         if parallel < 2 or len(jobs) < 2:
             for name, d in jobs.items():
                 (cfg_dir / f"{name}.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
-                self.say(f"  sft {name}: {d['train'].get('steps')} steps")
+                steps = d["train"].get("steps")
+                budget = f"{steps} steps" if steps else f"{d['train'].get('epochs', 1)} epoch(s)"
+                self.say(f"  sft {name}: {budget}")
                 with _redirect(self.out):
                     run_sft(from_dict(RunConfig, d))
                 _check_finished(name, d)

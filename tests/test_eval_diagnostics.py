@@ -122,9 +122,15 @@ def test_run_mode_judges_the_chains_claims(tmp_path):
     assert all(r.chain_kind is None for r in res) and res[0].chain == CHAINS["1"]
     d = diagnostics(res)
     assert cells(d) == (5, 1, 2, 1, 1) and d["overturn_rate"] == pytest.approx(2 / 3)
-    # other modes do not judge chains, whatever the reply carries
-    for mode in ("direct", "cot"):
-        assert all(r.chain_correct is None for r in run_mode(mode, items, chain_replies))
+    # direct answers have no chain to judge, whatever the reply carries
+    assert all(r.chain_correct is None for r in run_mode("direct", items, chain_replies))
+    # a CoT reply's chain is the text inside <thoughts>, judged by its own claim
+    cot = run_mode("cot", items, lambda its: [
+        f"<thoughts>\n{CHAINS[it.id]}\n</thoughts>\n<output>{ANSWERS[it.id]}</output>"
+        for it in its])  # fmt: skip
+    assert [r.chain for r in cot] == [CHAINS[it.id].strip() for it in items]
+    # (item 5's chain states no answer: judged by the CoT model's own <output>, "square")
+    assert [r.chain_correct for r in cot] == [True, False, True, False, False]
     # a reply without a chain (a scripted answer) leaves the chain unjudged
     bare = run_mode("two_agent", items, lambda its: [{"answer": ANSWERS[it.id]} for it in its])
     assert all(r.chain_correct is None for r in bare)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -228,3 +229,40 @@ def test_cli_stages_and_bad_input(suite, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.json'}: file not found"
     assert cli.main(["build", *base, f"pipeline.out={tmp_path / 'empty'}"]) == 1
     assert "no shard-*.jsonl files" in capsys.readouterr().err
+
+
+def test_summary_set_takes_agent_chains_verbatim_and_slips(suite, oracle_run, tmp_path):
+    import random
+
+    from insightv_jax.pipeline.build import arithmetic_slip, build_sets
+    from insightv_jax.pipeline.generate import load_queries
+
+    rng = random.Random(0)
+    chain = "Count: red squares: 1\nCount: blue circles: 2\nCompute: 1 + 2 = 3\nAnswer: answer 3"
+    slipped = arithmetic_slip(chain, rng)
+    assert slipped in (chain.replace("3", "2"), chain.replace("3", "4"))  # carried to the answer
+    assert arithmetic_slip("Count: red squares: 1\nAnswer: answer 1", rng) is None
+    assert arithmetic_slip("Compute: 1 + 2 = 4", rng) is None  # already wrong: no slip to add
+
+    cfg, out, _, _ = oracle_run
+    queries = load_queries(cfg.pipeline.data)
+    assessed = read_shards(out / "assess")
+    agent = [
+        {"key": f"{q['id']}#a0", "id": q["id"], "sample": 0, "image": q.get("image"),
+         "question": q["question"], "answer": q["answer"], "correct": i % 2 == 0,
+         "chain": f"Look: agent chain {i}\nAnswer: answer {q['answer']}"}
+        for i, q in enumerate(queries[:10])
+    ]  # fmt: skip
+    mix = {"high": 1.0, "mid": 0.0, "low": 0.0, "wrong": 0.0, "general": 0.0, "agent": 1.0,
+           "slip": 1.0}  # fmt: skip
+    p = dataclasses.replace(cfg.pipeline, summary_mix=mix)
+    _, _, summary, _, counts = build_sets(assessed, queries, p, 0, agent)
+    assert counts["summary"]["agent"] == 10 and counts["agent_chains"] == {"chains": 10, "right": 5}
+    users = {r["id"]: r["conversations"][0]["value"] for r in summary}
+    answers = {r["id"]: r["conversations"][1]["value"] for r in summary}
+    for a in agent:  # the agent's chain text verbatim, answered with the ground truth
+        assert a["chain"] in users[f"{a['id']}-a0"] and answers[f"{a['id']}-a0"] == a["answer"]
+    slips = [k for k in users if k.endswith("-slip")]
+    assert len(slips) == counts["summary"]["slip"] > 0
+    truth = {q["id"]: q["answer"] for q in queries}
+    assert all(answers[k] == truth[k[: -len("-slip")]] for k in slips)

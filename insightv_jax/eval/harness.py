@@ -42,6 +42,17 @@ def cot_answer(text: str) -> str:
     return text[end + len("</thoughts>") :].strip() if end >= 0 else text.strip()
 
 
+def cot_chain(text: str) -> str:
+    """The chain of a `<thoughts>…</thoughts><output>…</output>` reply: the text inside
+    <thoughts> (up to <output> when the closing tag is missing)."""
+    start = text.find("<thoughts>")
+    body = text[start + len("<thoughts>") :] if start >= 0 else text
+    for tag in ("</thoughts>", "<output>"):
+        if tag in body:
+            body = body[: body.find(tag)]
+    return body.strip()
+
+
 def _plain_number(text: str) -> str:
     num = extract_number(text)
     return text if num is None else format(num, "f").rstrip("0").rstrip(".")
@@ -114,6 +125,11 @@ def run_mode(
                     result,
                     chain_correct=judge_chain(item, chain, reply.get("chain_answer"), seed),
                     chain_kind=reply.get("chain_kind"),
+                )
+            elif mode == "cot":  # the CoT model's chain, judged like a reasoning agent's
+                chain = cot_chain(raw)
+                result = dataclasses.replace(
+                    result, chain=chain, chain_correct=judge_chain(item, chain, text, seed)
                 )
             results.append(result)
         done = start + len(batch)

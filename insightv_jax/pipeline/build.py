@@ -4,9 +4,10 @@ Writes to `<out>/build/`:
   reasoning.json  best correct path per question -> `<thoughts>` (no answer)
   cot.json        the same chains + `<output>{answer}</output>` (CoT baseline)
   summary.json    (question, path of bucket high/mid/low/wrong) -> correct
-                  answer, mixed with general QA and the reasoning agent's own chains
+                  answer, mixed with general QA, the reasoning agent's own chains
                   (`<out>/agent_chains/`, written by `insightv agent-chains`, if
-                  present) at `summary_mix` ratios
+                  present) and right chains given an arithmetic slip (`slip`:
+                  an error the text itself shows) at `summary_mix` ratios
   pairs.jsonl     preference pairs, best vs worst (`build_preference_pairs`)
   manifest.json   counts, drop reasons and the image root of the sets
   prompts.json    the wording of the sets (SFT runs on them carry it on)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -134,6 +136,43 @@ def _mix(pools: dict[str, list], weights: dict[str, float], rng: random.Random) 
     return out
 
 
+_ARITHMETIC = re.compile(r"(?<!\d)(?<!\d\.)(\d+) ([+-]) (\d+) = (\d+)(?!\d|\.\d)")
+
+
+def arithmetic_slip(chain: str, rng: random.Random) -> str | None:
+    """`chain` with its last arithmetic result off by one and the wrong value carried
+    into the rest of the chain (as a real slip propagates to the answer), or None if
+    the chain has no correct `a + b = c` / `a - b = c` step. The error is visible in
+    the chain's own text: a summary agent can catch it without the image."""
+    steps = list(_ARITHMETIC.finditer(chain))
+    if not steps:
+        return None
+    m = steps[-1]
+    a, op, b, result = int(m[1]), m[2], int(m[3]), int(m[4])
+    if result != (a + b if op == "+" else a - b):
+        return None
+    wrong = result + rng.choice((-1, 1)) if result > 0 else result + 1
+    later = re.sub(rf"(?<!\d)(?<!\d\.){result}(?!\d|\.\d)", str(wrong), chain[m.end(4) :])
+    return chain[: m.start(4)] + str(wrong) + later
+
+
+def _slip_pool(assessed: list[dict], by_id: dict, prompts: Prompts, seed: int) -> list[dict]:
+    """(question, a right chain with an arithmetic slip) -> the correct answer: one per
+    question whose best right chain has arithmetic (the summary agent learns to check
+    what the text shows instead of copying the chain's answer)."""
+    rng = random.Random(f"slip/{seed}")
+    out = []
+    for rec in assessed:
+        best = _best(rec["samples"])
+        slipped = arithmetic_slip(best["chain"], rng) if best else None
+        if slipped is None:
+            continue
+        q = {**by_id.get(rec["id"], {}), "image": rec.get("image")}
+        user = _user(q, summary_question(rec["question"], slipped, prompts))
+        out.append(_conversation(q, f"{rec['id']}-slip", user, str(rec["answer"])))
+    return out
+
+
 def _agent_pool(agent_chains: list[dict], by_id: dict, prompts: Prompts) -> list[dict]:
     """(question, the reasoning agent's own chain, verbatim) -> the correct answer
     (METHOD §3: aligns the summary agent with the chains it will read)."""
@@ -180,6 +219,8 @@ def build_sets(
         cot.append(_conversation(q, f"{q['id']}-cot", user, answer))
     pools["general"] = _general_pool(cfg, [by_id[r["id"]] for r in assessed if r["id"] in by_id])
     pools["agent"] = _agent_pool(agent_chains or [], by_id, prompts)
+    if cfg.summary_mix.get("slip", 0) > 0:
+        pools["slip"] = _slip_pool(assessed, by_id, prompts, seed)
     rng = random.Random(f"build/{seed}")
     mixed = _mix(pools, dict(cfg.summary_mix), rng)
     summary = [r for k in MIX_KEYS for r in mixed[k]]

@@ -311,6 +311,11 @@ def run_iterate(
         return agents[path]
 
     summary_path = d.summary or cfg.train.init
+    # the agents' own wording (their prompts.json) unless the config sets other prompts
+    from insightv_jax.checkpoint import agent_prompts
+
+    prompts = agent_prompts(cfg.pipeline.prompts, cfg.train.init, summary_path)
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, prompts=prompts))
 
     def evaluate(policy: str) -> Callable[[], dict]:
         return lambda: heldout_accuracy(cfg, agent(policy), agent(summary_path), held_out,
