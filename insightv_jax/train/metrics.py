@@ -142,7 +142,8 @@ class MetricsLogger:
                     f.write(json.dumps({"step": step, **row}) + "\n")
             if self.writer is not None:
                 for key, value in row.items():
-                    self.writer.add_scalar(f"train/{key}", value, step)
+                    if value is not None:  # MFU without a measured peak
+                        self.writer.add_scalar(f"train/{key}", value, step)
                 self.writer.flush()
         self.reset_clock()
         return row
