@@ -341,8 +341,8 @@ def chain_token_logps(
 
 
 def preference_stats(logps: np.ndarray, ref: np.ndarray, dpo: DPOConfig) -> dict:
-    """The configured preference loss (DPOP penalty included, no CE term), reward
-    accuracy (margin > 0; ties count as wrong) and mean reward margin β·Δ of
+    """The configured preference loss (DPOP penalty included, no CE term), the plain
+    DPO term, reward accuracy (margin > 0; ties count as wrong) and mean margin β·Δ of
     pairs with summed log-probs `logps` and reference `ref`, both (n, 2)."""
     columns = (jnp.asarray(x) for x in (logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1]))
     losses = dpo_pair_losses(
@@ -351,8 +351,12 @@ def preference_stats(logps: np.ndarray, ref: np.ndarray, dpo: DPOConfig) -> dict
     )  # fmt: skip
     per_pair, rw_c, rw_r = (np.asarray(x, np.float64) for x in losses)
     margin = rw_c - rw_r
+    # the plain DPO term alone, -log σ(β·Δ): below ln 2 exactly when the margins lean
+    # right, whatever a DPOP penalty adds to the configured loss
+    plain = np.logaddexp(0.0, -margin) if dpo.loss == "sigmoid" else per_pair
     return {
         "pref_loss": float(per_pair.mean()),
+        "dpo_loss": float(plain.mean()),
         "reward_accuracy": float(np.mean(margin > 0)),
         "reward_margin": float(margin.mean()),
     }
@@ -395,6 +399,7 @@ def round_probe(
         "probe_pairs": len(end),
         "pref_loss_start": first["pref_loss"],
         "pref_loss_end": last["pref_loss"],
+        "dpo_loss_end": last["dpo_loss"],
         "reward_accuracy_end": last["reward_accuracy"],
         "reward_margin_end": last["reward_margin"],
         "logp_chosen_change": float(np.mean(end[:, 0] - start[:, 0])),

@@ -380,6 +380,7 @@ def run_iterate(
             # the probe (train/dpo.py round_probe), on the round's own pairs and chains
             "pref_loss_start": metrics.get("pref_loss_start"),
             "pref_loss_end": metrics.get("pref_loss_end"),
+            "dpo_loss_end": metrics.get("dpo_loss_end"),
             "reward_accuracy": metrics.get("reward_accuracy_end"),
             "reward_margin": metrics.get("reward_margin_end"),
             "logp_chosen_change": metrics.get("logp_chosen_change"),
@@ -404,6 +405,7 @@ COLUMNS = (
     ("steps", "steps", 5, "d"),
     ("loss_start", "pref_loss_start", 10, ".4f"),
     ("loss_end", "pref_loss_end", 8, ".4f"),
+    ("dpo_end", "dpo_loss_end", 7, ".4f"),
     ("reward_acc", "reward_accuracy", 10, ".3f"),
     ("margin", "reward_margin", 7, "+.3f"),
     ("dlogp_chosen", "logp_chosen_change", 12, "+.2f"),
@@ -417,7 +419,8 @@ COLUMNS = (
 def format_table(rows: list[dict], run: Path | None = None) -> str:
     """The per-round summary. train_sample_acc: the summary agent's accuracy on the
     round's training questions (M_t's samples); loss_start/end: the preference loss
-    on the round's pairs before the first / after the last update; reward_acc,
+    (DPOP penalty included) on the round's pairs before the first / after the last
+    update; dpo_end: the plain DPO term -log σ(β·Δ) after it; reward_acc,
     margin: at the end; dlogp_chosen: mean change of the chosen chains' log-prob;
     kl, k3: per-token KL(M_t‖M_t+1) on the round's sampled chains; val_*: held-out
     chain and two-agent accuracy after the round (round 0: M_1)."""
