@@ -304,8 +304,12 @@ class Demo:
         section = {k: v for k, v in self.spec["pipeline"].items() if k != "questions"}
         section.update(data=str(self.data / "train.json"), out=str(self.ws / "pipeline"),
                        agent_reasoner=str(self.runs / "reason"))  # fmt: skip
-        cfg = from_dict(RunConfig, {"seed": self.spec.get("seed", 0), "pipeline": section})
+        spec = {"seed": self.spec.get("seed", 0), "pipeline": section}
+        cfg = from_dict(RunConfig, spec)
         cfg.validate()
+        # for reruns by hand: `insightv agent-chains|build --config D/configs/pipeline.yaml`
+        (self.ws / "configs").mkdir(parents=True, exist_ok=True)
+        (self.ws / "configs" / "pipeline.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         with _redirect(self.out):
             stats = run_agent_chains(cfg, progress_file=open(os.devnull, "w"))
         counts = run_build(cfg)
