@@ -164,7 +164,11 @@ def _eval(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     evaluate(cfg)
-    print(f"report written to {cfg.eval.out}/report.json (+ report.txt, report.png)")
+    if cfg.eval.decoding == "both":
+        print(f"reports written to {cfg.eval.out}/reference/ and {cfg.eval.out}/greedy/ "
+              f"(report.json, report.txt, report.png; both tables in {cfg.eval.out}/report.txt)")  # fmt: skip
+    else:
+        print(f"report written to {cfg.eval.out}/report.json (+ report.txt, report.png)")
 
 
 def _sft(args: argparse.Namespace) -> None:

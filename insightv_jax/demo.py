@@ -463,10 +463,11 @@ class Demo:
                         "summary": str(self.runs / "summary"), "chains": str(chains)})  # fmt: skip
         compare = [["cot", "base"], ["two_agent", "cot"], ["two_agent", "base"],
                    ["summary_corrupted", "base"]]  # fmt: skip
-        for t, policy in enumerate(self.round_policies() if with_dpo else [], 1):
+        rounds = self.round_policies() if with_dpo else []
+        for t, policy in enumerate(rounds, 1):
             systems.append({"name": f"two_agent_dpo{t}", "mode": "two_agent", "reason": policy,
                             "summary": str(self.runs / "summary")})  # fmt: skip
-        if len(systems) > 3:
+        if rounds:  # the last DPO round against the agents before DPO
             compare.append([systems[-1]["name"], "two_agent"])
         split = e.pop("split", "test")
         e.update(

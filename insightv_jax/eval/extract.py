@@ -133,16 +133,22 @@ def match(
     return Extracted(got, got == normalize_text(gt))
 
 
-_CLAIM = re.compile(r"\banswer(?:\s+is)?\s*[:\-]?\s*(.+?)\s*\.?\s*$", re.IGNORECASE)
+_CLAIM = re.compile(
+    r"^(?:[^:]*:\s*)?(?:so\s+)?(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:\-]?\s*(\S.*?)\s*\.?$",
+    re.IGNORECASE,
+)
 
 
 def chain_final_claim(chain: str) -> str | None:
-    """The answer a reasoning chain states itself, if its format has one: the last
-    line that says "answer X" / "the answer is X" (the synthetic chains end with an
-    `Answer: answer X` step). None when no line states an answer — then a caller
-    judges the chain by the summary agent's answer from it."""
-    for line in reversed([ln.strip() for ln in chain.strip().splitlines() if ln.strip()]):
-        m = _CLAIM.search(line.split(":", 1)[1] if ":" in line else line)
-        if m and m.group(1).strip():
-            return m.group(1).strip()
-    return None
+    """The answer a reasoning chain states itself, if its format has one: its last
+    line reads "answer X", "Answer: X", "Final answer: X" or "So the answer is X"
+    (after an optional step title; the synthetic chains end with `Answer: answer X`).
+    None when the last line states no answer (a chain cut short, or a format without
+    one) — then a caller judges the chain by the summary agent's answer from it."""
+    lines = [ln.strip() for ln in chain.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    m = _CLAIM.match(lines[-1])
+    if m is None or not any(ch.isalnum() for ch in m.group(1)):
+        return None
+    return m.group(1).strip()

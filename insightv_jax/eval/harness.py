@@ -331,7 +331,7 @@ def load_benchmarks(cfg) -> dict[str, list[EvalItem]]:
     return out
 
 
-def _files_stamp(path: str | None) -> list:
+def files_stamp(path: str | None) -> list:
     """(relative path, size, mtime) of every file under `path`: a checkpoint or
     chains file that is rewritten gets a new stamp."""
     if not path:
@@ -355,7 +355,7 @@ def system_fingerprint(system, cfg, prompts, benches: dict[str, list[EvalItem]])
     sampling settings, prompts, seed and batch size, and the questions asked."""
     parts = {
         "system": dataclasses.asdict(system),
-        "files": {k: _files_stamp(getattr(system, k)) for k in ("model", "reason", "summary", "chains")},
+        "files": {k: files_stamp(getattr(system, k)) for k in ("model", "reason", "summary", "chains")},
         "sampling": dataclasses.asdict(cfg.sampling),
         "prompts": prompts,
         "seed": cfg.seed,

@@ -24,7 +24,8 @@ def read_correct(predictions: str | Path) -> dict[str, dict[str, bool]]:
     for line in Path(predictions).read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            out.setdefault(row["system"], {})[str(row["id"])] = bool(row["correct"])
+            key = f"{row.get('benchmark', '')}/{row['id']}"  # ids repeat across benchmarks
+            out.setdefault(row["system"], {})[key] = bool(row["correct"])
     return out
 
 
@@ -41,6 +42,8 @@ def ordering(
     for per_system in seeds:
         if a in per_system and b in per_system:
             ids = sorted(set(per_system[a]) & set(per_system[b]))
+            if not ids:
+                continue
             xa = np.array([per_system[a][i] for i in ids], np.float64)
             xb = np.array([per_system[b][i] for i in ids], np.float64)
             pairs.append(xa - xb)

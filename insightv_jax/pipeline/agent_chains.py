@@ -24,7 +24,6 @@ import zlib
 from pathlib import Path
 
 from insightv_jax.config import ConfigError, RunConfig
-from insightv_jax.data.prompts import read_prompts
 from insightv_jax.eval.extract import chain_final_claim
 from insightv_jax.pipeline.backends import make_judge
 from insightv_jax.pipeline.generate import load_queries, resolve_shard
@@ -41,8 +40,31 @@ def _block_seed(seed: int, first_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(first_id.encode())) % (1 << 31)
 
 
+def _check_settings(out: Path, p, prompts) -> None:
+    """Chains already in `out` must come from the same reasoner and sampling: a rerun
+    after the agent was retrained must not reuse the old agent's chains unnoticed."""
+    from insightv_jax.eval.harness import files_stamp
+
+    settings = {
+        "reasoner": str(Path(p.agent_reasoner).resolve()),
+        "reasoner_files": files_stamp(p.agent_reasoner),
+        "temperature": p.agent_temperature, "top_p": p.agent_top_p,
+        "max_tokens": p.agent_max_tokens, "prompts": dataclasses.asdict(prompts),
+    }  # fmt: skip
+    path = out / "settings.json"
+    text = json.dumps(settings, sort_keys=True, indent=1) + "\n"
+    if path.is_file() and path.read_text() != text and any(out.glob("shard-*.jsonl")):
+        raise ConfigError(
+            f"{out}: holds chains of another reasoner or sampling setting ({path}); "
+            "move the folder away to sample afresh"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def run_agent_chains(cfg: RunConfig, progress_file=None) -> dict:
     """Sample, judge and append the missing agent chains of this process's queries."""
+    from insightv_jax.checkpoint import agent_prompts
     from insightv_jax.sample.infer import load_agent
     from insightv_jax.sample.reasoning import sample_chains, summary_answer
     from insightv_jax.sample.sampler import SamplingParams
@@ -55,7 +77,7 @@ def run_agent_chains(cfg: RunConfig, progress_file=None) -> dict:
         queries = queries[: p.agent_questions]
     shard, num_shards = resolve_shard(p)
     mine = my_share(queries, shard, num_shards)
-    prompts = read_prompts(p.agent_reasoner) or p.prompts
+    prompts = agent_prompts(p.prompts, p.agent_reasoner, p.agent_summary)
     reasoner = load_agent(p.agent_reasoner)
     summarizer = load_agent(p.agent_summary) if p.agent_summary else None
     judge = make_judge(p, cfg.seed)
@@ -64,6 +86,7 @@ def run_agent_chains(cfg: RunConfig, progress_file=None) -> dict:
     per_block = max(1, p.agent_batch // p.agent_samples)
     blocks = [mine[i : i + per_block] for i in range(0, len(mine), per_block)]
     out = Path(p.out) / "agent_chains"
+    _check_settings(out, p, prompts)
     written = right = no_claim = 0
     t0 = time.perf_counter()
     with ShardWriter(shard_path(out, shard, num_shards)) as writer:

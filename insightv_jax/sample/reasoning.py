@@ -260,6 +260,9 @@ def sample_chains(
     state = _repeat(state, num_samples)
     _, out = reasoner.decode(state, params)
     rows = reasoner.unpack(out, params)
+    for r in rows:  # drop an end-of-turn token from the text, as generate_encoded does
+        if r["tokens"] and r["tokens"][-1] in ends:
+            r["text"] = reasoner.tokenizer.decode(r["tokens"][:-1], skip_special_tokens=False)
     chains = [
         {
             "chain": extract_chain(r["text"]).replace(IMAGE_MARKER, "").strip(),

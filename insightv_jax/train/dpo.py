@@ -622,7 +622,13 @@ def train_dpo(
         need_ref = d.loss != "ref_free"
         ref_params = None
         train_path = pairs_path
-        if need_ref and d.ref_logps == "precomputed" and not all("ref_logps" in r for r in records):
+        # reference log-probs the pair file carries count only if they were scored the
+        # same way (truncated at the divergence or not)
+        carried = all(
+            "ref_logps" in r and bool(r.get("ref_truncated", False)) == data.truncate
+            for r in records
+        )
+        if need_ref and d.ref_logps == "precomputed" and not carried:
             train_path = run / "pairs_ref.jsonl"
             if not _ref_file_matches(train_path, data.truncate):
                 ref_params = full_params_of(ref_path, mesh)

@@ -83,7 +83,7 @@ def question_block(n: int, t: int, per_round: int, seed: int) -> tuple[list[int]
     order = list(range(n))
     random.Random(f"questions/{seed}").shuffle(order)
     start = (t - 1) * k
-    return [order[(start + i) % n] for i in range(k)], start + k > n
+    return [order[(start + i) % n] for i in range(k)], k < n and start + k > n
 
 
 def round_questions(cfg: RunConfig, rd: Path, t: int, items: list[dict], print_fn) -> list[dict]:

@@ -91,13 +91,18 @@ class TrainResult:
 
 def training_prompts(cfg: RunConfig):
     """The wording the run trains with: the prompts its data was built with (the
-    `prompts.json` that `insightv build` writes beside the sets), else the config's."""
-    from insightv_jax.data.prompts import read_prompts
+    `prompts.json` that `insightv build` writes beside the sets), else the config's
+    when it sets any, else those of the checkpoint it starts from."""
+    from insightv_jax.data.prompts import DEFAULT_PROMPTS, read_prompts
 
     if cfg.train.data:
         built = read_prompts(Path(cfg.train.data).parent)
         if built is not None:
             return built
+    if cfg.pipeline.prompts == DEFAULT_PROMPTS and cfg.train.init:
+        started = read_prompts(cfg.train.init)  # e.g. DPO from an agent: its wording
+        if started is not None:
+            return started
     return cfg.pipeline.prompts
 
 
