@@ -479,6 +479,32 @@ def test_bad_pair_file(name, model_dir, tmp_path, capsys):
     _assert_one_error(result, needle, out_path=run)
 
 
+EVAL_FILES = {
+    "benchmark-non-utf8": ("bench", b'{"id": "q\xff", "question": "?", "answer": "1"}\n',
+                           "bench.jsonl: not valid UTF-8"),
+    "chains-non-utf8": ("chains", b'{"id": "q1", "chain": "\xff"}\n',
+                        "chains.jsonl: not valid UTF-8"),
+    "chains-malformed": ("chains", b'{"id": "q1", \n', "chains.jsonl:1: not a {id, chain} record"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(EVAL_FILES))
+def test_bad_eval_file(name, model_dir, tmp_path, capsys):
+    which, content, needle = EVAL_FILES[name]
+    bench, chains = tmp_path / "bench.jsonl", tmp_path / "chains.jsonl"
+    bench.write_bytes(b'{"id": "q1", "question": "how many?", "answer": "1"}\n')
+    chains.write_bytes(b'{"id": "q1", "chain": "Answer: answer 1"}\n')
+    (bench if which == "bench" else chains).write_bytes(content)
+    out = tmp_path / "report"
+    config = _yaml(tmp_path, "eval.yaml", f"""eval:
+  benchmarks: [{{path: {bench}, name: b}}]
+  systems: [{{name: s, mode: given_chain, summary: {model_dir}, chains: {chains}}}]
+  out: {out}
+""")  # fmt: skip
+    result = _run(capsys, "eval", "--config", str(config))
+    _assert_one_error(result, needle, out_path=out, allow=("eval: ",))  # progress lines
+
+
 # JAX, XLA and absl may print these when a process starts; they are not ours.
 STARTUP = re.compile(r"^(WARNING: All log messages before absl|[IWE]\d{4} |An NVIDIA GPU may)")
 

@@ -253,7 +253,11 @@ def given_chain_answer_fn(system, sampling, prompts=None, seed: int = 0) -> Answ
     if not path.is_file():
         raise DataError(f"{system.name}: chains file {system.chains!r} not found")
     chains, kinds = {}, {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)

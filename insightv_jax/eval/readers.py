@@ -319,7 +319,10 @@ def read_benchmark(
         name = name or "synthetic"
     name = name or path.stem
     root = Path(image_root) if image_root else path.parent
-    records = READERS[layout](path)
+    try:
+        records = READERS[layout](path)
+    except UnicodeDecodeError as e:  # a benchmark file that is not UTF-8 text
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     if limit > 0:
         records = records[:limit]
     items: list[EvalItem] = []
