@@ -195,15 +195,7 @@ def two_agent_answer(
     `images[i]` lists question i's images (empty for text-only questions).
     """
     images = images or [()] * len(questions)
-    renc = encoder_of(reasoner)
-    r_in = [
-        renc.prompt(
-            [{"role": "user", "content": _with_image(reasoning_question(q, prompts), images[i])}],
-            images[i],
-            f"question {i}",
-        )
-        for i, q in enumerate(questions)
-    ]
+    r_in = _reasoning_prompts(reasoner, questions, prompts, images)
     r_params = dataclasses.replace(
         reason_params, stop_strings=tuple(reason_params.stop_strings) + ("</thoughts>",)
     )
@@ -238,14 +230,7 @@ def sample_chains(
     text inside <thoughts>, as the summary agent will read it)."""
     images = images or [()] * len(questions)
     enc = encoder_of(reasoner)
-    encoded = [
-        enc.prompt(
-            [{"role": "user", "content": _with_image(reasoning_question(q, prompts), images[i])}],
-            images[i],
-            f"question {i}",
-        )
-        for i, q in enumerate(questions)
-    ]
+    encoded = _reasoning_prompts(reasoner, questions, prompts, images)
     ends = tuple(enc.end_of_turn())
     params = dataclasses.replace(
         params,
@@ -298,6 +283,19 @@ def summary_answer(
     return [
         {"answer": s["text"].strip(), "chain": c}
         for s, c in zip(generate_encoded(summarizer, s_in, params), chains)
+    ]
+
+
+def _reasoning_prompts(reasoner: Sampler, questions, prompts: Prompts, images) -> list:
+    """The reasoning agent's encoded user turns (the question in its trained wording)."""
+    enc = encoder_of(reasoner)
+    return [
+        enc.prompt(
+            [{"role": "user", "content": _with_image(reasoning_question(q, prompts), images[i])}],
+            images[i],
+            f"question {i}",
+        )
+        for i, q in enumerate(questions)
     ]
 
 

@@ -159,6 +159,34 @@ def chunked_sequence_nll(
     each rematerialised, so fp32 logits for the whole vocabulary and sequence
     never exist at once. A response's summed log-prob is `-nll`.
     """
+    hs, ts = _token_chunks(hidden, targets, chunk)
+    B = hidden.shape[0]
+
+    @jax.checkpoint
+    def one(h, t):
+        return jnp.sum(_chunk_nll(logits_fn, h, t), axis=-1)
+
+    def body(total, xs):
+        return total + one(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((B,), jnp.float32), (hs, ts))
+    count = jnp.sum(targets != IGNORE, axis=-1).astype(jnp.float32)
+    return total, count
+
+
+def _chunk_nll(logits_fn, h: jax.Array, t: jax.Array) -> jax.Array:
+    """Per-token NLL (B, chunk) fp32 of one chunk; 0 where the target is IGNORE."""
+    logits = logits_fn(h).astype(jnp.float32)
+    valid = t != IGNORE
+    safe = jnp.where(valid, t, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, lse - picked, 0.0)
+
+
+def _token_chunks(hidden: jax.Array, targets: jax.Array, chunk: int):
+    """`hidden` (B, T, D) and `targets` (B, T) as (n, B, chunk, ·) chunks along the
+    sequence, the last one padded (targets with IGNORE), for a scan over chunks."""
     B, T, D = hidden.shape
     chunk = max(1, min(chunk, T))
     n = -(-T // chunk)
@@ -168,22 +196,7 @@ def chunked_sequence_nll(
         targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
     hs = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)
     ts = targets.reshape(B, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(h, t):
-        logits = logits_fn(h).astype(jnp.float32)
-        valid = t != IGNORE
-        safe = jnp.where(valid, t, 0)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(valid, lse - picked, 0.0), axis=-1)
-
-    def body(total, xs):
-        return total + one(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((B,), jnp.float32), (hs, ts))
-    count = jnp.sum(targets != IGNORE, axis=-1).astype(jnp.float32)
-    return total, count
+    return hs, ts
 
 
 def chunked_token_nll(
@@ -198,27 +211,14 @@ def chunked_token_nll(
     chunking): estimators that work token by token, such as the k3 KL estimate,
     need the terms before they are summed.
     """
-    B, T, D = hidden.shape
-    chunk = max(1, min(chunk, T))
-    n = -(-T // chunk)
-    pad = n * chunk - T
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
-    hs = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)
-    ts = targets.reshape(B, n, chunk).swapaxes(0, 1)
+    hs, ts = _token_chunks(hidden, targets, chunk)
+    B = hidden.shape[0]
 
     def body(carry, xs):
-        h, t = xs
-        logits = logits_fn(h).astype(jnp.float32)
-        valid = t != IGNORE
-        safe = jnp.where(valid, t, 0)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-        return carry, jnp.where(valid, lse - picked, 0.0)
+        return carry, _chunk_nll(logits_fn, *xs)
 
     _, nll = jax.lax.scan(body, None, (hs, ts))  # (n, B, chunk)
-    return nll.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    return nll.swapaxes(0, 1).reshape(B, -1)[:, : hidden.shape[1]]
 
 
 # ------------------------------------------------------------------ DPO family
