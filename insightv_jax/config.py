@@ -211,7 +211,7 @@ TRAINABLE_PARTS = ("vision", "projector", "llm")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Supervised fine-tuning (the `train:` section): optimiser, schedule, batch,
-    checkpointing and logging. Defaults follow METHOD.md §5."""
+    checkpointing and logging. Defaults follow docs/method.md."""
 
     lr: float = 1e-5
     warmup_fraction: float = 0.05
@@ -297,7 +297,7 @@ SUMMARY_MIX_KEYS = ("high", "mid", "low", "wrong", "general", "agent", "slip")
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """Data generation (`insightv generate | assess | build`, METHOD.md §1–3).
+    """Data generation (`insightv generate | assess | build`, docs/method.md).
 
     Each role (generator, judge, scorer) names its backend; `openai` reads the
     API key from the environment variable `api_key_env` (never from a config).
@@ -325,7 +325,7 @@ class PipelineConfig:
     scorer_checkpoint: str | None = None
     step_tokens: int = 256  # local backend: new tokens per constrained step
     final_tokens: int = 256  # new tokens for the final-answer call
-    # sampling (METHOD.md §1, §2)
+    # sampling (docs/method.md)
     num_samples: int = 4
     temperature: float = 0.7
     top_p: float = 0.95
@@ -352,7 +352,7 @@ class PipelineConfig:
         }
     )  # fmt: skip
     # the reasoning agent's own chains for the summary set (`insightv agent-chains`,
-    # METHOD §3): sampled from `agent_reasoner` on the first `agent_questions` queries
+    # docs/method.md): sampled from `agent_reasoner` on the first `agent_questions` queries
     # (0 = all), `agent_samples` per question; judged by the chain's own final claim,
     # else by `agent_summary`'s greedy answer from it
     agent_reasoner: str | None = None
@@ -496,7 +496,7 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
     """Preference optimisation of the reasoning agent (`insightv dpo`) and the
-    iterative rounds (`insightv iterate`), METHOD.md §3, §5. The optimiser,
+    iterative rounds (`insightv iterate`), docs/method.md. The optimiser,
     batch (`train.global_batch` = pairs per step) and run directory come from
     `train:`; `train.init` is the policy to start from (M_1)."""
 

@@ -8,7 +8,7 @@ rerun skips finished stages, and an interrupted SFT resumes from its checkpoint)
   4 data       oracle generation (N chains per question) -> assess -> build
   5 agents     SFT of the reasoning agent and the CoT baseline, one budget for both
   6 chains     the reasoning agent's own chains on training questions, judged, added
-               to the summary set (pipeline/agent_chains.py, METHOD §3)
+               to the summary set (pipeline/agent_chains.py, docs/method.md)
   7 summary    SFT of the summary agent on that set
   8 dpo        iterative DPO of the reasoning agent (train/iterate.py)
   9 eval       base direct, CoT, two-agent, two-agent after each DPO round, the summary
@@ -324,7 +324,7 @@ class Demo:
 
     def _sft_jobs(self, jobs: dict[str, dict]) -> None:
         """Run SFT configs; with `parallel` >= 2, side by side as 1-thread
-        subprocesses pinned one per core (STACK.md: ~25% more throughput)."""
+        subprocesses pinned one per core (independent jobs: more throughput than one 2-thread process)."""
         from insightv_jax.train import run_sft
 
         parallel = int(self.spec.get("parallel", 1))

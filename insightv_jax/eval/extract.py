@@ -1,4 +1,4 @@
-"""Answer extraction and normalisation (METHOD.md §8), in one place.
+"""Answer extraction and normalisation (docs/method.md), in one place.
 
 Multiple choice: the option letter ("(A)", "A.", "A ", "A)") or the option text;
 unparseable -> a seeded random letter, flagged as a fallback so callers count it.

@@ -1,4 +1,4 @@
-"""Benchmark evaluation: systems answer EvalItems, answers are scored (METHOD.md §8).
+"""Benchmark evaluation: systems answer EvalItems, answers are scored (docs/method.md).
 
 The scoring modes are pure functions of the items and an `answer_fn(items) ->
 list[str | dict]` (a dict carries `answer` and, for two agents, `chain`), so

@@ -1,1 +1,1 @@
-"""The data-generation pipeline (METHOD.md §1–3): generate -> assess -> build."""
+"""The data-generation pipeline (docs/method.md): generate -> assess -> build."""

@@ -1,4 +1,4 @@
-"""Stage 2 (METHOD.md §2): judge every final answer, score the correct paths of
+"""Stage 2 (docs/method.md): judge every final answer, score the correct paths of
 each question together, bucket them; wrong-answer paths get the floor score.
 
 One record per query (key = query id) in `<out>/assess/shard-k-of-n.jsonl`:

@@ -1,4 +1,4 @@
-"""Stage 3 (METHOD.md §3): the training sets from the assessed chains.
+"""Stage 3 (docs/method.md): the training sets from the assessed chains.
 
 Writes to `<out>/build/`:
   reasoning.json  best correct path per question -> `<thoughts>` (no answer)
@@ -60,7 +60,7 @@ def build_preference_pairs(
     round: int = 0,
     prompts: Prompts | None = None,
 ) -> tuple[list[dict], dict]:
-    """Best-vs-worst preference pairs (METHOD.md §3) in data/pairs.py's format.
+    """Best-vs-worst preference pairs (docs/method.md) in data/pairs.py's format.
 
     `items`: queries (id, question, answer, optional image); each sample has
     `chain` (<thoughts> text or steps), `score` (wrong answers already at the
@@ -175,7 +175,7 @@ def _slip_pool(assessed: list[dict], by_id: dict, prompts: Prompts, seed: int) -
 
 def _agent_pool(agent_chains: list[dict], by_id: dict, prompts: Prompts) -> list[dict]:
     """(question, the reasoning agent's own chain, verbatim) -> the correct answer
-    (METHOD §3: aligns the summary agent with the chains it will read)."""
+    (docs/method.md: aligns the summary agent with the chains it will read)."""
     out = []
     for rec in sorted(agent_chains, key=lambda r: r["key"]):
         q = {**by_id.get(rec["id"], {}), "image": rec.get("image")}

@@ -1,4 +1,4 @@
-"""Stage 1 (METHOD.md §1): N reasoning chains per query, appended to JSONL shards.
+"""Stage 1 (docs/method.md): N reasoning chains per query, appended to JSONL shards.
 
 A record per (query id, sample index) — key "<id>#<sample>" — in
 `<out>/generate/shard-k-of-n.jsonl`; a rerun skips the keys already written, so

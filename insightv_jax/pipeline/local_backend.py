@@ -1,6 +1,6 @@
 """The `local` backend: our JAX models through the jitted sampler.
 
-The generator runs progressive generation (METHOD.md §1) with decoding
+The generator runs progressive generation (docs/method.md) with decoding
 constrained to the step schema, batched over questions × samples (the N
 samples of a question share one prefill); the judge and the scorer are
 free-text generations parsed like remote replies. Images go to the model when

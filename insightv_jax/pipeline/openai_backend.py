@@ -107,7 +107,7 @@ def _in_pool(fn, jobs: list, concurrency: int) -> Iterator[tuple[int, object]]:
 
 
 class OpenAIGenerator:
-    """Progressive step dialogues (METHOD.md §1) against a chat endpoint."""
+    """Progressive step dialogues (docs/method.md) against a chat endpoint."""
 
     def __init__(self, cfg: PipelineConfig, seed: int):
         self.cfg, self.seed, self.prompts = cfg, seed, cfg.prompts

@@ -1,12 +1,12 @@
 """Progressive long-chain generation and two-agent inference.
 
-Progressive generation (METHOD.md §1): a dialogue in which every assistant turn
+Progressive generation (docs/method.md): a dialogue in which every assistant turn
 is one JSON step. The N samples of a question share one prefill of the image
 and prompt (the cache row is copied N times); each later turn only appends its
 new tokens to the cache — the generated step is already there, so the next
 user turn is the only thing encoded — instead of re-encoding the dialogue.
 
-Two-agent inference (METHOD.md §6): the reasoning agent writes a chain inside
+Two-agent inference (docs/method.md): the reasoning agent writes a chain inside
 <thoughts>…</thoughts>; the summary agent reads question + chain and answers.
 
 Prompts are rendered with the tokenizer's own chat template, so the same code
