@@ -334,6 +334,7 @@ def loader_from_config(
     batch_size: int,
     image_tokens=16,
     count_tokens=None,
+    count_conversation=None,
     num_epochs: int | None = None,
     shard=None,
     pad_id: int = 0,
@@ -342,12 +343,12 @@ def loader_from_config(
     """A `Loader` from a `DataConfig` (config.py) and the dataset path (`train.data`).
 
     `batch_size` is per host; `image_tokens`/`count_tokens` make validation's
-    length check match the transform's tokenisation.
+    length check match the transform's tokenisation, `count_conversation` makes it exact.
     """
     source = open_source(path, split=cfg.split, root=cfg.image_root)
     limits = Limits(max_length=cfg.max_length, image_tokens=image_tokens)
     if count_tokens is not None:
-        limits = Limits(cfg.max_length, image_tokens, count_tokens, turn_overhead=1)
+        limits = Limits(cfg.max_length, image_tokens, count_tokens, 1, count_conversation)
     return Loader(
         source,
         transform,

@@ -131,9 +131,14 @@ class ChatTransform:
         def count_tokens(text: str) -> int:
             return len(conv.encode_text(tok, text))
 
+        def count_conversation(conversation: list[dict], image_counts: list[int]) -> int:
+            ids, _ = conv.render(to_messages(conversation), tok, self.template, list(image_counts))
+            return len(ids)
+
         return Limits(
             max_length=max_length,
             image_tokens=self.image_tokens if self.cfg.is_vlm else 0,
             count_tokens=count_tokens,
             turn_overhead=4,
+            count_conversation=count_conversation,
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from insightv_jax.data.sources import BadRecord, record_id
+from insightv_jax.errors import DataError
 
 IMAGE_TOKEN = "<image>"
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -37,12 +38,15 @@ class Limits:
     """What a record must fit: `image_tokens` per image (an int or a function of
     the image's (height, width)), `max_length` tokens after expansion, and a text
     token counter (`count_tokens`; default words+punctuation, plus 4 per turn for
-    the chat template)."""
+    the chat template). `count_conversation(conversation, image_token_counts)`, when
+    given, is exact (the transform's own rendering, system prompt and markers included)
+    and replaces the estimate."""
 
     max_length: int = 4096
     image_tokens: int | Callable[[tuple[int, int]], int] = 16
     count_tokens: Callable[[str], int] = approx_token_count
     turn_overhead: int = 4
+    count_conversation: Callable[[list[dict], list[int]], int] | None = None
 
 
 DEFAULT_LIMITS = Limits()
@@ -168,7 +172,10 @@ def _decoded_size(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
 def token_count(conv: list[dict], sizes: list[tuple[int, int]], limits: Limits) -> int:
     """Tokens of a conversation with images of `sizes`, as `limits` counts them."""
     per_image = limits.image_tokens
-    image_len = sum(per_image(s) if callable(per_image) else per_image for s in sizes)
+    counts = [per_image(s) if callable(per_image) else per_image for s in sizes]
+    if limits.count_conversation is not None:
+        return limits.count_conversation(conv, counts)
+    image_len = sum(counts)
     text_len = sum(
         limits.count_tokens(t["value"].replace(IMAGE_TOKEN, " ")) + limits.turn_overhead
         for t in conv
@@ -218,7 +225,10 @@ def check_record(rec, root: Path, limits: Limits) -> str | None:
     n_tags = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
     if n_tags != len(sizes):
         return f"{n_tags} <image> tag(s) but {len(sizes)} image(s)"
-    n = token_count(conv, sizes, limits)
+    try:
+        n = token_count(conv, sizes, limits)
+    except DataError as e:  # the transform's own rendering refused it
+        return str(e)
     if n > limits.max_length:
         return f"too long: {n} tokens > max_length {limits.max_length}"
     return None

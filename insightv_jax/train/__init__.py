@@ -74,6 +74,7 @@ def data_batches(cfg, tokenizer_dir: Path | None):
         batch_size=local,
         image_tokens=limits.image_tokens,
         count_tokens=limits.count_tokens,
+        count_conversation=limits.count_conversation,
         pad_id=tok.pad_token_id or 0,
     )
     counts = loader.counts
