@@ -22,7 +22,7 @@ class EvalStages:
 
     def _eval_beside_dpo(self) -> subprocess.Popen | None:
         """An `insightv eval` subprocess for the systems that do not depend on DPO,
-        run while DPO keeps ~1.3 of 2 cores busy; the eval stage reuses their saved
+        run while DPO trains (it leaves cores idle); the eval stage reuses their saved
         results (eval/systems/). Same environment, so the same programs run."""
         if int(self.spec.get("parallel", 1)) < 2:
             return None
