@@ -233,13 +233,29 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from insightv_jax.bench import BENCHES  # stdlib-only at import time
-
+    """`insightv`'s arguments: one subcommand per stage, each added by its own function."""
     parser = argparse.ArgumentParser(
         prog="insightv", description="Insight-V long-chain visual reasoning in JAX."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_convert, _add_synth, _add_data, _add_bench, _add_infer, _add_training,
+                _add_pipeline, _add_eval, _add_demo):  # fmt: skip
+        add(sub)
+    return parser
 
+
+def _add_config_command(sub, name: str, what: str, config_help: str, func, *extra) -> None:
+    """A subcommand of `--config YAML`, the `extra` (flag, keywords) arguments and
+    `key=value` overrides."""
+    p = sub.add_parser(name, help=what)
+    p.add_argument("--config", required=True, help=config_help)
+    for flag, kw in extra:
+        p.add_argument(flag, **kw)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.set_defaults(func=func)
+
+
+def _add_convert(sub) -> None:
     convert = sub.add_parser("convert", help="checkpoint conversion (hf2jax, jax2hf)")
     csub = convert.add_subparsers(dest="direction", required=True)
     for name, fn, src_help, out_help in (
@@ -252,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         p.set_defaults(func=fn)
 
+
+def _add_synth(sub) -> None:
     synth = sub.add_parser("synth", help="write the synthetic visual-reasoning dataset")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--n", type=int, default=1000, help="items per split")
@@ -261,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-hops", type=int, default=2, help="most spatial hops per question")
     synth.set_defaults(func=_synth)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", required=True)
     val = dsub.add_parser("validate", help="check every record; one line per bad record")
@@ -272,10 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--tokenizer", default=None, help="tokenizer folder (default: word count)")
     val.set_defaults(func=_data_validate)
 
+
+def _add_bench(sub) -> None:
+    from insightv_jax.bench import BENCHES  # stdlib-only at import time
+
     bench = sub.add_parser("bench", help="throughput benchmarks")
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     bench.set_defaults(func=_bench)
 
+
+def _add_infer(sub) -> None:
     inf = sub.add_parser("infer", help="two-agent answer: reasoning agent -> summary agent")
     inf.add_argument("--reason", required=True, help="reasoning agent checkpoint")
     inf.add_argument("--summary", required=True, help="summary agent checkpoint")
@@ -293,28 +319,30 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--batch-size", type=int, default=8, help="questions per sampler call")
     inf.set_defaults(func=_infer)
 
-    sft = sub.add_parser("sft", help="supervised fine-tuning (reasoning or summary agent)")
-    sft.add_argument("--config", required=True, help="run config YAML (configs/train/...)")
-    sft.add_argument("overrides", nargs="*", help="key=value config overrides")
-    sft.set_defaults(func=_sft)
 
-    dpo = sub.add_parser("dpo", help="DPO of the reasoning agent on a preference-pair file")
-    dpo.add_argument("--config", required=True, help="run config YAML (configs/dpo/...)")
-    dpo.add_argument("overrides", nargs="*", help="key=value config overrides")
-    dpo.set_defaults(func=_dpo)
+def _add_training(sub) -> None:
+    """sft, dpo, iterate and plan: a run config and its overrides."""
+    _add_config_command(
+        sub, "sft", "supervised fine-tuning (reasoning or summary agent)",
+        "run config YAML (configs/train/...)", _sft,
+    )  # fmt: skip
+    _add_config_command(
+        sub, "dpo", "DPO of the reasoning agent on a preference-pair file",
+        "run config YAML (configs/dpo/...)", _dpo,
+    )  # fmt: skip
+    _add_config_command(
+        sub, "iterate", "iterative DPO: sample, judge, score, pairs, DPO per round",
+        "run config YAML (configs/dpo/...)", _iterate,
+        ("--rounds", {"type": int, "default": None, "help": "rounds T (default: dpo.rounds)"}),
+    )  # fmt: skip
+    _add_config_command(
+        sub, "plan", "compile the real-size train step; per-device memory", "run config YAML",
+        _plan,
+        ("--devices", {"type": int, "default": None, "help": "fake devices (default: mesh)"}),
+    )  # fmt: skip
 
-    it = sub.add_parser("iterate", help="iterative DPO: sample, judge, score, pairs, DPO per round")
-    it.add_argument("--config", required=True, help="run config YAML (configs/dpo/...)")
-    it.add_argument("--rounds", type=int, default=None, help="rounds T (default: dpo.rounds)")
-    it.add_argument("overrides", nargs="*", help="key=value config overrides")
-    it.set_defaults(func=_iterate)
 
-    plan = sub.add_parser("plan", help="compile the real-size train step; per-device memory")
-    plan.add_argument("--config", required=True, help="run config YAML")
-    plan.add_argument("--devices", type=int, default=None, help="fake devices (default: mesh)")
-    plan.add_argument("overrides", nargs="*", help="key=value config overrides")
-    plan.set_defaults(func=_plan)
-
+def _add_pipeline(sub) -> None:
     for name, what in (
         ("generate", "data pipeline 1/3: N reasoning chains per query (resumable shards)"),
         ("assess", "data pipeline 2/3: judge answers, score and bucket the paths"),
@@ -322,16 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
          "set (pipeline.agent_reasoner; resumable shards; then rerun build)"),
         ("build", "data pipeline 3/3: reasoning/summary/CoT SFT sets and preference pairs"),
     ):  # fmt: skip
-        stage = sub.add_parser(name, help=what)
-        stage.add_argument("--config", required=True, help="run config YAML (configs/pipeline/...)")
-        stage.add_argument("overrides", nargs="*", help="key=value config overrides")
-        stage.set_defaults(func=_pipeline)
+        _add_config_command(sub, name, what, "run config YAML (configs/pipeline/...)", _pipeline)
 
-    ev = sub.add_parser("eval", help="benchmark evaluation: table, JSON report and chart")
-    ev.add_argument("--config", required=True, help="eval config YAML (configs/eval/...)")
-    ev.add_argument("overrides", nargs="*", help="key=value config overrides")
-    ev.set_defaults(func=_eval)
 
+def _add_eval(sub) -> None:
+    _add_config_command(
+        sub, "eval", "benchmark evaluation: table, JSON report and chart",
+        "eval config YAML (configs/eval/...)", _eval,
+    )  # fmt: skip
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic suite")
     demo.add_argument("--preset", default="tiny",
                       help="tiny | small (configs/demo/) or the path of a preset YAML")  # fmt: skip
@@ -340,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="e.g. 0,1,2: the demo once per seed in <workdir>/seed_<s>, and the "
                       "paper's orderings over them with a CI over questions and seeds")  # fmt: skip
     demo.set_defaults(func=_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

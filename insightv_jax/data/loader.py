@@ -340,7 +340,7 @@ def loader_from_config(
     pad_id: int = 0,
     **kw,
 ) -> Loader:
-    """A `Loader` from a `DataConfig` (config.py) and the dataset path (`train.data`).
+    """A `Loader` from a `DataConfig` (config/data.py) and the dataset path (`train.data`).
 
     `batch_size` is per host; `image_tokens`/`count_tokens` make validation's
     length check match the transform's tokenisation, `count_conversation` makes it exact.

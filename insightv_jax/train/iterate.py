@@ -1,4 +1,4 @@
-"""Iterative preference optimisation of the reasoning agent (METHOD.md §3, §5).
+"""Iterative preference optimisation of the reasoning agent (docs/method.md §3, §5).
 
 Round t (1-based) with policy M_t (`train.init` for t = 1):
   0. questions  the t-th block of `dpo.questions_per_round` questions in a seeded
@@ -27,7 +27,8 @@ Every stage is skipped when its file exists, so a restart continues the
 unfinished round (the update resumes from its latest checkpoint).
 
 The update is looked up in `UPDATES` by name, so an on-policy update (GRPO on
-the samples' rewards and log-probs) can sit beside DPO.
+the samples' rewards and log-probs) can sit beside DPO. Stages 1, 2 and 5 (what
+a round does with its policy's samples) are in train/rollouts.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,32 @@ from pathlib import Path
 
 from insightv_jax.config import ConfigError, RunConfig
 from insightv_jax.train.dpo import read_jsonl, train_dpo, write_jsonl
+from insightv_jax.train.rollouts import (
+    assess,
+    chain_conversations,
+    eval_item,
+    heldout_accuracy,
+    sample_chains,
+)
+
+__all__ = [
+    "UPDATES",
+    "Iteration",
+    "assess",
+    "chain_conversations",
+    "dpo_update",
+    "eval_item",
+    "format_table",
+    "heldout_accuracy",
+    "load_items",
+    "policy_of",
+    "question_block",
+    "round_dir",
+    "round_questions",
+    "round_row",
+    "run_iterate",
+    "sample_chains",
+]
 
 
 def round_dir(run: Path, t: int) -> Path:
@@ -113,90 +140,7 @@ def round_questions(cfg: RunConfig, rd: Path, t: int, items: list[dict], print_f
     return [by_id[i] for i in ids]
 
 
-# ------------------------------------------------------------ 1. sample
-
-
-def sample_chains(cfg: RunConfig, reasoner, summarizer, items: list[dict], n: int, seed: int):
-    """`n` two-agent samples per item: [{id, sample, chain, answer, logprob, tokens}]."""
-    from insightv_jax.sample.reasoning import two_agent_answer
-    from insightv_jax.sample.sampler import SamplingParams
-
-    d = cfg.dpo
-    rows = [(item, k) for item in items for k in range(n)]
-    out = []
-    for b, start in enumerate(range(0, len(rows), d.sample_batch)):
-        chunk = rows[start : start + d.sample_batch]
-        padded = chunk + [chunk[-1]] * (d.sample_batch - len(chunk))  # one compiled shape
-        r = SamplingParams(d.reason_temperature, top_p=d.top_p,
-                           max_new_tokens=d.reason_max_tokens, seed=seed + 2 * b)  # fmt: skip
-        s = SamplingParams(d.summary_temperature, top_p=d.top_p,
-                           max_new_tokens=d.summary_max_tokens, seed=seed + 2 * b + 1)  # fmt: skip
-        res = two_agent_answer(
-            reasoner, summarizer, [it["question"] for it, _ in padded], r, s,
-            prompts=cfg.pipeline.prompts,
-            images=[[it["image_path"]] if it.get("image_path") else [] for it, _ in padded],
-        )  # fmt: skip
-        for (it, k), x in zip(chunk, res):
-            out.append({
-                "id": it["id"], "sample": k, "chain": x["chain"], "answer": x["answer"],
-                "logprob": x["chain_logprob"], "tokens": x["chain_tokens"],
-            })  # fmt: skip
-    return out
-
-
-# ------------------------------------------------------------ 2. assess
-
-
-def assess(items: list[dict], samples: list[dict], judge, scorer, floor: float) -> list[dict]:
-    """Samples + `correct` (judge), `score` (scorer; wrong = floor; None = unscored)
-    and `reward` (= score, the per-sample reward an on-policy update would use)."""
-    from insightv_jax.pipeline.backends import thoughts
-
-    by_id = {it["id"]: it for it in items}
-    verdicts = judge.judge_many(
-        [(by_id[s["id"]]["question"], by_id[s["id"]]["answer"], s["answer"]) for s in samples]
-    )
-    out = [{**s, "correct": bool(v)} for s, v in zip(samples, verdicts)]
-    groups: dict[str, list[dict]] = {}
-    for s in out:
-        s["score"] = float(floor)
-        if s["correct"]:
-            groups.setdefault(s["id"], []).append(s)
-    requests = [(by_id[q], [thoughts(s["chain"]) for s in g]) for q, g in groups.items()]
-    for g, scores in zip(groups.values(), scorer.score_many(requests)):
-        for s, score in zip(g, scores):
-            s["score"] = None if score is None else float(score)
-    for s in out:
-        s["reward"] = s["score"]
-    return out
-
-
 # ------------------------------------------------------------ 4. update
-
-
-def chain_conversations(items: list[dict], samples: list[dict], prompts) -> list[dict]:
-    """The round's sampled chains as conversation records, worded as the pairs are
-    (`build_preference_pairs`: the reasoning prompt, `<thoughts>` text): what the
-    probe measures the KL between M_t and M_{t+1} on."""
-    from insightv_jax.data.prompts import reasoning_question
-    from insightv_jax.pipeline.backends import thoughts
-
-    by_id = {it["id"]: it for it in items}
-    out = []
-    for s in samples:
-        item = by_id[s["id"]]
-        user = reasoning_question(item["question"], prompts)
-        rec = {
-            "id": f"{s['id']}-s{s['sample']}",
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{user}" if item.get("image") else user},
-                {"from": "gpt", "value": thoughts(s["chain"])},
-            ],
-        }
-        if item.get("image"):
-            rec["image"] = item["image"]
-        out.append(rec)
-    return out
 
 
 def dpo_update(
@@ -223,49 +167,6 @@ def dpo_update(
 UPDATES: dict[str, Callable] = {"dpo": dpo_update}
 
 
-# ------------------------------------------------------------ 5. eval
-
-
-def eval_item(item: dict):
-    """A question record as the eval harness's EvalItem: options parsed from the
-    question when its answer is one of their letters; the kind inferred as
-    `eval.readers` does (yes/no, numeric, open), so answers are scored alike."""
-    from insightv_jax.eval.extract import parse_options
-    from insightv_jax.eval.readers import EvalItem, infer_kind
-
-    answer = str(item["answer"]).strip()
-    options = parse_options(item["question"]) or None
-    if options and answer.upper() not in options:
-        options = None
-    answer = answer.upper() if options else answer
-    return EvalItem(str(item["id"]), item["question"], answer, options,
-                    kind=infer_kind(answer, options))  # fmt: skip
-
-
-def heldout_accuracy(cfg, reasoner, summarizer, items, judge, seed: int) -> dict:
-    """One two-agent sample per held-out question: `eval_accuracy`, the judge's
-    verdict on the summary agent's answers (two-agent accuracy), and
-    `eval_chain_accuracy`, the reasoning agent's own: each chain's final claim
-    (`chain_final_claim`) scored like the eval harness scores answers
-    (`judge_chain`); a chain that states no answer counts as wrong
-    (`eval_chain_claimed`: the share that state one)."""
-    from insightv_jax.eval.extract import chain_final_claim
-    from insightv_jax.eval.harness import judge_chain
-
-    samples = sample_chains(cfg, reasoner, summarizer, items, 1, seed)
-    by_id = {it["id"]: it for it in items}
-    verdicts = judge.judge_many(
-        [(by_id[s["id"]]["question"], by_id[s["id"]]["answer"], s["answer"]) for s in samples]
-    )
-    right = [bool(judge_chain(eval_item(by_id[s["id"]]), s["chain"], None)) for s in samples]
-    n = max(len(samples), 1)
-    return {
-        "eval_accuracy": sum(map(bool, verdicts)) / n,
-        "eval_chain_accuracy": sum(right) / n,
-        "eval_chain_claimed": sum(chain_final_claim(s["chain"]) is not None for s in samples) / n,
-    }
-
-
 def _heldout(path: Path, evaluate: Callable[[], dict]) -> dict:
     """The held-out result in `path`, computed (and written) when missing or
     written before the chain accuracy was measured."""
@@ -290,8 +191,6 @@ def run_iterate(
     (`pipeline.backends.make_judge/make_scorer`).
     """
     from insightv_jax.pipeline.backends import make_judge, make_scorer
-    from insightv_jax.pipeline.build import build_preference_pairs
-    from insightv_jax.sample.infer import load_agent
 
     d = cfg.dpo
     rounds = rounds or d.rounds
@@ -303,97 +202,149 @@ def run_iterate(
     held_out = load_items(d.eval_data, d.eval_limit)[0] if d.eval_data else []
     judge = judge or make_judge(cfg.pipeline, cfg.seed)
     scorer = scorer or make_scorer(cfg.pipeline, cfg.seed)
-    agents: dict[str, object] = {}
-
-    def agent(path: str):
-        if path not in agents:
-            agents[path] = load_agent(path)
-        return agents[path]
-
     summary_path = d.summary or cfg.train.init
-    # the agents' own wording (their prompts.json) unless the config sets other prompts
-    from insightv_jax.checkpoint import agent_prompts
-
-    prompts = agent_prompts(cfg.pipeline.prompts, cfg.train.init, summary_path)
-    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, prompts=prompts))
-
-    def evaluate(policy: str) -> Callable[[], dict]:
-        return lambda: heldout_accuracy(cfg, agent(policy), agent(summary_path), held_out,
-                                        judge, cfg.seed + 999_983)  # fmt: skip
-
+    it = Iteration(_with_agent_prompts(cfg, summary_path), run, root, all_items, held_out,
+                   judge, scorer, summary_path, print_fn)  # fmt: skip
     if held_out:
-        _heldout(run / "eval_init.json", evaluate(cfg.train.init))
+        _heldout(run / "eval_init.json", it.evaluate(cfg.train.init))
     rows = []
     for t in range(1, rounds + 1):
-        rd = round_dir(run, t)
-        done = rd / "summary.json"
+        done = round_dir(run, t) / "summary.json"
         if done.exists():
             rows.append(json.loads(done.read_text()))
             continue
+        rows.append(it.round(t))
+        print_fn(format_table(rows, run))
+    return rows
+
+
+def _with_agent_prompts(cfg: RunConfig, summary_path: str) -> RunConfig:
+    """`cfg` with the agents' own wording (their prompts.json) unless the config sets
+    other prompts."""
+    from insightv_jax.checkpoint import agent_prompts
+
+    prompts = agent_prompts(cfg.pipeline.prompts, cfg.train.init, summary_path)
+    return dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, prompts=prompts))
+
+
+@dataclasses.dataclass
+class Iteration:
+    """What the rounds of a run share: the config (with the agents' prompts), the run
+    directory, the questions and their image root, the held-out questions, the judge
+    and scorer, the summary agent, and the agents loaded so far (by path)."""
+
+    cfg: RunConfig
+    run: Path
+    root: Path
+    all_items: list[dict]
+    held_out: list[dict]
+    judge: object
+    scorer: object
+    summary_path: str
+    print_fn: Callable[[str], None]
+    agents: dict = dataclasses.field(default_factory=dict)
+
+    def agent(self, path: str):
+        from insightv_jax.sample.infer import load_agent
+
+        if path not in self.agents:
+            self.agents[path] = load_agent(path)
+        return self.agents[path]
+
+    def evaluate(self, policy: str) -> Callable[[], dict]:
+        """Stage 5 for `policy`, to run when its held-out result is missing."""
+        seed = self.cfg.seed + 999_983
+        return lambda: heldout_accuracy(
+            self.cfg, self.agent(policy), self.agent(self.summary_path), self.held_out,
+            self.judge, seed,
+        )  # fmt: skip
+
+    def round(self, t: int) -> dict:
+        """Round t, from its first unfinished stage; writes and returns its summary row."""
+        cfg = self.cfg
+        rd = round_dir(self.run, t)
         rd.mkdir(parents=True, exist_ok=True)
-        items = round_questions(cfg, rd, t, all_items, print_fn)
-        policy = policy_of(cfg, run, t)
-        seed = cfg.seed + 1000 * t
-        gens_path, samples_path, pairs_path = (
-            rd / "generations.jsonl",
-            rd / "samples.jsonl",
-            rd / "pairs.jsonl",
+        items = round_questions(cfg, rd, t, self.all_items, self.print_fn)
+        policy = policy_of(cfg, self.run, t)
+        samples = self.samples(rd, t, items, policy)
+        pairs_path, counts_path = self.pairs(rd, t, items, samples)
+        if policy != self.summary_path:
+            self.agents.pop(policy, None)  # free M_t while training
+        chains = chain_conversations(items, samples, cfg.pipeline.prompts)
+        policy_out, metrics = UPDATES["dpo"](
+            cfg, rd, policy, pairs_path, self.root, self.print_fn, chains
         )
+        row = round_row(t, policy, policy_out, items, samples, pairs_path, counts_path, metrics)
+        if self.held_out:
+            row.update(_heldout(rd / "eval.json", self.evaluate(policy_out)))
+        _write_json(rd / "summary.json", row)
+        return row
+
+    def samples(self, rd: Path, t: int, items: list[dict], policy: str) -> list[dict]:
+        """Stages 1 and 2: M_t's chains (generations.jsonl), judged and scored
+        (samples.jsonl)."""
+        d = self.cfg.dpo
+        seed = self.cfg.seed + 1000 * t
+        gens_path, samples_path = rd / "generations.jsonl", rd / "samples.jsonl"
         if not gens_path.exists():
-            print_fn(
+            self.print_fn(
                 f"round {t}: sampling {d.samples_per_question} chains x {len(items)} questions"
             )
-            gens = sample_chains(cfg, agent(policy), agent(summary_path), items,
-                                 d.samples_per_question, seed)  # fmt: skip
+            gens = sample_chains(self.cfg, self.agent(policy), self.agent(self.summary_path),
+                                 items, d.samples_per_question, seed)  # fmt: skip
             write_jsonl(gens_path, gens)
         if not samples_path.exists():
-            samples = assess(items, read_jsonl(gens_path), judge, scorer, d.floor_score)
+            samples = assess(items, read_jsonl(gens_path), self.judge, self.scorer, d.floor_score)
             write_jsonl(samples_path, samples)
-        samples = read_jsonl(samples_path)
-        counts_path = rd / "pair_counts.json"
+        return read_jsonl(samples_path)
+
+    def pairs(self, rd: Path, t: int, items: list[dict], samples: list[dict]) -> tuple[Path, Path]:
+        """Stage 3: the round's preference pairs (pairs.jsonl) and their counts
+        (pair_counts.json)."""
+        from insightv_jax.pipeline.build import build_preference_pairs
+
+        pairs_path, counts_path = rd / "pairs.jsonl", rd / "pair_counts.json"
         if not pairs_path.exists():
             by_query: dict[str, list[dict]] = {}
             for s in samples:
                 by_query.setdefault(s["id"], []).append(s)
             pairs, counts = build_preference_pairs(
-                items, by_query, d.min_gap, round=t, prompts=cfg.pipeline.prompts
+                items, by_query, self.cfg.dpo.min_gap, round=t, prompts=self.cfg.pipeline.prompts
             )
             _write_json(counts_path, counts)
             write_jsonl(pairs_path, pairs)
-        if policy != summary_path:
-            agents.pop(policy, None)  # free M_t while training
-        chains = chain_conversations(items, samples, cfg.pipeline.prompts)
-        policy_out, metrics = UPDATES["dpo"](cfg, rd, policy, pairs_path, root, print_fn, chains)
-        row = {
-            "round": t,
-            "policy_in": policy,
-            "policy_out": policy_out,
-            "questions": len(items),
-            "samples": len(samples),
-            # the summary agent's accuracy on M_t's chains for this round's TRAINING
-            # questions: how the pairs came about, not a held-out score
-            "train_sample_accuracy": sum(s["correct"] for s in samples) / max(len(samples), 1),
-            "pairs": len(read_jsonl(pairs_path)),
-            "pair_counts": json.loads(counts_path.read_text()) if counts_path.exists() else {},
-            "steps": metrics.get("step", 0),
-            "total_steps": metrics.get("total", 0),
-            # the probe (train/dpo.py round_probe), on the round's own pairs and chains
-            "pref_loss_start": metrics.get("pref_loss_start"),
-            "pref_loss_end": metrics.get("pref_loss_end"),
-            "dpo_loss_end": metrics.get("dpo_loss_end"),
-            "reward_accuracy": metrics.get("reward_accuracy_end"),
-            "reward_margin": metrics.get("reward_margin_end"),
-            "logp_chosen_change": metrics.get("logp_chosen_change"),
-            "logp_rejected_change": metrics.get("logp_rejected_change"),
-            "kl_per_token": metrics.get("kl_per_token"),
-            "kl_k3_per_token": metrics.get("kl_k3_per_token"),
-        }
-        if held_out:
-            row.update(_heldout(rd / "eval.json", evaluate(policy_out)))
-        _write_json(done, row)
-        rows.append(row)
-        print_fn(format_table(rows, run))
-    return rows
+        return pairs_path, counts_path
+
+
+def round_row(
+    t: int, policy: str, policy_out: str, items, samples, pairs_path: Path, counts_path: Path,
+    metrics: dict,
+) -> dict:  # fmt: skip
+    """Round t's row of the table (without the held-out accuracies)."""
+    return {
+        "round": t,
+        "policy_in": policy,
+        "policy_out": policy_out,
+        "questions": len(items),
+        "samples": len(samples),
+        # the summary agent's accuracy on M_t's chains for this round's TRAINING
+        # questions: how the pairs came about, not a held-out score
+        "train_sample_accuracy": sum(s["correct"] for s in samples) / max(len(samples), 1),
+        "pairs": len(read_jsonl(pairs_path)),
+        "pair_counts": json.loads(counts_path.read_text()) if counts_path.exists() else {},
+        "steps": metrics.get("step", 0),
+        "total_steps": metrics.get("total", 0),
+        # the probe (train/dpo/probe.py round_probe), on the round's own pairs and chains
+        "pref_loss_start": metrics.get("pref_loss_start"),
+        "pref_loss_end": metrics.get("pref_loss_end"),
+        "dpo_loss_end": metrics.get("dpo_loss_end"),
+        "reward_accuracy": metrics.get("reward_accuracy_end"),
+        "reward_margin": metrics.get("reward_margin_end"),
+        "logp_chosen_change": metrics.get("logp_chosen_change"),
+        "logp_rejected_change": metrics.get("logp_rejected_change"),
+        "kl_per_token": metrics.get("kl_per_token"),
+        "kl_k3_per_token": metrics.get("kl_k3_per_token"),
+    }
 
 
 # (header, row key, width, format) of the round table
