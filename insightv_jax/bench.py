@@ -77,7 +77,7 @@ def bench_dpo(pairs: int = 4, min_seconds: float = 3.0) -> dict:
     from insightv_jax.config import MeshConfig, load_config
     from insightv_jax.models.factory import init_model
     from insightv_jax.parallel import make_mesh
-    from insightv_jax.train.benchmark import _timed
+    from insightv_jax.timing import timed
     from insightv_jax.train.dpo import DPOProgram
     from insightv_jax.train.toy_data import ToySource
     from insightv_jax.train.trainer import build_program, global_batch
@@ -106,9 +106,9 @@ def bench_dpo(pairs: int = 4, min_seconds: float = 3.0) -> dict:
             box["state"], m = program(box["state"], gb)
             jax.block_until_ready(m["loss"])
 
-        times[name] = _timed(step, min_seconds)
+        times[name] = timed(step, min_seconds)
     lp = {k: v for k, v in dpo.items() if k != "ref_logps"}
-    times["logprob"] = _timed(lambda: program.logprobs(params, lp), min_seconds)
+    times["logprob"] = timed(lambda: program.logprobs(params, lp), min_seconds)
     return {
         "sft_step_s": round(times["sft"], 4),
         "dpo_step_s": round(times["dpo"], 4),

@@ -16,7 +16,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from insightv_jax.config import PipelineConfig, RunConfig
-from insightv_jax.pipeline.backends import chain_steps_text, make_judge, make_scorer
+from insightv_jax.pipeline.backend_common import chain_steps_text
+from insightv_jax.pipeline.backends import make_judge, make_scorer
 from insightv_jax.pipeline.generate import load_queries, resolve_shard
 from insightv_jax.pipeline.progress import Progress
 from insightv_jax.pipeline.records import ShardWriter, my_share, read_shards, shard_path

@@ -22,7 +22,7 @@ import jax
 from insightv_jax.config import ConfigError, PipelineConfig
 from insightv_jax.data.prompts import judge_prompt, scorer_prompt
 from insightv_jax.data.synthetic.oracle import parse_verdict
-from insightv_jax.pipeline.backends import (
+from insightv_jax.pipeline.backend_common import (
     VERDICT,
     Stats,
     chain_steps_text,

@@ -32,7 +32,7 @@ from insightv_jax.sample.sampler import (
     bucket,
     cache_bucket,
 )
-from insightv_jax.train.benchmark import timed_in_turn
+from insightv_jax.timing import timed_in_turn
 
 TINY_LM = DecoderConfig(
     vocab_size=512,
@@ -60,7 +60,7 @@ def _bench_decoder() -> DecoderConfig:
 
 def _timed_in_turn(*fns, repeat: int = 3, min_seconds: float = 0.5) -> list[float]:
     """Best wall time of each `fn()`, calling them in turn for at least `repeat`
-    rounds and `min_seconds` a function (`train.benchmark.timed_in_turn`). A
+    rounds and `min_seconds` a function (`timing.timed_in_turn`). A
     decode step follows the machine's memory speed from second to second while
     a prefill, bound by arithmetic, does not: timed one after the other, a
     ratio of the two would carry that drift."""

@@ -96,6 +96,7 @@ def _processor_dir(cfg) -> Path:
 
 def run_sft(cfg) -> None:
     """Train the model of `cfg` (from `train.init` or random) and leave a run directory."""
+    from insightv_jax.checkpoint import aux_dirs
     from insightv_jax.parallel import initialize_distributed
     from insightv_jax.train.trainer import Trainer
 
@@ -104,12 +105,7 @@ def run_sft(cfg) -> None:
     if cfg.train.init:
         model_cfg = _model_config_of(cfg.train.init)
         cfg = dataclasses.replace(cfg, model=model_cfg)
-        src = Path(cfg.train.init)
-        tok = src / "tokenizer" if (src / "tokenizer").is_dir() else None
-        proc = src / "processor" if (src / "processor").is_dir() else None
-        if (src / "config.json").is_file():
-            tok = src if (src / "tokenizer_config.json").is_file() else None
-            proc = src if (src / "preprocessor_config.json").is_file() else None
+        tok, proc = aux_dirs(cfg.train.init)
     if cfg.train.tokenizer:
         tok = Path(cfg.train.tokenizer)
     if cfg.model.is_vlm and proc is None:

@@ -6,10 +6,11 @@ shared machine.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
+
+from insightv_jax.timing import timed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -19,30 +20,6 @@ def _batch(cfg, seed: int = 0) -> dict:
 
     src = ToySource(cfg.train.global_batch, cfg.train.seq_len, cfg.model.decoder.vocab_size, seed)
     return {k: np.stack([src[i][k] for i in range(len(src))]) for k in src[0]}
-
-
-def timed_in_turn(*steps, min_seconds: float, min_steps: int = 3, stat=np.median) -> list[float]:
-    """Seconds per call of each blocking `step()`, `stat` (median by default)
-    over at least `min_steps` rounds and `min_seconds` a step, after one
-    warm-up call each. Several steps are called in turn, round after round:
-    the two sides of a ratio then see the same moments of a shared machine
-    (whose memory speed drifts from second to second) instead of one block
-    each, a few seconds apart."""
-    for step in steps:
-        step()
-    times: list[list[float]] = [[] for _ in steps]
-    t_end = time.perf_counter() + min_seconds * len(steps)
-    while len(times[0]) < min_steps or time.perf_counter() < t_end:
-        for step, own in zip(steps, times):
-            t0 = time.perf_counter()
-            step()
-            own.append(time.perf_counter() - t0)
-    return [float(stat(own)) for own in times]
-
-
-def _timed(step, min_seconds: float, min_steps: int = 3, stat=np.median) -> float:
-    """Seconds per call of the blocking `step()` (see `timed_in_turn`)."""
-    return timed_in_turn(step, min_seconds=min_seconds, min_steps=min_steps, stat=stat)[0]
 
 
 def jax_step(cfg, batch: dict):
@@ -101,7 +78,7 @@ def torch_step_time(cfg, batch: dict, min_seconds: float, compile: bool) -> floa
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
         opt.step()
 
-    return _timed(step, min_seconds)
+    return timed(step, min_seconds)
 
 
 def bench_one(
@@ -117,7 +94,7 @@ def bench_one(
         "batch": list(batch["input_ids"].shape),
     }
     step = jax_step(cfg, batch)
-    t_jax = _timed(step, min_seconds)
+    t_jax = timed(step, min_seconds)
     row["jax_tokens_per_s"] = round(tokens / t_jax, 1)
     row["jax_mfu"] = round(flops / t_jax / peak, 3)
     t_eager = torch_step_time(cfg, batch, min_seconds, compile=False)

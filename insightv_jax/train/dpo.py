@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from insightv_jax.config import ConfigError, DPOConfig, RunConfig
 from insightv_jax.errors import DataError
+from insightv_jax.jsonl import append_jsonl, read_jsonl, write_jsonl
 from insightv_jax.train.losses import (
     IGNORE,
     chunked_sequence_nll,
@@ -429,40 +430,6 @@ def heldout_rewards(
     }
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSONL file (a pair file, a run's own records); a missing
-    file or a bad line is a one-line DataError naming the file and line."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    rows = []
-    for n, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: not a JSON object")
-        rows.append(row)
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write atomically (a crash leaves the old file or none, never half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
-
 def full_params_of(path: str | Path, mesh) -> dict:
     """A checkpoint's parameters as a pure dict sharded on `mesh`."""
     from insightv_jax.checkpoint import load_model
@@ -472,16 +439,6 @@ def full_params_of(path: str | Path, mesh) -> dict:
 
 
 # ------------------------------------------------------------ insightv dpo
-
-
-def aux_dirs(path: str | Path) -> tuple[Path | None, Path | None]:
-    """(tokenizer dir, processor dir) of a model dir, run dir or HF folder."""
-    src = Path(path)
-    if (src / "config.json").is_file():
-        tok = src if (src / "tokenizer_config.json").is_file() else None
-        return tok, src if (src / "preprocessor_config.json").is_file() else None
-    tok = src / "tokenizer" if (src / "tokenizer").is_dir() else None
-    return tok, src / "processor" if (src / "processor").is_dir() else None
 
 
 _MFU = re.compile(r" MFU [0-9.]+%")
@@ -565,6 +522,7 @@ def train_dpo(
     per-token KL between them; written to RUN/probe.json and returned beside the
     means of the last epoch's training steps.
     """
+    from insightv_jax.checkpoint import aux_dirs
     from insightv_jax.data.pairs import check_pair, pair_loader
     from insightv_jax.data.sources import JsonlSource
     from insightv_jax.data.validate import check_record
@@ -607,8 +565,7 @@ def train_dpo(
     def on_step(step, metrics, local, state):
         if jax.process_index() == 0:
             row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(metrics_path, row)
 
     program_cls = functools.partial(DPOProgram, dpo=d)
     # the loader is built after the trainer exists: precomputing needs its program

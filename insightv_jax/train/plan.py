@@ -122,7 +122,7 @@ def plan(cfg, devices: int | None = None) -> dict:
         for k in ("input_ids", "attention_mask", "labels")
     }
     if model_cfg.is_vlm:  # one image per sample at the largest anyres grid
-        from insightv_jax.models.anyres import max_tiles
+        from insightv_jax.vision_grid import max_tiles
 
         n_img, S, t = (
             model_cfg.llava.images_per_sample,
