@@ -35,30 +35,53 @@ def bucket_of(score: float | None, correct: bool, cfg: PipelineConfig) -> str:
     return "mid" if score >= cfg.mid_threshold else "low"
 
 
+def judge_and_score(
+    questions: dict[str, dict], samples: list[dict], judge, scorer, answer_of, chain_of
+) -> tuple[list[bool], list[float | None]]:
+    """The judge's verdict on every sample's answer, and the scorer's score of every
+    correct one (None for a wrong sample, or where the scorer's reply gave none).
+
+    `questions` maps a sample's `id` to its question record (question, answer, and
+    what the scorer reads); `answer_of(sample)` is the answer judged and
+    `chain_of(sample)` the chain scored. The judge sees the samples in order; the
+    correct samples of one question are scored in one request, questions in the
+    order their first correct sample comes. Shared by stage 2 (`assess_queries`)
+    and the DPO rounds (train/iterate.py)."""
+    verdicts = judge.judge_many(
+        [
+            (questions[s["id"]]["question"], questions[s["id"]]["answer"], answer_of(s))
+            for s in samples
+        ]
+    )
+    correct = [bool(v) for v in verdicts]
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        if correct[i]:
+            groups.setdefault(s["id"], []).append(i)
+    requests = [
+        (questions[q], [chain_of(samples[i]) for i in group]) for q, group in groups.items()
+    ]
+    scores: list[float | None] = [None] * len(samples)
+    for group, got in zip(groups.values(), scorer.score_many(requests)):
+        for i, score in zip(group, got):
+            scores[i] = score
+    return correct, scores
+
+
 def assess_queries(queries, samples_by_query, judge, scorer, cfg: PipelineConfig) -> list[dict]:
     """Judge and score a batch of queries; one assessed record per query."""
-    flat = [(q, s) for q in queries for s in samples_by_query[q["id"]]]
-    verdicts = judge.judge_many(
-        [(q["question"], q["answer"], str(s["final_answer"] or "")) for q, s in flat]
-    )
-    correct = {(q["id"], s["sample"]): bool(v) for (q, s), v in zip(flat, verdicts)}
-    requests, owners = [], []
-    for q in queries:
-        right = [s for s in samples_by_query[q["id"]] if correct[(q["id"], s["sample"])]]
-        if right:
-            requests.append((q, [s["steps"] for s in right]))
-            owners.append(right)
-    scores = {}
-    for right, got in zip(owners, scorer.score_many(requests)):
-        for s, score in zip(right, got):
-            scores[(s["id"], s["sample"])] = score
+    flat = [s for q in queries for s in samples_by_query[q["id"]]]
+    correct, scores = judge_and_score(
+        {q["id"]: q for q in queries}, flat, judge, scorer,
+        answer_of=lambda s: str(s["final_answer"] or ""), chain_of=lambda s: s["steps"],
+    )  # fmt: skip
+    assessed = {(s["id"], s["sample"]): (ok, score) for s, ok, score in zip(flat, correct, scores)}
     out = []
     for q in queries:
         samples = []
         for s in sorted(samples_by_query[q["id"]], key=lambda s: s["sample"]):
-            k = (q["id"], s["sample"])
-            ok = correct[k]
-            score = scores.get(k) if ok else cfg.floor_score
+            ok, score = assessed[(q["id"], s["sample"])]
+            score = score if ok else cfg.floor_score
             samples.append(
                 {
                     "sample": s["sample"],
