@@ -22,10 +22,11 @@ from insightv_jax.pipeline.generate import load_queries, resolve_shard
 from insightv_jax.pipeline.progress import Progress
 from insightv_jax.pipeline.records import ShardWriter, my_share, read_shards, shard_path
 
-BUCKETS = ("high", "mid", "low", "wrong", "unscored")
+SCORE_BUCKETS = ("high", "mid", "low", "wrong", "unscored")
 
 
-def bucket_of(score: float | None, correct: bool, cfg: PipelineConfig) -> str:
+def score_bucket(score: float | None, correct: bool, cfg: PipelineConfig) -> str:
+    """Which of `SCORE_BUCKETS` a judged and scored sample falls in."""
     if not correct:
         return "wrong"
     if score is None:
@@ -90,7 +91,7 @@ def assess_queries(queries, samples_by_query, judge, scorer, cfg: PipelineConfig
                     "chain": chain_steps_text(s["steps"]),
                     "correct": ok,
                     "score": score,
-                    "bucket": bucket_of(score, ok, cfg),
+                    "bucket": score_bucket(score, ok, cfg),
                 }
             )
         out.append(
@@ -142,7 +143,7 @@ def run_assess(cfg: RunConfig, judge=None, scorer=None, progress_file=None) -> d
         "questions": len(complete),
         "questions_assessed": len(todo),
         "questions_incomplete": incomplete,
-        "buckets_this_run": {b: buckets.get(b, 0) for b in BUCKETS},
+        "buckets_this_run": {b: buckets.get(b, 0) for b in SCORE_BUCKETS},
         "judge_stats": judge.stats.as_dict(),
         "scorer_stats": scorer.stats.as_dict(),
     }

@@ -29,8 +29,8 @@ from insightv_jax.sample.sampler import (
     CPU_DECODE_OPTIONS,
     Sampler,
     SamplingParams,
-    bucket,
     cache_bucket,
+    next_pow2,
 )
 from insightv_jax.timing import timed_in_turn
 
@@ -195,7 +195,7 @@ def decode_vs_transformers(
     ours_decode = batch * new / max(t_gen - t_pre, 1e-9)
     hf_decode = batch * new / max(t_hf_gen - t_hf_pre, 1e-9)
     step = (t_gen - t_pre) / new
-    slots = cache_bucket(bucket(prompt, 8) + new)  # as `generate` sizes the cache
+    slots = cache_bucket(next_pow2(prompt, 8) + new)  # as `generate` sizes the cache
     return {
         "decode_tokens_per_s": round(ours_decode, 1),
         "hf_decode_tokens_per_s": round(hf_decode, 1),
