@@ -1,7 +1,8 @@
 """`insightv bench NAME`: small throughput benchmarks, one function per name.
 
 Add a benchmark by writing `def bench_x(args) -> dict` and registering it in
-`BENCHES`; the CLI prints each result line.
+`BENCHES`; the CLI prints each result line. Each benchmark imports what it
+runs inside its function: the CLI reads `BENCHES` without starting jax.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from insightv_jax.config import ModelConfig
+from insightv_jax.data.conversation import load_tokenizer
+from insightv_jax.data.prompts import write_prompts
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.configs import model_from_hf, model_to_hf, read_hf_config
 from insightv_jax.hf.files import copy_aux_dirs
@@ -160,8 +162,6 @@ def hf_tensors(model: nnx.Module, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
 def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         return {}
-    from insightv_jax.data.conversation import load_tokenizer
-
     tok = load_tokenizer(tokenizer_dir)
     ids = {
         "bos_token_id": tok.bos_token_id,
@@ -195,8 +195,6 @@ def export_hf(
         }
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if prompts is not None:
-            from insightv_jax.data.prompts import write_prompts
-
             write_prompts(out, prompts)
     tensors = hf_tensors(model, cfg)
     if jax.process_index() == 0:

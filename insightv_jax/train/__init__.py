@@ -1,6 +1,8 @@
 """Training: losses, the sharded SFT step, the loop, the planner and benchmarks.
 
-`run_sft(cfg)` is what `insightv sft` calls.
+`run_sft(cfg)` is what `insightv sft` calls. This __init__ runs before every
+train.* module (before train.plan too, which the CLI imports without starting
+jax): what its functions need is imported inside them.
 """
 
 from __future__ import annotations

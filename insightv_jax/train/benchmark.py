@@ -10,14 +10,23 @@ from pathlib import Path
 
 import numpy as np
 
+from insightv_jax.config import MeshConfig, load_config
+from insightv_jax.models.factory import init_model
+from insightv_jax.parallel import make_mesh
 from insightv_jax.timing import timed
+from insightv_jax.train.metrics import (
+    decoder_matmul_params,
+    measure_matmul_peak,
+    train_flops_per_token,
+)
+from insightv_jax.train.profile import op_breakdown
+from insightv_jax.train.toy_data import ToySource
+from insightv_jax.train.trainer import build_program, global_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _batch(cfg, seed: int = 0) -> dict:
-    from insightv_jax.train.toy_data import ToySource
-
     src = ToySource(cfg.train.global_batch, cfg.train.seq_len, cfg.model.decoder.vocab_size, seed)
     return {k: np.stack([src[i][k] for i in range(len(src))]) for k in src[0]}
 
@@ -26,11 +35,6 @@ def jax_step(cfg, batch: dict):
     """A blocking call of our SFT step on one device for `batch` (state kept inside)."""
     import jax
     from flax import nnx
-
-    from insightv_jax.config import MeshConfig
-    from insightv_jax.models.factory import init_model
-    from insightv_jax.parallel import make_mesh
-    from insightv_jax.train.trainer import build_program, global_batch
 
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     program = build_program(cfg.model, cfg, mesh, 1000)
@@ -84,8 +88,6 @@ def torch_step_time(cfg, batch: dict, min_seconds: float, compile: bool) -> floa
 def bench_one(
     name: str, cfg, peak: float, min_seconds: float, torch_compile: bool, profile: bool = False
 ) -> dict:
-    from insightv_jax.train.metrics import decoder_matmul_params, train_flops_per_token
-
     batch = _batch(cfg)
     tokens = batch["input_ids"].size
     flops = train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.trainable) * tokens
@@ -109,8 +111,6 @@ def bench_one(
         except Exception as e:  # inductor needs a working C++ toolchain
             row["torch_compile"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
     if profile:
-        from insightv_jax.train.profile import op_breakdown
-
         row["jax_profile"] = op_breakdown(step)
     print(f"{name}: {row}", flush=True)
     return row
@@ -119,9 +119,6 @@ def bench_one(
 def bench_train(min_seconds: float = 5.0, torch_compile: bool = True) -> dict:
     """tokens/s and MFU of our SFT step vs transformers on torch CPU, per config."""
     import jax
-
-    from insightv_jax.config import load_config
-    from insightv_jax.train.metrics import measure_matmul_peak
 
     peak = measure_matmul_peak("float32", mesh=None)
     out = {"matmul_peak_gflops": round(peak / 1e9, 1), "device": jax.devices()[0].device_kind}
