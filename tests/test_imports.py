@@ -8,6 +8,7 @@ still a cycle.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = "insightv_jax"
@@ -73,6 +74,7 @@ def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return out
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     return {m: _imports(m, p, modules) for m, p in modules.items()}
@@ -117,13 +119,34 @@ def _within(module: str, prefix: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
 
-def test_graph_is_read():
+def test_graph_is_read(tmp_path):
     graph = _graph()
     assert f"{PACKAGE}.checkpoint" in graph
     assert f"{PACKAGE}.models.llava" in graph[f"{PACKAGE}.models.factory"]
-    # relative imports resolve too
-    toy = {"a.b.c": Path("a/b/c.py"), "a.b": Path("a/b/__init__.py")}
-    assert _resolve("a.b.c.x", toy) == "a.b.c"
+    # relative and function-local imports count; `pkg.mod.attr` is `pkg.mod`
+    sub = tmp_path / PACKAGE / "sub"
+    sub.mkdir(parents=True)
+    files = {
+        f"{PACKAGE}": (tmp_path / PACKAGE / "__init__.py", ""),
+        f"{PACKAGE}.top": (tmp_path / PACKAGE / "top.py", "import json\n"),
+        f"{PACKAGE}.sub": (sub / "__init__.py", "from . import a\n"),
+        f"{PACKAGE}.sub.a": (
+            sub / "a.py",
+            "def f():\n    from .b import g\n    from .. import top\n",
+        ),
+        f"{PACKAGE}.sub.b": (sub / "b.py", f"import {PACKAGE}.top.x\n"),
+    }
+    for path, text in files.values():
+        path.write_text(text)
+    modules = {name: path for name, (path, _) in files.items()}
+    toy = {m: _imports(m, p, modules) for m, p in modules.items()}
+    assert toy[f"{PACKAGE}.sub"] == {f"{PACKAGE}.sub.a"}
+    assert toy[f"{PACKAGE}.sub.a"] == {f"{PACKAGE}.sub.b", f"{PACKAGE}.top"}
+    assert toy[f"{PACKAGE}.sub.b"] == {f"{PACKAGE}.top"}
+    assert _cycles(toy) == []
+    assert _cycles({**toy, f"{PACKAGE}.top": {f"{PACKAGE}.sub.a"}}) == [
+        [f"{PACKAGE}.sub.a", f"{PACKAGE}.sub.b", f"{PACKAGE}.top"]
+    ]
 
 
 def test_no_import_cycles():
