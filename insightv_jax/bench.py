@@ -1,7 +1,8 @@
 """`insightv bench NAME`: small throughput benchmarks, one function per name.
 
 Add a benchmark by writing `def bench_x(args) -> dict` and registering it in
-`BENCHES`; the CLI prints each result line.
+`BENCHES`; the CLI prints each result line. Each benchmark imports what it
+runs inside its function: the CLI reads `BENCHES` without starting jax.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def bench_dpo(pairs: int = 4, min_seconds: float = 3.0) -> dict:
     from insightv_jax.config import MeshConfig, load_config
     from insightv_jax.models.factory import init_model
     from insightv_jax.parallel import make_mesh
-    from insightv_jax.train.benchmark import _timed
+    from insightv_jax.timing import timed
     from insightv_jax.train.dpo import DPOProgram
     from insightv_jax.train.toy_data import ToySource
     from insightv_jax.train.trainer import build_program, global_batch
@@ -106,9 +107,9 @@ def bench_dpo(pairs: int = 4, min_seconds: float = 3.0) -> dict:
             box["state"], m = program(box["state"], gb)
             jax.block_until_ready(m["loss"])
 
-        times[name] = _timed(step, min_seconds)
+        times[name] = timed(step, min_seconds)
     lp = {k: v for k, v in dpo.items() if k != "ref_logps"}
-    times["logprob"] = _timed(lambda: program.logprobs(params, lp), min_seconds)
+    times["logprob"] = timed(lambda: program.logprobs(params, lp), min_seconds)
     return {
         "sft_step_s": round(times["sft"], 4),
         "dpo_step_s": round(times["dpo"], 4),

@@ -17,6 +17,7 @@ Hugging Face folder: `config.json` + safetensors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -29,7 +30,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from insightv_jax.config import ModelConfig, from_dict, read_yaml, save_yaml, to_dict
+from insightv_jax.data.prompts import DEFAULT_PROMPTS, read_prompts
 from insightv_jax.errors import CheckpointError
+from insightv_jax.hf.convert import import_hf
+from insightv_jax.hf.files import HF_TOKENIZER_MARKERS, copy_aux_dirs
 from insightv_jax.models.factory import abstract_model
 from insightv_jax.parallel import single_device_mesh
 
@@ -245,28 +249,29 @@ def restore_params(path: Path, cfg: ModelConfig, mesh: Mesh) -> nnx.Module:
     return nnx.merge(graphdef, abstract)
 
 
+def aux_dirs(path: str | Path) -> tuple[Path | None, Path | None]:
+    """(tokenizer dir, processor dir) of a model dir, run dir or Hugging Face
+    folder; None where the checkpoint has none. A Hugging Face folder keeps both
+    at its top level, our directories in `tokenizer/` and `processor/`."""
+    path = Path(path)
+    if checkpoint_kind(path) == "hf":
+        tok = path if any((path / n).is_file() for n in HF_TOKENIZER_MARKERS) else None
+        return tok, path if (path / "preprocessor_config.json").is_file() else None
+    tok = path / "tokenizer" if (path / "tokenizer").is_dir() else None
+    return tok, path / "processor" if (path / "processor").is_dir() else None
+
+
 def load_model(path: str | Path, mesh: Mesh | None = None):
     """(model, ModelConfig, tokenizer dir or None, processor dir or None) from a
     model directory, run directory or Hugging Face folder."""
     path = Path(path)
     mesh = mesh or single_device_mesh()
-    kind = checkpoint_kind(path)
-    if kind == "hf":
-        from insightv_jax.hf.convert import import_hf
-
+    if checkpoint_kind(path) == "hf":
         model, cfg = import_hf(path, mesh)
-        tok = (
-            path
-            if any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
-            else None
-        )
-        proc = path if (path / "preprocessor_config.json").exists() else None
-        return model, cfg, tok, proc
-    cfg = read_model_config(path)
-    model = restore_params(params_path(path), cfg, mesh)
-    tok = path / "tokenizer" if (path / "tokenizer").is_dir() else None
-    proc = path / "processor" if (path / "processor").is_dir() else None
-    return model, cfg, tok, proc
+    else:
+        cfg = read_model_config(path)
+        model = restore_params(params_path(path), cfg, mesh)
+    return (model, cfg, *aux_dirs(path))
 
 
 @contextlib.contextmanager
@@ -292,16 +297,6 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-
-
-def copy_aux_dirs(dst: Path, tokenizer_dir: Path | None, processor_dir: Path | None) -> None:
-    """Copy tokenizer / processor files into `dst/tokenizer` and `dst/processor`."""
-    from insightv_jax.hf.files import copy_processor_files, copy_tokenizer_files
-
-    if tokenizer_dir is not None:
-        copy_tokenizer_files(tokenizer_dir, dst / "tokenizer")
-    if processor_dir is not None:
-        copy_processor_files(processor_dir, dst / "processor")
 
 
 def save_model_dir(
@@ -337,10 +332,6 @@ def agent_prompts(configured, reason: str | Path | None = None, summary: str | P
     the reasoning agent's checkpoint and the summary wording from the summary
     agent's (their `prompts.json`), each falling back to `configured` where a
     checkpoint carries none."""
-    import dataclasses
-
-    from insightv_jax.data.prompts import DEFAULT_PROMPTS, read_prompts
-
     configured = configured or DEFAULT_PROMPTS
     if configured != DEFAULT_PROMPTS:
         return configured

@@ -15,10 +15,11 @@ from insightv_jax.errors import InsightVError
 
 
 def _convert_hf2jax(args: argparse.Namespace) -> None:
-    from insightv_jax.checkpoint import atomic_dir, copy_aux_dirs
+    from insightv_jax.checkpoint import atomic_dir
     from insightv_jax.config import save_yaml, to_dict
     from insightv_jax.data.prompts import read_prompts, write_prompts
     from insightv_jax.hf.convert import import_hf
+    from insightv_jax.hf.files import copy_aux_dirs
     from insightv_jax.parallel import make_mesh
 
     src, out = Path(args.src), Path(args.out)

@@ -13,7 +13,6 @@ import os
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -130,12 +129,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def activation_sharding(mesh: Mesh, *logical_axes: str | None) -> NamedSharding:
-    """The sharding of an activation with the given logical axes (no shape check)."""
-    return NamedSharding(mesh, logical_to_spec(logical_axes))
-
-
-def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
+def constrain_sharding(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     """`with_sharding_constraint` by logical names under the current mesh (no-op
     outside a mesh or on one device)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -154,12 +148,6 @@ def batch_shards(rows: int) -> int:
     axes = logical_to_spec(("act_batch",), (rows,), mesh)[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     return math.prod(mesh.shape[a] for a in axes)
-
-
-def shard_array(array: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
-    """Place a host array onto `sharding`, each device receiving only its slice."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
 def initialize_distributed() -> None:

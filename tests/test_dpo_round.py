@@ -13,8 +13,9 @@ from insightv_jax.config import load_config
 from insightv_jax.data import conversation as conv
 from insightv_jax.data.pairs import PairTransform, make_pair, shared_lines
 from insightv_jax.data.transforms import ChatTransform
+from insightv_jax.jsonl import write_jsonl
 from insightv_jax.models.factory import construct
-from insightv_jax.train.dpo import train_dpo, write_jsonl
+from insightv_jax.train.dpo import train_dpo
 from insightv_jax.train.iterate import format_table, question_block, round_questions
 from insightv_jax.train.toy_data import toy_run_config
 

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from insightv_jax import vision_grid
 from insightv_jax.config import LlavaConfig, ModelConfig, VisionConfig
 from insightv_jax.models import anyres
 
@@ -52,21 +53,21 @@ def test_host_counts_equal_transformers_processor(case):
     ns._get_unpadded_features = functools.partial(LlavaNextProcessor._get_unpadded_features, ns)
     for h, w in _sizes():
         h, w = int(h), int(w)
-        assert anyres.best_resolution(h, w, cfg.llava.image_grid_pinpoints) == tuple(
+        assert vision_grid.best_resolution(h, w, cfg.llava.image_grid_pinpoints) == tuple(
             select_best_resolution((h, w), ns.image_processor.image_grid_pinpoints)
         )
         ref = LlavaNextProcessor._get_number_of_features(ns, h, w, t, t)
-        assert anyres.num_image_tokens((h, w), cfg) == ref, (h, w)
+        assert vision_grid.num_image_tokens((h, w), cfg) == ref, (h, w)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_traced_counts_equal_host(case):
     cfg = CASES[case]
     sizes = _sizes(1)
-    _, counts = jax.jit(lambda s: anyres.feature_index(s, cfg, anyres.max_tiles(cfg)))(sizes)
-    host = [anyres.num_image_tokens((int(h), int(w)), cfg) for h, w in sizes]
+    _, counts = jax.jit(lambda s: anyres.feature_index(s, cfg, vision_grid.max_tiles(cfg)))(sizes)
+    host = [vision_grid.num_image_tokens((int(h), int(w)), cfg) for h, w in sizes]
     np.testing.assert_array_equal(np.asarray(counts), host)
-    assert max(host) <= anyres.max_image_tokens(cfg)
+    assert max(host) <= vision_grid.max_image_tokens(cfg)
 
 
 def test_presets_build_abstractly_with_expected_sizes():
@@ -81,8 +82,8 @@ def test_presets_build_abstractly_with_expected_sizes():
         return cfg, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
     cfg, n = count("tiny")
-    assert 0.4e6 < n < 0.6e6 and anyres.num_image_tokens((40, 40), cfg) == 16
+    assert 0.4e6 < n < 0.6e6 and vision_grid.num_image_tokens((40, 40), cfg) == 16
     # Llama-3-8B + CLIP ViT-L/14-336 + projector + image_newline (llama3-llava-next-8b).
     cfg, n = count("llava-next-llama3-8b")
-    assert n == 8_354_752_512 and anyres.max_tiles(cfg) == 10
-    assert anyres.num_image_tokens((336, 336), cfg) == 576 + 24 * 25
+    assert n == 8_354_752_512 and vision_grid.max_tiles(cfg) == 10
+    assert vision_grid.num_image_tokens((336, 336), cfg) == 576 + 24 * 25

@@ -18,11 +18,10 @@ from hf_models import (
 )
 from safetensors.numpy import load_file, save_file
 
-from insightv_jax import cli
+from insightv_jax import cli, vision_grid
 from insightv_jax.config import MeshConfig
 from insightv_jax.errors import DataError
 from insightv_jax.hf.convert import import_hf
-from insightv_jax.models import anyres
 from insightv_jax.models.llava import to_sample_layout
 from insightv_jax.parallel import make_mesh, single_device_mesh
 
@@ -39,10 +38,10 @@ def hf_next(tmp_path_factory):
 def inputs(hf_next):
     out = llava_image_processor()(random_images([(40, 40), (30, 90)], seed=5), return_tensors="np")
     pv, sizes = out["pixel_values"], out["image_sizes"]
-    from insightv_jax.hf.llava import llava_from_hf
+    from insightv_jax.hf.configs import llava_from_hf
 
     cfg = llava_from_hf(json.loads((hf_next[1] / "config.json").read_text()))
-    n = [anyres.num_image_tokens(tuple(s), cfg) for s in sizes]
+    n = [vision_grid.num_image_tokens(tuple(s), cfg) for s in sizes]
     rows = [token_row([n[0]], 40), token_row([n[1]], 40)]
     return np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), pv, sizes
 
@@ -133,7 +132,7 @@ def _to_original(src, dst):
 
 
 def test_original_llava_next_format(hf_next, inputs, tmp_path):
-    from insightv_jax.hf.llava import parse_pinpoints
+    from insightv_jax.hf.configs import parse_pinpoints
 
     hf, src = hf_next
     ids, mask, pv, sizes = inputs

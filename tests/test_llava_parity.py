@@ -14,8 +14,8 @@ from hf_models import (
     torch_llava_logits,
 )
 
+from insightv_jax import vision_grid
 from insightv_jax.hf.convert import import_hf
-from insightv_jax.models import anyres
 from insightv_jax.models.llava import to_sample_layout
 from insightv_jax.parallel import single_device_mesh
 
@@ -43,7 +43,7 @@ def batch(next_pair):
     _, _, cfg = next_pair
     out = llava_image_processor()(random_images(SIZES), return_tensors="np")
     pv, sizes = out["pixel_values"], out["image_sizes"]
-    n = [anyres.num_image_tokens(tuple(s), cfg) for s in sizes]
+    n = [vision_grid.num_image_tokens(tuple(s), cfg) for s in sizes]
     length = n[1] + n[2] + 8
     rows = [token_row([n[0]], length), token_row([n[1], n[2]], length)]
     ids = np.array([r[0] for r in rows])
@@ -107,7 +107,7 @@ def test_llava_next_logits_padded_batch_mixed_sizes(next_pair, batch):
 def test_llava_next_logits_single_image(size, next_pair):
     hf, model, cfg = next_pair
     out = llava_image_processor()(random_images([size], seed=3), return_tensors="np")
-    n = anyres.num_image_tokens(size, cfg)
+    n = vision_grid.num_image_tokens(size, cfg)
     ids = np.array([token_row([n], 30)[0]])  # one length: one compiled shape
     ref = torch_llava_logits(hf, ids, out["pixel_values"], out["image_sizes"])
     ours = np.asarray(model(ids, out["pixel_values"], out["image_sizes"]))
@@ -116,7 +116,7 @@ def test_llava_next_logits_single_image(size, next_pair):
 
 def test_llava_siglip_logits_two_images_per_sample(siglip_pair):
     hf, model, cfg = siglip_pair
-    n = anyres.num_image_tokens((20, 20), cfg)
+    n = vision_grid.num_image_tokens((20, 20), cfg)
     assert n == 4  # SigLIP, strategy "full": every patch, no class token
     px = np.random.RandomState(1).randn(3, 3, 20, 20).astype(np.float32)
     length = 2 * n + 6

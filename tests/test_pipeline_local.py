@@ -13,7 +13,7 @@ from insightv_jax.config import DecoderConfig, ModelConfig, load_config
 from insightv_jax.data.synthetic.writer import write_llava
 from insightv_jax.models.factory import construct
 from insightv_jax.pipeline.assess import run_assess
-from insightv_jax.pipeline.backends import parse_step
+from insightv_jax.pipeline.backend_common import parse_step
 from insightv_jax.pipeline.build import run_build
 from insightv_jax.pipeline.generate import run_generate
 from insightv_jax.pipeline.records import read_shards

@@ -18,7 +18,7 @@ from insightv_jax.data.synthetic.oracle import OracleJudge, OracleScorer
 from insightv_jax.data.synthetic.teacher import OracleTeacher
 from insightv_jax.data.synthetic.writer import write_llava
 from insightv_jax.pipeline.assess import run_assess
-from insightv_jax.pipeline.backends import BackendError, job_seed, parse_step
+from insightv_jax.pipeline.backend_common import BackendError, job_seed, parse_step
 from insightv_jax.pipeline.build import run_build
 from insightv_jax.pipeline.generate import load_queries, run_generate
 from insightv_jax.pipeline.openai_backend import (

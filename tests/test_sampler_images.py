@@ -11,8 +11,8 @@ from hf_models import (
     save,
 )
 
+from insightv_jax import vision_grid
 from insightv_jax.hf.convert import import_hf
-from insightv_jax.models import anyres
 from insightv_jax.models.llava import to_sample_layout
 from insightv_jax.parallel import single_device_mesh
 from insightv_jax.sample.sampler import Sampler, SamplingParams
@@ -27,7 +27,7 @@ def test_greedy_with_images_matches_transformers(tmp_path):
     proc = llava_image_processor()(random_images(sizes_hw, seed=4), return_tensors="np")
     rows = []
     for k, size in enumerate(proc["image_sizes"]):
-        n = anyres.num_image_tokens(tuple(size), cfg)
+        n = vision_grid.num_image_tokens(tuple(size), cfg)
         rows.append([7 + k, 11] + [IMAGE_TOKEN] * n + [12 + k] * (1 + 3 * k))  # different lengths
     ours_pv = [
         to_sample_layout(

@@ -2,7 +2,7 @@
 processor (PIL backend) on the same input.
 
 Per image (anyres): convert to RGB (transparency composited on white), pick
-the grid canvas (`models.anyres.best_resolution`), resize to fit it keeping the
+the grid canvas (`vision_grid.best_resolution`), resize to fit it keeping the
 aspect ratio (bicubic), pad centred with zeros, cut row-major tiles, put a
 squashed resize of the whole image first (the base view), then per tile:
 shortest-edge resize, centre crop, x/255, (x - mean) / std. Single view
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from insightv_jax.errors import DataError
-from insightv_jax.models.anyres import best_resolution
+from insightv_jax.vision_grid import best_resolution, max_tiles
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -205,10 +205,8 @@ def pack_samples(samples, processor: ImageProcessor, cfg, images_per_sample: int
     """Per-sample layout for a batch: `samples[b]` is a list of (image, name).
 
     Returns pixel_values (B, I, tiles, 3, H, W) fp32 and image_sizes (B, I, 2)
-    int32, empty slots zero; tiles = `anyres.max_tiles(cfg)` (static).
+    int32, empty slots zero; tiles = `vision_grid.max_tiles(cfg)` (static).
     """
-    from insightv_jax.models.anyres import max_tiles
-
     n_img = images_per_sample or cfg.llava.images_per_sample
     S, t = max_tiles(cfg), cfg.vision.image_size
     pv = np.zeros((len(samples), n_img, S, 3, t, t), np.float32)

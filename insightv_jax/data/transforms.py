@@ -16,8 +16,10 @@ import numpy as np
 
 from insightv_jax.config import ModelConfig
 from insightv_jax.data import conversation as conv
+from insightv_jax.data.images import ImageProcessor, pack_samples
 from insightv_jax.data.validate import Limits, load_image_size
 from insightv_jax.errors import DataError
+from insightv_jax.vision_grid import num_image_tokens
 
 ROLES = {
     "human": "user",
@@ -65,24 +67,18 @@ class ChatTransform:
     @property
     def tokenizer(self):
         if self._tok is None:
-            from insightv_jax.data.conversation import load_tokenizer
-
-            self._tok = load_tokenizer(self.tokenizer_dir)
+            self._tok = conv.load_tokenizer(self.tokenizer_dir)
         return self._tok
 
     @property
     def processor(self):
         if self._proc is None:
-            from insightv_jax.data.images import ImageProcessor
-
             self._proc = ImageProcessor.for_model(self.cfg)
         return self._proc
 
     def image_tokens(self, size: tuple[int, int]) -> int:
         size = tuple(int(x) for x in size)
         if size not in self._image_tokens:  # validation asks for every record
-            from insightv_jax.models.anyres import num_image_tokens
-
             self._image_tokens[size] = num_image_tokens(size, self.cfg)
         return self._image_tokens[size]
 
@@ -92,8 +88,6 @@ class ChatTransform:
         out: dict[str, np.ndarray] = {}
         counts: list[int] = []
         if self.cfg.is_vlm:
-            from insightv_jax.data.images import pack_samples
-
             named = [
                 (self.root / p if isinstance(p, str) else p, f"{name} image {k}")
                 for k, p in enumerate(images)

@@ -78,7 +78,7 @@ class EvalStages:
         """Robustness check input: for each eval question, an oracle chain with
         one deliberate error (a miscount, wrong cell, misread bar or slip)."""
         from insightv_jax.data.synthetic.teacher import ERROR_VISIBLE_IN, OracleTeacher
-        from insightv_jax.pipeline.backends import chain_steps_text
+        from insightv_jax.pipeline.backend_common import chain_steps_text
 
         p = self.spec["pipeline"]
         teacher = OracleTeacher(1.0, p.get("oracle_style", "terse"), self.spec.get("seed", 0))

@@ -114,7 +114,7 @@ class Demo(SFTJobs, EvalStages):
         from insightv_jax.data.conversation import build_tokenizer
         from insightv_jax.data.prompts import reasoning_question, summary_question
         from insightv_jax.data.synthetic.teacher import OracleTeacher
-        from insightv_jax.pipeline.backends import thoughts
+        from insightv_jax.pipeline.backend_common import thoughts
 
         prompts = self._prompts()
         p = self.spec["pipeline"]

@@ -24,6 +24,7 @@ from typing import Any
 
 from insightv_jax.errors import DataError
 from insightv_jax.eval.extract import LETTERS, normalize_text, parse_options
+from insightv_jax.jsonl import parse_jsonl
 
 KINDS = ("mc", "yesno", "numeric", "open", "chartqa")
 LAYOUTS = ("auto", "tsv", "json", "jsonl", "parquet", "synthetic")
@@ -247,18 +248,7 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{n}: a record must be a JSON object")
-        rows.append(rec)
-    return rows
+    return parse_jsonl(path.read_text(encoding="utf-8"), path)  # not UTF-8: read_benchmark says
 
 
 def _read_parquet(path: Path) -> list[dict]:

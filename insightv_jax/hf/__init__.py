@@ -18,6 +18,8 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
     `processor` is our `data.images.ImageProcessor` (same pixels as the
     transformers LLaVA-NeXT processor; None for text-only models).
     """
+    # imported on use: this __init__ runs before every hf.* module, and checkpoint
+    # imports hf.convert (at import time the two would wait on each other)
     from insightv_jax.checkpoint import load_model
 
     model, cfg, tok_dir, proc_dir = load_model(path, mesh)

@@ -18,9 +18,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from insightv_jax.config import ModelConfig
+from insightv_jax.data.conversation import load_tokenizer
+from insightv_jax.data.prompts import write_prompts
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.configs import model_from_hf, model_to_hf, read_hf_config
+from insightv_jax.hf.files import copy_aux_dirs
 from insightv_jax.hf.keymap import IGNORED_KEY_SUFFIXES, ParamMap, decoder_keymap
+from insightv_jax.hf.llava import detect_layout, ignored_key, llava_keymap
 from insightv_jax.hf.safetensors_io import SafetensorsFolder, write_folder
 from insightv_jax.models.factory import abstract_model
 
@@ -30,8 +34,6 @@ def keymap_for(cfg: ModelConfig, layout: str = "hub") -> list[ParamMap]:
     if cfg.kind == "causal_lm":
         return decoder_keymap(cfg.decoder)
     if cfg.is_vlm:
-        from insightv_jax.hf.llava import llava_keymap
-
         return llava_keymap(cfg, layout)
     raise CheckpointError(f"no Hugging Face key map for model kind {cfg.kind!r}")
 
@@ -92,8 +94,6 @@ def import_hf(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = None):
     target = nnx.to_pure_dict(abstract)
     layout = "hub"
     if cfg.is_vlm:
-        from insightv_jax.hf.llava import detect_layout, ignored_key
-
         layout = detect_layout(tensors.keys())
     maps = keymap_for(cfg, layout)
     missing = _leaf_paths(target) - {pm.path for pm in maps}
@@ -162,8 +162,6 @@ def hf_tensors(model: nnx.Module, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
 def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         return {}
-    from insightv_jax.data.conversation import load_tokenizer
-
     tok = load_tokenizer(tokenizer_dir)
     ids = {
         "bos_token_id": tok.bos_token_id,
@@ -184,8 +182,6 @@ def export_hf(
 ) -> None:
     """Write a `save_pretrained`-style folder into `out` (which must exist), with the
     agent's training `prompts` (data.prompts.Prompts) as `prompts.json` when given."""
-    from insightv_jax.checkpoint import copy_aux_dirs
-
     out = Path(out)
     hf_cfg = model_to_hf(cfg)
     special = _special_ids(tokenizer_dir)
@@ -199,8 +195,6 @@ def export_hf(
         }
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if prompts is not None:
-            from insightv_jax.data.prompts import write_prompts
-
             write_prompts(out, prompts)
     tensors = hf_tensors(model, cfg)
     if jax.process_index() == 0:

@@ -16,6 +16,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# a Hugging Face folder has a tokenizer when it has one of these
+HF_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
 
 
@@ -37,3 +39,11 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 def copy_processor_files(src: Path, dst: Path) -> list[str]:
     """Copy the image-processor files present in `src` to `dst`."""
     return _copy(src, dst, PROCESSOR_FILES)
+
+
+def copy_aux_dirs(dst: Path, tokenizer_dir: Path | None, processor_dir: Path | None) -> None:
+    """Copy tokenizer / processor files into `dst/tokenizer` and `dst/processor`."""
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, dst / "tokenizer")
+    if processor_dir is not None:
+        copy_processor_files(processor_dir, dst / "processor")

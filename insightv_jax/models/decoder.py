@@ -23,7 +23,7 @@ from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.panel_matmul import PackedWeight, packed_weight
 from insightv_jax.models.rope import apply_rope, decoder_inv_freq, rope_cos_sin
 from insightv_jax.models.stack import layer_modules, scan_layers, stack_layers, unstack_layers
-from insightv_jax.parallel import constrain
+from insightv_jax.parallel import constrain_sharding
 
 
 class RMSNorm(nnx.Module):
@@ -79,8 +79,8 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
-        q = constrain(apply_rope(q, rope), "act_batch", "act_length", "act_heads", None)
-        k = constrain(apply_rope(k, rope), "act_batch", "act_length", "act_kv_heads", None)
+        q = constrain_sharding(apply_rope(q, rope), "act_batch", "act_length", "act_heads", None)
+        k = constrain_sharding(apply_rope(k, rope), "act_batch", "act_length", "act_kv_heads", None)
         kv_positions = positions
         backend = cfg.attention
         if layer_kv is not None:
@@ -127,7 +127,7 @@ class MLP(nnx.Module):
         else:
             gate = dense(x, self.gate_proj[...].astype(dt))
             up = dense(x, self.up_proj[...].astype(dt))
-        h = constrain(jax.nn.silu(gate) * up, "act_batch", "act_length", "mlp")
+        h = constrain_sharding(jax.nn.silu(gate) * up, "act_batch", "act_length", "mlp")
         return dense(h, self.down_proj[...].astype(dt), packed=packed_weight(self, "down_proj"))
 
 
@@ -150,7 +150,7 @@ class DecoderBlock(nnx.Module):
             )
             x = x + y
         x = x + self.mlp(self.post_attn_norm(x))
-        x = constrain(x, "act_batch", "act_length", "act_embed")
+        x = constrain_sharding(x, "act_batch", "act_length", "act_embed")
         return x if layer_kv is None else (x, layer_kv)
 
 
@@ -173,7 +173,7 @@ class Decoder(nnx.Module):
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         """(B, T) ids -> (B, T, D) embeddings in the compute dtype."""
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
-        return constrain(x, "act_batch", "act_length", "act_embed")
+        return constrain_sharding(x, "act_batch", "act_length", "act_embed")
 
     def hidden_states(
         self,
@@ -246,7 +246,7 @@ class Decoder(nnx.Module):
         out = dense(
             hidden, self.output_head().astype(hidden.dtype), packed=packed_weight(self, "head")
         )
-        return constrain(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+        return constrain_sharding(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
     def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None) -> jax.Array:
         """Input embeddings (B, T, D); the VLM merges image features here."""

@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from insightv_jax import vision_grid
 from insightv_jax.config import ModelConfig
 from insightv_jax.errors import DataError
 from insightv_jax.models import anyres
 from insightv_jax.models.decoder import Decoder
 from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.vision import VisionTower
-from insightv_jax.parallel import constrain
+from insightv_jax.parallel import constrain_sharding
 
 
 class Projector(nnx.Module):
@@ -143,7 +144,7 @@ class LlavaModel(nnx.Module):
             check_image_tokens(np.asarray(input_ids), np.asarray(image_sizes), self.cfg)
         feats, counts = self.image_features(pixel_values, jnp.asarray(image_sizes))
         merged = merge_image_features(embeds, ids, feats, counts, image_id)
-        return constrain(merged, "act_batch", "act_length", "act_embed")
+        return constrain_sharding(merged, "act_batch", "act_length", "act_embed")
 
     # ------------------------------------------------------------ decoder
 
@@ -197,7 +198,8 @@ def image_token_counts(image_sizes: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """Image tokens each slot needs: image_sizes (..., 2) -> (...) ints (0 for empty slots)."""
     sizes = np.asarray(image_sizes).reshape(-1, 2)
     out = [
-        anyres.num_image_tokens((int(h), int(w)), cfg) if h > 0 and w > 0 else 0 for h, w in sizes
+        vision_grid.num_image_tokens((int(h), int(w)), cfg) if h > 0 and w > 0 else 0
+        for h, w in sizes
     ]
     return np.asarray(out, np.int64).reshape(np.shape(image_sizes)[:-1])
 
@@ -250,12 +252,12 @@ def to_sample_layout(input_ids: np.ndarray, pixel_values: np.ndarray, image_size
     if k != n_images:
         raise DataError(f"{n_images - k} image(s) left over: no <image> tokens for image {k}")
     n_img = max(1, max(len(o) for o in owner))
-    S = anyres.max_tiles(cfg)
+    S = vision_grid.max_tiles(cfg)
     out = np.zeros((ids.shape[0], n_img, S, *pix.shape[2:]), np.float32)
     out_sizes = np.zeros((ids.shape[0], n_img, 2), np.int32)
     for b, imgs in enumerate(owner):
         for i, k in enumerate(imgs):
-            need = anyres.num_tiles(tuple(sizes[k]), cfg)
+            need = vision_grid.num_tiles(tuple(sizes[k]), cfg)
             if need > pix.shape[1]:
                 raise DataError(f"image {k}: needs {need} tiles, pixel_values has {pix.shape[1]}")
             out[b, i, :need] = pix[k, :need]

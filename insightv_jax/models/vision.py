@@ -23,7 +23,7 @@ from insightv_jax.config import VisionConfig
 from insightv_jax.models.attention import attention
 from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.stack import scan_layers, stack_layers
-from insightv_jax.parallel import constrain
+from insightv_jax.parallel import constrain_sharding
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -73,7 +73,7 @@ class VisionAttention(nnx.Module):
         def project(name):
             w, b = getattr(self, f"{name}_proj"), getattr(self, f"{name}_bias")
             y = dense(x, w[...].astype(dt)) + b[...].astype(dt)
-            return constrain(y, "act_batch", "act_length", "act_heads", None)
+            return constrain_sharding(y, "act_batch", "act_length", "act_heads", None)
 
         out = attention(
             project("q"),
@@ -101,7 +101,9 @@ class VisionMLP(nnx.Module):
     def __call__(self, x):
         dt = jnp.dtype(self.cfg.dtype)
         h = dense(x, self.fc1[...].astype(dt)) + self.fc1_bias[...].astype(dt)
-        h = constrain(ACTIVATIONS[self.cfg.hidden_act](h), "act_batch", "act_length", "vision_mlp")
+        h = constrain_sharding(
+            ACTIVATIONS[self.cfg.hidden_act](h), "act_batch", "act_length", "vision_mlp"
+        )
         return dense(h, self.fc2[...].astype(dt)) + self.fc2_bias[...].astype(dt)
 
 
@@ -118,7 +120,7 @@ class VisionBlock(nnx.Module):
     def __call__(self, x, positions, valid):
         x = x + self.attn(self.ln1(x), positions, valid)
         x = x + self.mlp(self.ln2(x))
-        return constrain(x, "act_batch", "act_length", "act_embed")
+        return constrain_sharding(x, "act_batch", "act_length", "act_embed")
 
 
 def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
@@ -172,7 +174,7 @@ class VisionTower(nnx.Module):
         x = x + self.pos_embed[...].astype(dt)
         if self.has_cls:
             x = self.pre_norm(x)
-        return constrain(x, "act_batch", "act_length", "act_embed")
+        return constrain_sharding(x, "act_batch", "act_length", "act_embed")
 
     def hidden_state(self, pixel_values: jax.Array, layer: int = -1) -> jax.Array:
         """Hugging Face's `hidden_states[layer]` (N, T, D); only the blocks it

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from insightv_jax.config import ModelConfig
+from insightv_jax.models.factory import construct
 
 
 def grow_vocab(model: nnx.Module, cfg: ModelConfig, new_size: int):
@@ -16,8 +17,6 @@ def grow_vocab(model: nnx.Module, cfg: ModelConfig, new_size: int):
     old = cfg.decoder.vocab_size
     if new_size <= old:
         return model, cfg
-    from insightv_jax.models.factory import construct
-
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     dec = state["decoder"] if cfg.is_vlm else state
     extra = new_size - old

@@ -23,12 +23,17 @@ import time
 import zlib
 from pathlib import Path
 
+from insightv_jax.checkpoint import agent_prompts
 from insightv_jax.config import ConfigError, RunConfig
 from insightv_jax.eval.extract import chain_final_claim
+from insightv_jax.eval.harness import files_stamp
 from insightv_jax.pipeline.backends import make_judge
 from insightv_jax.pipeline.generate import load_queries, resolve_shard
 from insightv_jax.pipeline.progress import Progress
 from insightv_jax.pipeline.records import ShardWriter, my_share, shard_path
+from insightv_jax.sample.infer import load_agent
+from insightv_jax.sample.reasoning import sample_chains, summary_answer
+from insightv_jax.sample.sampler import SamplingParams
 
 
 def agent_key(query_id: str, sample: int) -> str:
@@ -43,8 +48,6 @@ def _block_seed(seed: int, first_id: str) -> int:
 def _check_settings(out: Path, p, prompts) -> None:
     """Chains already in `out` must come from the same reasoner and sampling: a rerun
     after the agent was retrained must not reuse the old agent's chains unnoticed."""
-    from insightv_jax.eval.harness import files_stamp
-
     settings = {
         "reasoner": str(Path(p.agent_reasoner).resolve()),
         "reasoner_files": files_stamp(p.agent_reasoner),
@@ -64,11 +67,6 @@ def _check_settings(out: Path, p, prompts) -> None:
 
 def run_agent_chains(cfg: RunConfig, progress_file=None) -> dict:
     """Sample, judge and append the missing agent chains of this process's queries."""
-    from insightv_jax.checkpoint import agent_prompts
-    from insightv_jax.sample.infer import load_agent
-    from insightv_jax.sample.reasoning import sample_chains, summary_answer
-    from insightv_jax.sample.sampler import SamplingParams
-
     p = cfg.pipeline
     if not p.agent_reasoner:
         raise ConfigError("pipeline.agent_reasoner is not set (the trained reasoning agent)")

@@ -16,15 +16,17 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from insightv_jax.config import PipelineConfig, RunConfig
-from insightv_jax.pipeline.backends import chain_steps_text, make_judge, make_scorer
+from insightv_jax.pipeline.backend_common import chain_steps_text
+from insightv_jax.pipeline.backends import make_judge, make_scorer
 from insightv_jax.pipeline.generate import load_queries, resolve_shard
 from insightv_jax.pipeline.progress import Progress
 from insightv_jax.pipeline.records import ShardWriter, my_share, read_shards, shard_path
 
-BUCKETS = ("high", "mid", "low", "wrong", "unscored")
+SCORE_BUCKETS = ("high", "mid", "low", "wrong", "unscored")
 
 
-def bucket_of(score: float | None, correct: bool, cfg: PipelineConfig) -> str:
+def score_bucket(score: float | None, correct: bool, cfg: PipelineConfig) -> str:
+    """Which of `SCORE_BUCKETS` a judged and scored sample falls in."""
     if not correct:
         return "wrong"
     if score is None:
@@ -34,30 +36,53 @@ def bucket_of(score: float | None, correct: bool, cfg: PipelineConfig) -> str:
     return "mid" if score >= cfg.mid_threshold else "low"
 
 
+def judge_and_score(
+    questions: dict[str, dict], samples: list[dict], judge, scorer, answer_of, chain_of
+) -> tuple[list[bool], list[float | None]]:
+    """The judge's verdict on every sample's answer, and the scorer's score of every
+    correct one (None for a wrong sample, or where the scorer's reply gave none).
+
+    `questions` maps a sample's `id` to its question record (question, answer, and
+    what the scorer reads); `answer_of(sample)` is the answer judged and
+    `chain_of(sample)` the chain scored. The judge sees the samples in order; the
+    correct samples of one question are scored in one request, questions in the
+    order their first correct sample comes. Shared by stage 2 (`assess_queries`)
+    and the DPO rounds (train/iterate.py)."""
+    verdicts = judge.judge_many(
+        [
+            (questions[s["id"]]["question"], questions[s["id"]]["answer"], answer_of(s))
+            for s in samples
+        ]
+    )
+    correct = [bool(v) for v in verdicts]
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        if correct[i]:
+            groups.setdefault(s["id"], []).append(i)
+    requests = [
+        (questions[q], [chain_of(samples[i]) for i in group]) for q, group in groups.items()
+    ]
+    scores: list[float | None] = [None] * len(samples)
+    for group, got in zip(groups.values(), scorer.score_many(requests)):
+        for i, score in zip(group, got):
+            scores[i] = score
+    return correct, scores
+
+
 def assess_queries(queries, samples_by_query, judge, scorer, cfg: PipelineConfig) -> list[dict]:
     """Judge and score a batch of queries; one assessed record per query."""
-    flat = [(q, s) for q in queries for s in samples_by_query[q["id"]]]
-    verdicts = judge.judge_many(
-        [(q["question"], q["answer"], str(s["final_answer"] or "")) for q, s in flat]
-    )
-    correct = {(q["id"], s["sample"]): bool(v) for (q, s), v in zip(flat, verdicts)}
-    requests, owners = [], []
-    for q in queries:
-        right = [s for s in samples_by_query[q["id"]] if correct[(q["id"], s["sample"])]]
-        if right:
-            requests.append((q, [s["steps"] for s in right]))
-            owners.append(right)
-    scores = {}
-    for right, got in zip(owners, scorer.score_many(requests)):
-        for s, score in zip(right, got):
-            scores[(s["id"], s["sample"])] = score
+    flat = [s for q in queries for s in samples_by_query[q["id"]]]
+    correct, scores = judge_and_score(
+        {q["id"]: q for q in queries}, flat, judge, scorer,
+        answer_of=lambda s: str(s["final_answer"] or ""), chain_of=lambda s: s["steps"],
+    )  # fmt: skip
+    assessed = {(s["id"], s["sample"]): (ok, score) for s, ok, score in zip(flat, correct, scores)}
     out = []
     for q in queries:
         samples = []
         for s in sorted(samples_by_query[q["id"]], key=lambda s: s["sample"]):
-            k = (q["id"], s["sample"])
-            ok = correct[k]
-            score = scores.get(k) if ok else cfg.floor_score
+            ok, score = assessed[(q["id"], s["sample"])]
+            score = score if ok else cfg.floor_score
             samples.append(
                 {
                     "sample": s["sample"],
@@ -66,7 +91,7 @@ def assess_queries(queries, samples_by_query, judge, scorer, cfg: PipelineConfig
                     "chain": chain_steps_text(s["steps"]),
                     "correct": ok,
                     "score": score,
-                    "bucket": bucket_of(score, ok, cfg),
+                    "bucket": score_bucket(score, ok, cfg),
                 }
             )
         out.append(
@@ -118,7 +143,7 @@ def run_assess(cfg: RunConfig, judge=None, scorer=None, progress_file=None) -> d
         "questions": len(complete),
         "questions_assessed": len(todo),
         "questions_incomplete": incomplete,
-        "buckets_this_run": {b: buckets.get(b, 0) for b in BUCKETS},
+        "buckets_this_run": {b: buckets.get(b, 0) for b in SCORE_BUCKETS},
         "judge_stats": judge.stats.as_dict(),
         "scorer_stats": scorer.stats.as_dict(),
     }

@@ -26,7 +26,7 @@ from insightv_jax.config import SUMMARY_MIX_KEYS, PipelineConfig, RunConfig
 from insightv_jax.data.pairs import make_pair
 from insightv_jax.data.prompts import Prompts, reasoning_question, summary_question, write_prompts
 from insightv_jax.data.sources import BadRecord, open_source
-from insightv_jax.pipeline.backends import thoughts
+from insightv_jax.pipeline.backend_common import thoughts
 from insightv_jax.pipeline.generate import load_queries
 from insightv_jax.pipeline.records import read_shards
 

@@ -22,7 +22,7 @@ import jax
 from insightv_jax.config import ConfigError, PipelineConfig
 from insightv_jax.data.prompts import judge_prompt, scorer_prompt
 from insightv_jax.data.synthetic.oracle import parse_verdict
-from insightv_jax.pipeline.backends import (
+from insightv_jax.pipeline.backend_common import (
     VERDICT,
     Stats,
     chain_steps_text,
@@ -30,14 +30,17 @@ from insightv_jax.pipeline.backends import (
     parse_scores,
     parse_step,
 )
+from insightv_jax.sample.constrain import StepConstraint
+from insightv_jax.sample.infer import load_agent
+from insightv_jax.sample.prompting import stack_prompts
+from insightv_jax.sample.reasoning import progressive_generate
+from insightv_jax.sample.sampler import SamplingParams
 
 CHUNK = 64  # rows per judge/scorer generate call
 
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str):
-    from insightv_jax.sample.infer import load_agent
-
     return load_agent(path)
 
 
@@ -76,9 +79,6 @@ class LocalGenerator:
     """Constrained progressive generation with a local checkpoint."""
 
     def __init__(self, cfg: PipelineConfig, seed: int, sampler=None):
-        from insightv_jax.sample.constrain import StepConstraint
-        from insightv_jax.sample.sampler import SamplingParams
-
         self.cfg, self.seed = cfg, seed
         self.stats = Stats()
         self.sampler = _timed(sampler or agent(cfg.generator_checkpoint, "generator"), self.stats)
@@ -89,8 +89,6 @@ class LocalGenerator:
         )  # fmt: skip
 
     def generate(self, jobs: list[tuple[dict, int]]) -> Iterator[tuple[int, dict | None]]:
-        from insightv_jax.sample.reasoning import progressive_generate
-
         if not jobs:
             return
         t0 = time.perf_counter()
@@ -129,8 +127,6 @@ class _LocalText:
 
     def __init__(self, sampler, stats: Stats, temperature: float, top_p: float, max_tokens: int,
                  seed: int):  # fmt: skip
-        from insightv_jax.sample.sampler import SamplingParams
-
         self.sampler = _timed(sampler, stats)
         stop = tuple(sampler.encoder.end_of_turn()) if sampler.encoder else ()
         self.params = SamplingParams(
@@ -140,8 +136,6 @@ class _LocalText:
 
     def replies(self, rows: list[tuple[str, list]]) -> list[str]:
         """One reply per (user text, images) row."""
-        from insightv_jax.sample.prompting import stack_prompts
-
         enc, out = self.sampler.encoder, []
         for start in range(0, len(rows), CHUNK):
             encoded = [

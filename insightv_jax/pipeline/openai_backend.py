@@ -23,7 +23,7 @@ from functools import lru_cache
 from insightv_jax.config import PipelineConfig
 from insightv_jax.data.prompts import judge_prompt, scorer_prompt
 from insightv_jax.data.synthetic.oracle import parse_verdict
-from insightv_jax.pipeline.backends import (
+from insightv_jax.pipeline.backend_common import (
     VERDICT,
     BackendError,
     RetriesExhausted,

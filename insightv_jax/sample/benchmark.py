@@ -23,16 +23,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from insightv_jax.config import DecoderConfig, ModelConfig, load_config
+from insightv_jax.config import DecoderConfig, ModelConfig, VisionConfig, load_config
+from insightv_jax.data.conversation import build_tokenizer
+from insightv_jax.data.images import ImageProcessor
+from insightv_jax.data.prompts import Prompts
+from insightv_jax.data.synthetic.writer import write_llava
+from insightv_jax.hf.convert import export_hf
+from insightv_jax.models import panel_matmul
 from insightv_jax.models.factory import construct
+from insightv_jax.sample.constrain import StepConstraint
+from insightv_jax.sample.prompting import PromptEncoder
+from insightv_jax.sample.reasoning import _repeat, progressive_generate
 from insightv_jax.sample.sampler import (
     CPU_DECODE_OPTIONS,
     Sampler,
     SamplingParams,
-    bucket,
     cache_bucket,
+    next_pow2,
 )
-from insightv_jax.train.benchmark import timed_in_turn
+from insightv_jax.timing import timed_in_turn
 
 TINY_LM = DecoderConfig(
     vocab_size=512,
@@ -60,7 +69,7 @@ def _bench_decoder() -> DecoderConfig:
 
 def _timed_in_turn(*fns, repeat: int = 3, min_seconds: float = 0.5) -> list[float]:
     """Best wall time of each `fn()`, calling them in turn for at least `repeat`
-    rounds and `min_seconds` a function (`train.benchmark.timed_in_turn`). A
+    rounds and `min_seconds` a function (`timing.timed_in_turn`). A
     decode step follows the machine's memory speed from second to second while
     a prefill, bound by arithmetic, does not: timed one after the other, a
     ratio of the two would carry that drift."""
@@ -89,8 +98,6 @@ def matmul_read_rates(rows=(1, 8), d: int = 512, f: int = 2816, count: int = 16)
     (16 x 5.8 MB, beyond any CPU cache), as a decode step does with one row per
     sequence. XLA's matmul (with the decode loop's CPU options) and, where it
     runs, the panel kernel that decode steps use instead (`panel_matmul`)."""
-    from insightv_jax.models import panel_matmul
-
     rng = np.random.RandomState(0)
     weights = [jnp.asarray(rng.randn(d, f).astype(np.float32) * 0.02) for _ in range(count)]
     nbytes = sum(w.nbytes for w in weights)
@@ -143,8 +150,6 @@ def _hf_peer(model, cfg: ModelConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from insightv_jax.hf.convert import export_hf
-
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, cfg, Path(tmp))
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -195,7 +200,7 @@ def decode_vs_transformers(
     ours_decode = batch * new / max(t_gen - t_pre, 1e-9)
     hf_decode = batch * new / max(t_hf_gen - t_hf_pre, 1e-9)
     step = (t_gen - t_pre) / new
-    slots = cache_bucket(bucket(prompt, 8) + new)  # as `generate` sizes the cache
+    slots = cache_bucket(next_pow2(prompt, 8) + new)  # as `generate` sizes the cache
     return {
         "decode_tokens_per_s": round(ours_decode, 1),
         "hf_decode_tokens_per_s": round(hf_decode, 1),
@@ -209,8 +214,6 @@ def decode_vs_transformers(
 
 def constrained_cost(dcfg: DecoderConfig, batch: int = 8) -> dict:
     """Per-loop-iteration time with and without the step-schema mask."""
-    from insightv_jax.sample.constrain import StepConstraint
-
     with tempfile.TemporaryDirectory() as tmp:
         tok = _bench_tokenizer(Path(tmp), dcfg.vocab_size)
     cfg = dataclasses.replace(dcfg, vocab_size=len(tok))
@@ -275,12 +278,6 @@ def _bench_vlm(dcfg: DecoderConfig, folder: Path):
     small CLIP tower (64 image tokens), with a synthetic-suite tokenizer and image."""
     import json
 
-    from insightv_jax.config import VisionConfig
-    from insightv_jax.data.conversation import build_tokenizer
-    from insightv_jax.data.images import ImageProcessor
-    from insightv_jax.data.synthetic.writer import write_llava
-    from insightv_jax.sample.prompting import PromptEncoder
-
     write_llava(folder / "suite", 8, seed=0, n_eval=1)
     records = json.loads((folder / "suite" / "train.json").read_text())
     corpus = [r["question"] for r in records] + [
@@ -303,10 +300,6 @@ def progressive_reuse(
 ) -> dict:
     """8 steps of <= 64 tokens with an image prompt (vision tower included):
     cache reuse vs re-encoding image + prompt + dialogue each turn."""
-    from insightv_jax.data.prompts import Prompts
-    from insightv_jax.sample.constrain import StepConstraint
-    from insightv_jax.sample.reasoning import progressive_generate
-
     with tempfile.TemporaryDirectory() as tmp:
         sampler, image = _bench_vlm(dcfg, Path(tmp))
         constraint = StepConstraint(sampler.tokenizer)
@@ -334,8 +327,6 @@ def progressive_reuse(
 
 def shared_prefill(dcfg: DecoderConfig, n: int = 8, prompt: int = 256, new: int = 32) -> dict:
     """N samples of one prompt: one prefill + copies vs decoding alone."""
-    from insightv_jax.sample.reasoning import _repeat
-
     sampler = Sampler(construct(ModelConfig(decoder=dcfg), seed=0), pad_id=0)
     ids = np.random.RandomState(0).randint(1, dcfg.vocab_size, (1, prompt)).tolist()
     params = SamplingParams(temperature=1.0, max_new_tokens=new)

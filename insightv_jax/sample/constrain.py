@@ -19,7 +19,6 @@ sentencepiece (▁ pieces, <0xNN> byte fallback) and plain vocabularies.
 from __future__ import annotations
 
 import functools
-import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -264,11 +263,3 @@ class StepConstraint:
             self._device = (jnp.asarray(nxt), jnp.asarray(finish), jnp.asarray(self.dist))
             self._device_vocab = V
         return self._device
-
-
-def parse_step(text: str) -> dict:
-    """Parse one generated step (or final answer) object; raises ValueError."""
-    obj = json.loads(text)
-    if not isinstance(obj, dict) or "title" not in obj or "content" not in obj:
-        raise ValueError("not a step object")
-    return obj

@@ -10,7 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from insightv_jax.checkpoint import agent_prompts
 from insightv_jax.errors import DataError, InsightVError
+from insightv_jax.hf import load_pretrained
+from insightv_jax.sample.prompting import PromptEncoder
 from insightv_jax.sample.reasoning import two_agent_answer
 from insightv_jax.sample.sampler import Sampler, SamplingParams
 
@@ -40,9 +43,6 @@ class InferSettings:
 
 def load_agent(path: str | Path) -> Sampler:
     """A sampler over a checkpoint (model dir, run dir or HF folder) with its tokenizer."""
-    from insightv_jax.hf import load_pretrained
-    from insightv_jax.sample.prompting import PromptEncoder
-
     model, tokenizer, processor, cfg = load_pretrained(path)
     if tokenizer is None:
         raise InsightVError(f"{path}: checkpoint has no tokenizer/ (needed to read questions)")
@@ -112,8 +112,6 @@ def infer(
     wording each agent was trained with (its checkpoint's prompts.json) unless
     `prompts` overrides it. Each batch samples with seed `settings.seed` + its index,
     as `insightv eval` does."""
-    from insightv_jax.checkpoint import agent_prompts
-
     progress = progress or sys.stderr
     prompts = agent_prompts(prompts, reason, summary)
     reasoner, summarizer = load_agent(reason), load_agent(summary)

@@ -14,7 +14,9 @@ import dataclasses
 import numpy as np
 
 from insightv_jax.data import conversation as conv
+from insightv_jax.data.images import pack_samples
 from insightv_jax.errors import DataError
+from insightv_jax.vision_grid import num_image_tokens
 
 
 def detect_template(tokenizer) -> str | None:
@@ -54,9 +56,6 @@ class PromptEncoder:
             return None, None, []
         if self.model_cfg is None or self.processor is None:
             raise DataError(f"{name}: this model is text-only and cannot take images")
-        from insightv_jax.data.images import pack_samples
-        from insightv_jax.models.anyres import num_image_tokens
-
         named = [(im, f"{name} image {k}") for k, im in enumerate(images)]
         pv, sizes = pack_samples([named], self.processor, self.model_cfg)
         counts = [

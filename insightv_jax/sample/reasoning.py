@@ -26,7 +26,7 @@ import numpy as np
 from insightv_jax.data.prompts import DEFAULT_PROMPTS, Prompts, reasoning_question, summary_question
 from insightv_jax.sample.constrain import StepConstraint
 from insightv_jax.sample.prompting import EncodedPrompt, PromptEncoder, stack_prompts
-from insightv_jax.sample.sampler import DecodeState, Sampler, SamplingParams, bucket
+from insightv_jax.sample.sampler import DecodeState, Sampler, SamplingParams, next_pow2
 
 IMAGE_MARKER = "<image>"
 
@@ -239,7 +239,7 @@ def sample_chains(
     )
     ids = [e.ids for e in encoded]
     state = reasoner.start(
-        len(ids), bucket(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
+        len(ids), next_pow2(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
     )
     state = reasoner.extend(state, ids, *stack_prompts(encoded))
     state = _repeat(state, num_samples)
@@ -313,7 +313,7 @@ def generate_encoded(
     pv, sizes = stack_prompts(encoded)
     ids = [e.ids for e in encoded]
     state = sampler.start(
-        len(ids), bucket(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
+        len(ids), next_pow2(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
     )
     state = sampler.extend(state, ids, pv, sizes)
     _, out = sampler.decode(state, params)

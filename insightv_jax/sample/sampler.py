@@ -62,7 +62,7 @@ class Decoded:
     stopped: jax.Array  # (B,) bool: hit a stop token/sequence or the constraint finished
 
 
-def bucket(n: int, minimum: int = 16) -> int:
+def next_pow2(n: int, minimum: int = 16) -> int:
     """The next power of two >= n (at least `minimum`)."""
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
@@ -71,7 +71,7 @@ def cache_bucket(n: int) -> int:
     """Cache lengths: powers of two up to 256, then multiples of 128 (decode
     reads every slot each token, so coarse buckets cost long contexts directly:
     at most 128 idle slots, at the price of one program per 128 tokens)."""
-    return bucket(n) if n <= 256 else -(-n // 128) * 128
+    return next_pow2(n) if n <= 256 else -(-n // 128) * 128
 
 
 def pad_rows(
@@ -259,7 +259,7 @@ class Sampler:
             raise InsightVError(
                 f"prompt of {need} tokens does not fit the cache of {state.cache.max_length} slots"
             )
-        ids, mask = pad_rows(rows, bucket(longest, 8), self.pad_id)
+        ids, mask = pad_rows(rows, next_pow2(longest, 8), self.pad_id)
         return _extend(self.graphdef, self.params, state, ids, mask, pixel_values, image_sizes)
 
     def decode(
@@ -339,7 +339,7 @@ class Sampler:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InsightVError("every prompt needs at least one token")
         longest = max(len(p) for p in prompts)
-        state = self.start(len(prompts), bucket(longest, 8) + params.max_new_tokens, params.seed)
+        state = self.start(len(prompts), next_pow2(longest, 8) + params.max_new_tokens, params.seed)
         state = self.extend(state, prompts, pixel_values, image_sizes)
         _, out = self.decode(state, params, constraint=constraint)
         return self.unpack(out, params)

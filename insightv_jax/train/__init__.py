@@ -1,6 +1,8 @@
 """Training: losses, the sharded SFT step, the loop, the planner and benchmarks.
 
-`run_sft(cfg)` is what `insightv sft` calls.
+`run_sft(cfg)` is what `insightv sft` calls. This __init__ runs before every
+train.* module (before train.plan too, which the CLI imports without starting
+jax): what its functions need is imported inside them.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def _processor_dir(cfg) -> Path:
 
 def run_sft(cfg) -> None:
     """Train the model of `cfg` (from `train.init` or random) and leave a run directory."""
+    from insightv_jax.checkpoint import aux_dirs
     from insightv_jax.parallel import initialize_distributed
     from insightv_jax.train.trainer import Trainer
 
@@ -105,12 +108,7 @@ def run_sft(cfg) -> None:
     if cfg.train.init:
         model_cfg = _model_config_of(cfg.train.init)
         cfg = dataclasses.replace(cfg, model=model_cfg)
-        src = Path(cfg.train.init)
-        tok = src / "tokenizer" if (src / "tokenizer").is_dir() else None
-        proc = src / "processor" if (src / "processor").is_dir() else None
-        if (src / "config.json").is_file():
-            tok = src if (src / "tokenizer_config.json").is_file() else None
-            proc = src if (src / "preprocessor_config.json").is_file() else None
+        tok, proc = aux_dirs(cfg.train.init)
     if cfg.train.tokenizer:
         tok = Path(cfg.train.tokenizer)
     if cfg.model.is_vlm and proc is None:

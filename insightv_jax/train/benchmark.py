@@ -6,54 +6,35 @@ shared machine.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
+
+from insightv_jax.config import MeshConfig, load_config
+from insightv_jax.models.factory import init_model
+from insightv_jax.parallel import make_mesh
+from insightv_jax.timing import timed
+from insightv_jax.train.metrics import (
+    decoder_matmul_params,
+    measure_matmul_peak,
+    train_flops_per_token,
+)
+from insightv_jax.train.profile import op_breakdown
+from insightv_jax.train.toy_data import ToySource
+from insightv_jax.train.trainer import build_program, global_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _batch(cfg, seed: int = 0) -> dict:
-    from insightv_jax.train.toy_data import ToySource
-
     src = ToySource(cfg.train.global_batch, cfg.train.seq_len, cfg.model.decoder.vocab_size, seed)
     return {k: np.stack([src[i][k] for i in range(len(src))]) for k in src[0]}
-
-
-def timed_in_turn(*steps, min_seconds: float, min_steps: int = 3, stat=np.median) -> list[float]:
-    """Seconds per call of each blocking `step()`, `stat` (median by default)
-    over at least `min_steps` rounds and `min_seconds` a step, after one
-    warm-up call each. Several steps are called in turn, round after round:
-    the two sides of a ratio then see the same moments of a shared machine
-    (whose memory speed drifts from second to second) instead of one block
-    each, a few seconds apart."""
-    for step in steps:
-        step()
-    times: list[list[float]] = [[] for _ in steps]
-    t_end = time.perf_counter() + min_seconds * len(steps)
-    while len(times[0]) < min_steps or time.perf_counter() < t_end:
-        for step, own in zip(steps, times):
-            t0 = time.perf_counter()
-            step()
-            own.append(time.perf_counter() - t0)
-    return [float(stat(own)) for own in times]
-
-
-def _timed(step, min_seconds: float, min_steps: int = 3, stat=np.median) -> float:
-    """Seconds per call of the blocking `step()` (see `timed_in_turn`)."""
-    return timed_in_turn(step, min_seconds=min_seconds, min_steps=min_steps, stat=stat)[0]
 
 
 def jax_step(cfg, batch: dict):
     """A blocking call of our SFT step on one device for `batch` (state kept inside)."""
     import jax
     from flax import nnx
-
-    from insightv_jax.config import MeshConfig
-    from insightv_jax.models.factory import init_model
-    from insightv_jax.parallel import make_mesh
-    from insightv_jax.train.trainer import build_program, global_batch
 
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     program = build_program(cfg.model, cfg, mesh, 1000)
@@ -101,14 +82,12 @@ def torch_step_time(cfg, batch: dict, min_seconds: float, compile: bool) -> floa
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
         opt.step()
 
-    return _timed(step, min_seconds)
+    return timed(step, min_seconds)
 
 
 def bench_one(
     name: str, cfg, peak: float, min_seconds: float, torch_compile: bool, profile: bool = False
 ) -> dict:
-    from insightv_jax.train.metrics import decoder_matmul_params, train_flops_per_token
-
     batch = _batch(cfg)
     tokens = batch["input_ids"].size
     flops = train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.trainable) * tokens
@@ -117,7 +96,7 @@ def bench_one(
         "batch": list(batch["input_ids"].shape),
     }
     step = jax_step(cfg, batch)
-    t_jax = _timed(step, min_seconds)
+    t_jax = timed(step, min_seconds)
     row["jax_tokens_per_s"] = round(tokens / t_jax, 1)
     row["jax_mfu"] = round(flops / t_jax / peak, 3)
     t_eager = torch_step_time(cfg, batch, min_seconds, compile=False)
@@ -132,8 +111,6 @@ def bench_one(
         except Exception as e:  # inductor needs a working C++ toolchain
             row["torch_compile"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
     if profile:
-        from insightv_jax.train.profile import op_breakdown
-
         row["jax_profile"] = op_breakdown(step)
     print(f"{name}: {row}", flush=True)
     return row
@@ -142,9 +119,6 @@ def bench_one(
 def bench_train(min_seconds: float = 5.0, torch_compile: bool = True) -> dict:
     """tokens/s and MFU of our SFT step vs transformers on torch CPU, per config."""
     import jax
-
-    from insightv_jax.config import load_config
-    from insightv_jax.train.metrics import measure_matmul_peak
 
     peak = measure_matmul_peak("float32", mesh=None)
     out = {"matmul_peak_gflops": round(peak / 1e9, 1), "device": jax.devices()[0].device_kind}

@@ -40,7 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from insightv_jax.config import ConfigError, RunConfig
-from insightv_jax.train.dpo import read_jsonl, train_dpo, write_jsonl
+from insightv_jax.jsonl import read_jsonl, write_jsonl
+from insightv_jax.train.dpo import train_dpo
 from insightv_jax.train.rollouts import (
     assess,
     chain_conversations,

@@ -10,7 +10,6 @@ Tokens are all processed positions (padding included), image tokens included.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from insightv_jax.config import DecoderConfig, ModelConfig
+from insightv_jax.jsonl import append_jsonl
 
 
 def decoder_matmul_params(d: DecoderConfig) -> int:
@@ -138,8 +138,7 @@ class MetricsLogger:
                 + f"skipped {skipped} eta {eta:,.0f}s"
             )
             if self.jsonl is not None:  # machine-readable history (appended on resume)
-                with self.jsonl.open("a") as f:
-                    f.write(json.dumps({"step": step, **row}) + "\n")
+                append_jsonl(self.jsonl, {"step": step, **row})
             if self.writer is not None:
                 for key, value in row.items():
                     if value is not None:  # MFU without a measured peak

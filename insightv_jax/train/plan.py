@@ -8,6 +8,8 @@ backend's figures are an estimate, so a hand calculation is printed beside them.
 
 Run as `python -m insightv_jax.train.plan --devices N --config C [k=v ...]`; the
 CLI starts it in a subprocess whose XLA_FLAGS create N fake CPU devices.
+jax, and every module of ours that imports it, is imported inside the functions
+that need it: the parent process must not start jax before it sets XLA_FLAGS.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def plan(cfg, devices: int | None = None) -> dict:
         for k in ("input_ids", "attention_mask", "labels")
     }
     if model_cfg.is_vlm:  # one image per sample at the largest anyres grid
-        from insightv_jax.models.anyres import max_tiles
+        from insightv_jax.vision_grid import max_tiles
 
         n_img, S, t = (
             model_cfg.llava.images_per_sample,

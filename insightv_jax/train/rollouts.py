@@ -5,6 +5,8 @@ probe, and measure the held-out accuracies."""
 from __future__ import annotations
 
 from insightv_jax.config import RunConfig
+from insightv_jax.pipeline.assess import judge_and_score
+from insightv_jax.pipeline.backend_common import thoughts
 
 # ------------------------------------------------------------ 1. sample
 
@@ -43,24 +45,15 @@ def sample_chains(cfg: RunConfig, reasoner, summarizer, items: list[dict], n: in
 def assess(items: list[dict], samples: list[dict], judge, scorer, floor: float) -> list[dict]:
     """Samples + `correct` (judge), `score` (scorer; wrong = floor; None = unscored)
     and `reward` (= score, the per-sample reward an on-policy update would use)."""
-    from insightv_jax.pipeline.backends import thoughts
-
     by_id = {it["id"]: it for it in items}
-    verdicts = judge.judge_many(
-        [(by_id[s["id"]]["question"], by_id[s["id"]]["answer"], s["answer"]) for s in samples]
-    )
-    out = [{**s, "correct": bool(v)} for s, v in zip(samples, verdicts)]
-    groups: dict[str, list[dict]] = {}
-    for s in out:
-        s["score"] = float(floor)
-        if s["correct"]:
-            groups.setdefault(s["id"], []).append(s)
-    requests = [(by_id[q], [thoughts(s["chain"]) for s in g]) for q, g in groups.items()]
-    for g, scores in zip(groups.values(), scorer.score_many(requests)):
-        for s, score in zip(g, scores):
-            s["score"] = None if score is None else float(score)
-    for s in out:
-        s["reward"] = s["score"]
+    correct, scores = judge_and_score(
+        by_id, samples, judge, scorer,
+        answer_of=lambda s: s["answer"], chain_of=lambda s: thoughts(s["chain"]),
+    )  # fmt: skip
+    out = []
+    for s, ok, score in zip(samples, correct, scores):
+        score = (None if score is None else float(score)) if ok else float(floor)
+        out.append({**s, "correct": ok, "score": score, "reward": score})
     return out
 
 
@@ -72,7 +65,6 @@ def chain_conversations(items: list[dict], samples: list[dict], prompts) -> list
     (`build_preference_pairs`: the reasoning prompt, `<thoughts>` text): what the
     probe measures the KL between M_t and M_{t+1} on."""
     from insightv_jax.data.prompts import reasoning_question
-    from insightv_jax.pipeline.backends import thoughts
 
     by_id = {it["id"]: it for it in items}
     out = []

@@ -13,6 +13,8 @@ import grain
 import jax
 import numpy as np
 
+from insightv_jax.config import load_config
+
 
 class ToySource:
     """`n` synthetic samples of length `seq_len` over a `vocab`-token vocabulary."""
@@ -84,8 +86,6 @@ TOY_MODEL = [
 
 def toy_run_config(workdir: str, *overrides: str):
     """A RunConfig for the toy decoder writing to `workdir` (k=v overrides on top)."""
-    from insightv_jax.config import load_config
-
     base = TOY_MODEL + [
         "train.global_batch=8",
         "train.loss_chunk=8",

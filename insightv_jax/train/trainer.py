@@ -32,11 +32,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from insightv_jax.checkpoint import CheckpointMismatch, check_fits, check_orbax_item, load_model
 from insightv_jax.config import ModelConfig, RunConfig, save_yaml, to_dict
+from insightv_jax.data.prompts import DEFAULT_PROMPTS, read_prompts, write_prompts
 from insightv_jax.errors import CheckpointError
-from insightv_jax.models.factory import construct
+from insightv_jax.hf.files import copy_aux_dirs
+from insightv_jax.models.factory import construct, init_model
 from insightv_jax.parallel import make_mesh, state_shardings
 from insightv_jax.train.metrics import MetricsLogger, measure_matmul_peak, train_flops_per_token
+from insightv_jax.train.optim import split_trainable
 from insightv_jax.train.steps import SFTProgram
 
 
@@ -93,8 +97,6 @@ def training_prompts(cfg: RunConfig):
     """The wording the run trains with: the prompts its data was built with (the
     `prompts.json` that `insightv build` writes beside the sets), else the config's
     when it sets any, else those of the checkpoint it starts from."""
-    from insightv_jax.data.prompts import DEFAULT_PROMPTS, read_prompts
-
     if cfg.train.data:
         built = read_prompts(Path(cfg.train.data).parent)
         if built is not None:
@@ -152,9 +154,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg = dataclasses.replace(self.cfg, model=self.model_cfg)
             save_yaml(cfg, self.run_dir / "config.yaml")
-            from insightv_jax.checkpoint import copy_aux_dirs
-            from insightv_jax.data.prompts import write_prompts
-
             write_prompts(self.run_dir, training_prompts(self.cfg))
 
             for sub, src in (("tokenizer", self.tokenizer_dir), ("processor", self.processor_dir)):
@@ -204,8 +203,6 @@ class Trainer:
         self.manager.save(step, args=args, force=force)
 
     def _restore_step(self, step: int) -> dict:
-        from insightv_jax.checkpoint import check_fits, check_orbax_item
-
         a = self.program.abstract_state
         model = SFTProgram.full_params(a)
         train = {"opt": a["opt"], "step": a["step"], "skipped": a["skipped"]}
@@ -224,8 +221,6 @@ class Trainer:
         restored = self.manager.restore(step, args=args)
         if "data" in restored and not isinstance(self.batches, grain.DatasetIterator):
             self.batches.set_state(restored["data"])
-        from insightv_jax.train.optim import split_trainable
-
         params, frozen = split_trainable(restored["model"], self.cfg.train.trainable)
         t = restored["train"]
         return {
@@ -241,8 +236,6 @@ class Trainer:
         (`<step>.corrupt`) and reported in one warning line each, naming the step
         resumed from instead. A checkpoint that does not fit the config is the
         config's fault: an error, and nothing is moved."""
-        from insightv_jax.checkpoint import CheckpointMismatch
-
         steps = sorted(self.manager.all_steps(), reverse=True)
         corrupt: list[tuple[int, str]] = []
         for step in steps:
@@ -294,13 +287,9 @@ class Trainer:
                 return state
         params = self.init_params
         if params is None and self.cfg.train.init:
-            from insightv_jax.checkpoint import load_model
-
             model = load_model(self.cfg.train.init, self.mesh)[0]
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         if params is None:
-            from insightv_jax.models.factory import init_model
-
             model = init_model(self.model_cfg, self.mesh, self.cfg.seed)
             params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return self.program.init_state(params)

@@ -21,11 +21,8 @@ sampled from the start policy, the per-token KL of the trained policy from it
 
 from insightv_jax.train.dpo.data import (
     PairData,
-    aux_dirs,
     full_params_of,
-    read_jsonl,
     usable_records,
-    write_jsonl,
 )
 from insightv_jax.train.dpo.probe import (
     chain_token_logps,
@@ -48,7 +45,6 @@ __all__ = [
     "PairBatches",
     "PairData",
     "WithRefLogps",
-    "aux_dirs",
     "chain_token_logps",
     "evaluate_heldout",
     "final_epoch_means",
@@ -60,12 +56,10 @@ __all__ = [
     "policy_logps",
     "precompute_ref_logps",
     "preference_stats",
-    "read_jsonl",
     "ref_array",
     "round_probe",
     "run_dpo",
     "step_budget",
     "train_dpo",
     "usable_records",
-    "write_jsonl",
 ]

@@ -4,7 +4,6 @@ files, the usable records, a checkpoint's parameters and auxiliary folders."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,56 +81,12 @@ class PairData:
         return pair_batch(batch)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSONL file (a pair file, a run's own records); a missing
-    file or a bad line is a one-line DataError naming the file and line."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
-    rows = []
-    for n, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: not a JSON object")
-        rows.append(row)
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write atomically (a crash leaves the old file or none, never half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
-
 def full_params_of(path: str | Path, mesh) -> dict:
     """A checkpoint's parameters as a pure dict sharded on `mesh`."""
     from insightv_jax.checkpoint import load_model
 
     model = load_model(path, mesh)[0]
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def aux_dirs(path: str | Path) -> tuple[Path | None, Path | None]:
-    """(tokenizer dir, processor dir) of a model dir, run dir or HF folder."""
-    src = Path(path)
-    if (src / "config.json").is_file():
-        tok = src if (src / "tokenizer_config.json").is_file() else None
-        return tok, src if (src / "preprocessor_config.json").is_file() else None
-    tok = src / "tokenizer" if (src / "tokenizer").is_dir() else None
-    return tok, src / "processor" if (src / "processor").is_dir() else None
 
 
 def usable_records(

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from insightv_jax.config import ConfigError, DPOConfig, RunConfig
-from insightv_jax.train.dpo.data import PairData, full_params_of, read_jsonl
+from insightv_jax.jsonl import read_jsonl
+from insightv_jax.train.dpo.data import PairData, full_params_of
 from insightv_jax.train.dpo.program import DPOProgram
 from insightv_jax.train.losses import dpo_pair_losses
 from insightv_jax.train.steps import SFTProgram

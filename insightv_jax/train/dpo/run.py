@@ -13,14 +13,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from insightv_jax.checkpoint import aux_dirs
 from insightv_jax.config import ConfigError, RunConfig
+from insightv_jax.jsonl import append_jsonl, read_jsonl, write_jsonl
 from insightv_jax.train.dpo.data import (
     PairData,
-    aux_dirs,
     full_params_of,
-    read_jsonl,
     usable_records,
-    write_jsonl,
 )
 from insightv_jax.train.dpo.probe import (
     chain_token_logps,
@@ -177,8 +176,7 @@ def _dpo_trainer(cfg: RunConfig, total: int, tok, proc, metrics_path: Path, prin
     def on_step(step, metrics, local, state):
         if jax.process_index() == 0:
             row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(metrics_path, row)
 
     program_cls = functools.partial(DPOProgram, dpo=cfg.dpo)
     return Trainer(
