@@ -166,3 +166,32 @@ def test_readme_quickstart_runs_on_a_tiny_llava_next(tmp_path, monkeypatch):
         assert type(model).__name__ == "LlavaNextForConditionalGeneration"
         assert AutoTokenizer.from_pretrained(str(folder)).chat_template
         assert (folder / "prompts.json").is_file()
+
+
+def test_a_run_from_a_checkpoint_keeps_its_architecture_and_its_own_recipe(tmp_path):
+    """The shipped 8B configs train in bf16 with blockwise attention and, for the
+    reasoning agent, vision layer -1: a run from a (float32, layer -2) checkpoint takes
+    those from its config and the shapes from the checkpoint."""
+    import dataclasses
+
+    from insightv_jax.checkpoint import save_model_dir
+    from insightv_jax.config import RunConfig, load_config
+    from insightv_jax.models.factory import construct
+    from insightv_jax.train import model_config_for_run
+
+    tiny = load_config(ROOT / "configs/models/tiny.yaml").model
+    tiny = dataclasses.replace(tiny, llava=dataclasses.replace(tiny.llava, feature_layer=-2))
+    ckpt = save_model_dir(construct(tiny, 0), tiny, tmp_path / "base")
+    run = load_config(
+        ROOT / "configs/train/reasoning-sft-llava-next-llama3-8b.yaml", [f"train.init={ckpt}"]
+    )
+    said = []
+    model = model_config_for_run(run, said.append)
+    assert model.decoder.hidden_size == tiny.decoder.hidden_size  # the checkpoint's shapes
+    assert model.vision.image_size == tiny.vision.image_size
+    assert (model.decoder.param_dtype, model.decoder.dtype) == ("bfloat16", "bfloat16")
+    assert model.decoder.attention == "blockwise" and model.llava.feature_layer == -1
+    assert "llava.feature_layer=-1 (checkpoint: -2)" in said[0]
+    # a config without a model section keeps the checkpoint's model as it is
+    bare = dataclasses.replace(run, model=RunConfig().model)
+    assert model_config_for_run(bare, said.append) == tiny

@@ -24,6 +24,41 @@ def _model_config_of(path: str):
     return read_model_config(path)
 
 
+# What a run's `model:` section decides about the checkpoint it starts from: how the
+# model computes (precisions, attention kernel and block size) and which vision layer
+# feeds the projector (the paper trains its reasoning agent on layer -1 and its summary
+# agent on -2 from the same base). The checkpoint decides the architecture.
+RUN_MODEL_FIELDS = {
+    "decoder": ("param_dtype", "dtype", "attention", "attention_block_size"),
+    "vision": ("param_dtype", "dtype", "attention"),
+    "llava": ("feature_layer",),
+}
+
+
+def model_config_for_run(cfg, print_fn=print):
+    """The model a run starting from `train.init` trains: the checkpoint's
+    architecture with the run's own `RUN_MODEL_FIELDS` when its config has a
+    `model:` section (a config without one keeps the checkpoint's as it is)."""
+    from insightv_jax.config import ModelConfig
+
+    model = _model_config_of(cfg.train.init)
+    if cfg.model == ModelConfig():
+        return model
+    changed = []
+    for section, fields in RUN_MODEL_FIELDS.items():
+        ours, theirs = getattr(cfg.model, section), getattr(model, section)
+        if ours is None or theirs is None:
+            continue
+        updates = {f: getattr(ours, f) for f in fields if getattr(ours, f) != getattr(theirs, f)}
+        if updates:
+            model = dataclasses.replace(model, **{section: dataclasses.replace(theirs, **updates)})
+            changed += [f"{section}.{f}={v} (checkpoint: {getattr(theirs, f)})"
+                        for f, v in updates.items()]  # fmt: skip
+    if changed:
+        print_fn(f"model of {cfg.train.init} with this config's " + ", ".join(changed))
+    return model
+
+
 def sft_batches(cfg, tokenizer_dir: Path | None, processor_dir: Path | None):
     """(batch iterator of this process's rows, steps per epoch) for `cfg`.
 
@@ -106,8 +141,7 @@ def run_sft(cfg) -> None:
     initialize_distributed()
     tok = proc = None
     if cfg.train.init:
-        model_cfg = _model_config_of(cfg.train.init)
-        cfg = dataclasses.replace(cfg, model=model_cfg)
+        cfg = dataclasses.replace(cfg, model=model_config_for_run(cfg))
         tok, proc = aux_dirs(cfg.train.init)
     if cfg.train.tokenizer:
         tok = Path(cfg.train.tokenizer)

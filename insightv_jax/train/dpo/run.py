@@ -80,7 +80,7 @@ def train_dpo(
     """
     print_fn = _without_mfu(print_fn)
     _check_dpo(cfg)
-    cfg, tok, proc = _with_policy_model(cfg)
+    cfg, tok, proc = _with_policy_model(cfg, print_fn)
     records = read_jsonl(pairs_path)  # a bad pair file fails before the run dir exists
     run = Path(cfg.train.workdir)
     run.mkdir(parents=True, exist_ok=True)
@@ -136,12 +136,11 @@ def _check_dpo(cfg: RunConfig) -> None:
         )
 
 
-def _with_policy_model(cfg: RunConfig) -> tuple[RunConfig, Path, Path | None]:
+def _with_policy_model(cfg: RunConfig, print_fn) -> tuple[RunConfig, Path, Path | None]:
     """`cfg` with the start policy's model config, and its (tokenizer, processor) dirs."""
-    from insightv_jax.train import _model_config_of
+    from insightv_jax.train import model_config_for_run
 
-    model_cfg = _model_config_of(cfg.train.init)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
+    cfg = dataclasses.replace(cfg, model=model_config_for_run(cfg, print_fn))
     tok, proc = aux_dirs(cfg.train.init)
     if tok is None:
         raise ConfigError(f"{cfg.train.init}: checkpoint has no tokenizer (needed for pairs)")
