@@ -89,7 +89,7 @@ def matmul_read_rates(rows=(1, 8), d: int = 512, f: int = 2816, count: int = 16)
     (16 x 5.8 MB, beyond any CPU cache), as a decode step does with one row per
     sequence. XLA's matmul (with the decode loop's CPU options) and, where it
     runs, the panel kernel that decode steps use instead (`panel_matmul`)."""
-    from insightv_jax.models import panel_matmul
+    from insightv_jax.sample import panel_matmul
 
     rng = np.random.RandomState(0)
     weights = [jnp.asarray(rng.randn(d, f).astype(np.float32) * 0.02) for _ in range(count)]
