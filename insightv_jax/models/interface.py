@@ -18,7 +18,7 @@ batch of token ids"; `forward_cached` is always "new tokens against a cache".
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import jax
 
@@ -26,6 +26,7 @@ from insightv_jax.config import DecoderConfig
 from insightv_jax.models.cache import KVCache
 
 
+@runtime_checkable
 class DecodingLM(Protocol):
     """The sampler's view of a model."""
 
@@ -57,6 +58,7 @@ class DecodingLM(Protocol):
         ...
 
 
+@runtime_checkable
 class CausalLM(DecodingLM, Protocol):
     """A model as built, trained and saved."""
 

@@ -4,8 +4,7 @@ projection uses.
 `dense` flattens the token axes (batch, sequence, ...) into one before the
 matmul. XLA:CPU runs a 2-D (tokens, features) matmul and its weight gradient
 without layout copies, while a 3-D einsum such as `btd,df->btf` contracts two
-axes in the weight gradient and gets transposed copies of its operands (in
-the bench-20m SFT step those copies took ~15 % of the time).
+axes in the weight gradient and gets transposed copies of its operands.
 """
 
 from __future__ import annotations

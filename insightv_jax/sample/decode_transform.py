@@ -43,10 +43,10 @@ def for_decoding(model: CausalLM, fuse: bool | None = None, pack: bool | None = 
     """`model` (a `Decoder` or a `LlavaModel`) in its decode form: blocks
     unstacked, and with `fuse` (default: on the CPU backend) q/k/v and gate/up
     fused, with `pack` (default: where the panel kernel applies; implies
-    `fuse`) weights packed for the panel kernel. Other models come back as
-    they are."""
+    `fuse`) weights packed for the panel kernel. Other models, and models
+    already in a decode form, come back as they are."""
     decoder = model if isinstance(model, Decoder) else getattr(model, "decoder", None)
-    if not isinstance(decoder, Decoder):
+    if not isinstance(decoder, Decoder) or isinstance(decoder, UnstackedDecoder):
         return model
     if fuse is None:
         fuse = jax.default_backend() == "cpu"

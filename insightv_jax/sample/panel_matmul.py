@@ -2,11 +2,11 @@
 
 A decode step multiplies one row per sequence by every weight matrix, so it is
 bound by reading the weights. XLA:CPU's matmul (Eigen; XNNPACK, YNNPACK and
-oneDNN measure the same) streams a weight through 8 rows at ~34 GB/s on the
-2-core dev machine, where an XLA sum reads 50-80 GB/s; `insightv bench sample`
-prints both rates. `panel_matmul.cc` reads the weight packed in 48-column
-panels, each panel one contiguous run of memory, with both cores: 52-59 GB/s
-there, for the same products to float rounding.
+oneDNN alike) streams a weight through a few rows well below the rate at which
+an XLA sum reads memory; `insightv bench sample` prints both rates (results in
+docs/benchmarks.md). `panel_matmul.cc` reads the weight packed in 48-column
+panels, each panel one contiguous run of memory, with every core, for the same
+products to float rounding.
 
 It is an XLA FFI custom call, compiled on first use by the machine's C++
 compiler (`-march=native`) into the user's cache. `decode_transform` packs the

@@ -25,7 +25,7 @@ from flax import nnx, struct
 
 from insightv_jax.errors import InsightVError
 from insightv_jax.models.cache import KVCache
-from insightv_jax.models.interface import CausalLM
+from insightv_jax.models.interface import CausalLM, DecodingLM
 from insightv_jax.sample.decode_transform import for_decoding
 from insightv_jax.sample.processors import process_logits
 
@@ -99,7 +99,7 @@ def _stop_table(seqs: Sequence[Sequence[int]], width: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
 def _extend(graphdef, params, state: DecodeState, ids, mask, pixel_values, image_sizes):
-    model = nnx.merge(graphdef, params)
+    model: DecodingLM = nnx.merge(graphdef, params)
     embeds = model.embed_inputs(ids, pixel_values, image_sizes)
     hidden, cache = model.forward_cached(embeds, state.cache, mask)
     counts = mask.sum(-1)
@@ -141,7 +141,7 @@ def _decode_loop(
     penalty: float,
     pad_id: int,
 ):
-    model = nnx.merge(graphdef, params)
+    model: DecodingLM = nnx.merge(graphdef, params)
     B = state.logits.shape[0]
     width = stop_table.shape[1]
     c_next, c_finish, c_dist = constraint  # see StepConstraint.device_tables
@@ -220,15 +220,13 @@ def _decode_loop(
 
 # XLA:CPU hands small matmuls to YNNPACK fusions by default. The decode loop's
 # matmuls have one row per sequence (batch x hidden), and for those its other
-# matmul path is faster: bench-20m at batch 8 decodes ~20 % faster per token
-# with the YNNPACK fusions off (same tokens). The training step, whose matmuls
-# have thousands of rows, keeps the default (as fast or faster there); prefill
-# (`_extend`) keeps it too, unmeasured.
+# matmul path is faster (`insightv bench sample`; the same tokens). The training
+# step, whose matmuls have thousands of rows, keeps the default (as fast or
+# faster there); prefill (`_extend`) keeps it too, unmeasured.
 # Fast min/max drops NaN propagation from max and min, which XLA:CPU otherwise
-# runs unvectorised: the max over a batch of 8192-token logit rows falls from
-# ~55 to ~13 us, ~3 % of a bench-20m decode step (same tokens). Logits with a
-# NaN are a broken model; in this loop such a row's NaNs may be skipped over
-# rather than poison the argmax.
+# runs unvectorised, several times slower over a batch of vocabulary-wide logit
+# rows (the same tokens). Logits with a NaN are a broken model; in this loop
+# such a row's NaNs may be skipped over rather than poison the argmax.
 CPU_DECODE_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "",
     "xla_cpu_enable_fast_min_max": True,
