@@ -50,7 +50,7 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     """A `("data", "fsdp", "tensor")` mesh with Auto axis types.
 
     One axis may be -1 and absorbs the remaining devices. Auto axis types keep
-    sharded embedding lookups working (see STACK.md).
+    sharded embedding lookups working.
     """
     cfg = cfg or MeshConfig()
     devices = list(devices if devices is not None else jax.devices())
@@ -75,6 +75,15 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def platform(mesh: Mesh | None = None) -> str:
+    """The platform (cpu, gpu, tpu) programs run on: that of `mesh`'s devices,
+    else JAX's default backend. Kernel choices (the attention implementation)
+    are resolved from it once, where a model is built (`models.factory`)."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
 
 
 def single_device_mesh() -> Mesh:

@@ -65,7 +65,7 @@ def test_per_layer_parity(case, tmp_path, ids):
 
     emb = np.asarray(ours.embed_tokens(ids))
     np.testing.assert_allclose(emb, captured["embed"], atol=TOL, rtol=0)
-    normed, per_layer = ours.hidden_states(ours.embed_tokens(ids), collect=True)
+    normed, per_layer = ours.hidden_and_layer_outputs(ours.embed_tokens(ids))
     for i in range(3):
         np.testing.assert_allclose(
             np.asarray(per_layer[i]), captured[f"layer{i}"], atol=TOL, rtol=0

@@ -157,7 +157,7 @@ def test_sharded_forward_equals_unsharded(hf_next, inputs, eight_devices):
 
     def fwd(state, graphdef, *a):
         model = nnx.merge(graphdef, state)
-        return model.logits(model.forward_hidden(a[0], a[1], None, a[2], a[3]))
+        return model.logits(model.hidden_states(a[0], a[1], None, a[2], a[3]))
 
     graphdef, state = nnx.split(ref_model)
     ref = jax.jit(fwd, static_argnums=1)(state, graphdef, ids4, mask4, spv4, ssizes4)

@@ -1,5 +1,5 @@
 """The CPU panel kernel behind decode-step matmuls: the same products as XLA's
-matmul, used by the decoding view where it applies, and a kernel that cannot be
+matmul, used by the decode transform where it applies, and a kernel that cannot be
 built leaves decoding to XLA."""
 
 import os
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from insightv_jax.config import DecoderConfig, ModelConfig
-from insightv_jax.models import panel_matmul
 from insightv_jax.models.cache import KVCache
-from insightv_jax.models.decoder import decoding_view
 from insightv_jax.models.factory import construct
+from insightv_jax.sample import panel_matmul
+from insightv_jax.sample.decode_transform import for_decoding
 
 needs_kernel = pytest.mark.skipif(
     not panel_matmul.available(), reason="the panel kernel needs an x86-64 CPU with AVX-512"
@@ -35,21 +35,21 @@ def test_panel_matmul_equals_xla_matmul(rows):
 
 
 @needs_kernel
-def test_decoding_view_packs_weights_and_decodes_as_xla_does():
+def test_decode_transform_packs_weights_and_decodes_as_xla_does():
     cfg = DecoderConfig(
         vocab_size=200, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
         num_kv_heads=2,
     )  # fmt: skip
     model = construct(ModelConfig(decoder=cfg), seed=0)
-    packed, plain = decoding_view(model), decoding_view(model, pack=False)
+    packed, plain = for_decoding(model), for_decoding(model, pack=False)
     assert hasattr(packed.layers[0].attn, "qkv_proj_packed") and hasattr(packed, "head_packed")
     assert not hasattr(plain, "head_packed")
     prompt = jnp.asarray(np.random.RandomState(0).randint(1, 200, (2, 6)))
     logits = []
     for view in (packed, plain):
         cache = KVCache.empty(cfg, 2, 16)
-        _, cache = view.decode_hidden(view.embed_tokens(prompt), cache)  # 12 rows: XLA's matmul
-        hidden, _ = view.decode_hidden(view.embed_tokens(prompt[:, -1:]), cache)  # 2 rows: kernel
+        _, cache = view.forward_cached(view.embed_tokens(prompt), cache)  # 12 rows: XLA's matmul
+        hidden, _ = view.forward_cached(view.embed_tokens(prompt[:, -1:]), cache)  # 2 rows: kernel
         logits.append(np.asarray(view.logits(hidden)))
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
@@ -66,8 +66,9 @@ def test_without_the_kernel_decoding_uses_xla(tmp_path, env, warned):
     code = """
 import warnings
 from insightv_jax.config import DecoderConfig, ModelConfig
-from insightv_jax.models import panel_matmul
+from insightv_jax.sample import panel_matmul
 from insightv_jax.models.factory import construct
+from insightv_jax.sample.decode_transform import for_decoding
 from insightv_jax.sample.sampler import Sampler, SamplingParams
 cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
                     num_heads=2, num_kv_heads=2)

@@ -152,17 +152,17 @@ def test_prompt_longer_than_cache_is_one_line_error():
         s.generate([[]], SamplingParams())
 
 
-def test_decoding_view_unstacks_blocks_and_computes_the_same():
+def test_decode_transform_unstacks_blocks_and_computes_the_same():
     import jax.numpy as jnp
     from flax import nnx
 
     from insightv_jax.models.cache import KVCache
-    from insightv_jax.models.decoder import decoding_view
+    from insightv_jax.sample.decode_transform import for_decoding
 
     cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                         num_heads=4, num_kv_heads=2)  # fmt: skip
     model = construct(ModelConfig(decoder=cfg), seed=0)
-    view = decoding_view(model, fuse=False)
+    view = for_decoding(model, fuse=False)
     assert isinstance(view.layers, nnx.List) and len(view.layers) == 3
     assert not isinstance(model.layers, nnx.List)  # the model itself is untouched
     q = view.layers[2].attn.q_proj
@@ -170,7 +170,7 @@ def test_decoding_view_unstacks_blocks_and_computes_the_same():
     assert q.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
     assert view.embed is model.embed  # non-layer arrays are shared, not copied
 
-    fused = decoding_view(model, fuse=True)  # q/k/v and gate/up as one weight each
+    fused = for_decoding(model, fuse=True)  # q/k/v and gate/up as one weight each
     attn, mlp = fused.layers[1].attn, fused.layers[1].mlp
     assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
     assert attn.qkv_proj[...].shape == (32, 4 + 2 + 2, 8)  # (D, N + 2K, H)
@@ -185,7 +185,7 @@ def test_decoding_view_unstacks_blocks_and_computes_the_same():
     for m in (view, fused):
         np.testing.assert_allclose(np.asarray(m(ids)), np.asarray(model(ids)), atol=1e-6, rtol=0)
         got, want = (
-            x.decode_hidden(embeds, KVCache.empty(cfg, 2, 16))[0] for x in (m, model)
+            x.forward_cached(embeds, KVCache.empty(cfg, 2, 16))[0] for x in (m, model)
         )  # unstacked (and fused) blocks vs slices of the stack
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
 

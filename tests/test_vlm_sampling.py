@@ -60,7 +60,7 @@ def test_transform_loader_and_model_agree(suite):
     sup = batch["labels"] != -100
     assert sup.any(1).all() and not (sup & (batch["attention_mask"] == 0)).any()
     model = construct(cfg, seed=0)
-    hidden = model.forward_hidden(
+    hidden = model.hidden_states(
         batch["input_ids"],
         batch["attention_mask"],
         None,

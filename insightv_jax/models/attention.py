@@ -6,12 +6,16 @@ covers training batches, left/right padding and a KV cache whose slots are
 partly filled, so no backend needs `is_causal` (top-left aligned in JAX when
 query and key lengths differ).
 
-Backends:
-  xla        on CPU, two batched matmuls with (batch, kv head) leading; elsewhere
-             `jax.nn.dot_product_attention` (cuDNN on GPU where it applies).
-  blockwise  pure JAX, online softmax over key blocks inside a map over query
-             blocks: never materialises the full attention matrix.
-  splash     TPU splash attention (Pallas) for training/prefill without a cache.
+Implementations (`attention(..., backend=...)`), each a concrete choice:
+  xla_grouped      two batched matmuls with (batch, kv head) leading.
+  xla_dot_product  `jax.nn.dot_product_attention` (cuDNN on GPU where it applies).
+  blockwise        pure JAX, online softmax over key blocks inside a map over
+                   query blocks: never materialises the full attention matrix.
+  splash           TPU splash attention (Pallas) for training/prefill without a cache.
+
+A config names a backend (`xla`, `blockwise`, `splash`); `resolve` turns it
+and the platform into one of these, once, where the model is built (see
+`models.factory`), so model code never asks which platform it runs on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,28 @@ import jax.numpy as jnp
 
 _NEG = -1e30  # finite "minus infinity": keeps fully masked rows NaN-free
 
+IMPLEMENTATIONS = ("xla_grouped", "xla_dot_product", "blockwise", "splash")
+
+
+def resolve(backend: str, platform: str) -> str:
+    """The implementation of config backend `backend` on `platform` (a JAX
+    platform name: cpu, gpu, tpu).
+
+    `xla` is two batched matmuls on CPU: with (batch, kv head) leading both
+    products XLA:CPU transposes q, k and v once instead of the scores (faster
+    forward + backward than `jax.nn.dot_product_attention` there); elsewhere
+    `jax.nn.dot_product_attention`. `splash` needs a TPU."""
+    if backend == "xla":
+        return "xla_grouped" if platform == "cpu" else "xla_dot_product"
+    if backend == "splash" and platform != "tpu":
+        raise ValueError(
+            f"attention backend 'splash' needs a TPU (running on {platform}); "
+            "use 'xla' or 'blockwise'"
+        )
+    if backend not in ("blockwise", "splash"):
+        raise ValueError(f"unknown attention backend {backend!r} (xla, blockwise, splash)")
+    return backend
+
 
 def attention(
     q: jax.Array,
@@ -33,7 +59,7 @@ def attention(
     kv_valid: jax.Array,
     *,
     causal: bool = True,
-    backend: str = "xla",
+    backend: str = "xla_grouped",
     block_size: int = 512,
     heads_major: bool = False,
 ) -> jax.Array:
@@ -42,7 +68,8 @@ def attention(
     `q_positions` (B, T) and `kv_positions` (B, S) are token positions;
     `kv_valid` (B, S) marks real keys (False for padding and empty cache slots).
     Returns (B, T, N, H) in q's dtype. Query rows with no visible key are
-    undefined (they belong to padding) but finite.
+    undefined (they belong to padding) but finite. `backend` is one of
+    `IMPLEMENTATIONS` (see `resolve`).
 
     `heads_major`: k and v come as (B, K, S, H), the KV cache's layout, in which
     the score and value products need no transpose of the (long) key axis.
@@ -51,13 +78,17 @@ def attention(
         if backend != "blockwise":
             return _xla_heads_major(q, k, v, q_positions, kv_positions, kv_valid, causal)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-    if backend == "xla":
-        return _xla(q, k, v, q_positions, kv_positions, kv_valid, causal)
+    if backend == "xla_grouped":
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        return _xla_heads_major(q, k, v, q_positions, kv_positions, kv_valid, causal)
+    if backend == "xla_dot_product":
+        mask = visibility_mask(q_positions, kv_positions, kv_valid, causal)[:, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
     if backend == "blockwise":
         return _blockwise(q, k, v, q_positions, kv_positions, kv_valid, causal, block_size)
     if backend == "splash":
         return _splash(q, k, v, kv_valid, causal, block_size)
-    raise ValueError(f"unknown attention backend {backend!r} (xla, blockwise, splash)")
+    raise ValueError(f"unknown attention implementation {backend!r} ({', '.join(IMPLEMENTATIONS)})")
 
 
 def visibility_mask(q_positions, kv_positions, kv_valid, causal: bool) -> jax.Array:
@@ -66,17 +97,6 @@ def visibility_mask(q_positions, kv_positions, kv_valid, causal: bool) -> jax.Ar
     if causal:
         mask = mask & (kv_positions[:, None, :] <= q_positions[:, :, None])
     return mask
-
-
-def _xla(q, k, v, q_positions, kv_positions, kv_valid, causal):
-    if jax.default_backend() == "cpu":
-        # (B, K) leading both products: XLA:CPU then transposes q, k and v once
-        # instead of the scores (measured ~20% faster forward + backward than
-        # jax.nn.dot_product_attention at 8 x 256 tokens, 8 heads of 64).
-        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-        return _xla_heads_major(q, k, v, q_positions, kv_positions, kv_valid, causal)
-    mask = visibility_mask(q_positions, kv_positions, kv_valid, causal)[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
 def _xla_heads_major(q, k, v, q_positions, kv_positions, kv_valid, causal):
@@ -166,12 +186,9 @@ def _blockwise(q, k, v, q_positions, kv_positions, kv_valid, causal, block_size)
 
 def _splash(q, k, v, kv_valid, causal, block_size, interpret: bool = False):
     """TPU splash attention for full (uncached) sequences: T == S, positions
-    0..T-1, padding given by `kv_valid`. Heads are not sharded inside the kernel."""
-    if jax.default_backend() != "tpu" and not interpret:
-        raise ValueError(
-            f"attention backend 'splash' needs a TPU (running on {jax.default_backend()}); "
-            "use 'xla' or 'blockwise'"
-        )
+    0..T-1, padding given by `kv_valid`. Heads are not sharded inside the kernel
+    (`resolve` chose it, so this runs on a TPU; `interpret` runs the Pallas
+    interpreter anywhere)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
     )

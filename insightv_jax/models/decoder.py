@@ -4,6 +4,10 @@ Read top to bottom: RMSNorm, attention (rotary embeddings in `rope.py`),
 SwiGLU MLP, one pre-norm block, and the decoder that embeds tokens, scans the
 stacked blocks, normalises and projects to the vocabulary.
 
+Each module has one parameter layout, the one checkpoints store. Decoding's
+specialisations (unstacked blocks, fused projections, packed weights) are
+built from these weights by `sample.decode_transform`, as modules of its own.
+
 Shapes: B batch, T tokens, D hidden, N query heads, K key/value heads, H head
 dim, F MLP width, V vocabulary. Every parameter carries logical axis names
 (see `parallel.LOGICAL_RULES`).
@@ -16,13 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from insightv_jax.config import DecoderConfig
-from insightv_jax.models import panel_matmul
 from insightv_jax.models.attention import attention
 from insightv_jax.models.cache import KVCache, write_rows
 from insightv_jax.models.linear import dense, param, zeros
-from insightv_jax.models.panel_matmul import PackedWeight, packed_weight
 from insightv_jax.models.rope import apply_rope, decoder_inv_freq, rope_cos_sin
-from insightv_jax.models.stack import layer_modules, scan_layers, stack_layers, unstack_layers
+from insightv_jax.models.stack import layer_modules, scan_layers, stack_layers
 from insightv_jax.parallel import constrain_sharding
 
 
@@ -43,12 +45,16 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with optional q/k/v (and output) bias."""
+    """Grouped-query self-attention with optional q/k/v (and output) bias.
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    `attention_impl`: the attention implementation (`attention.resolve` of
+    `cfg.attention` and the platform)."""
+
+    def __init__(self, cfg: DecoderConfig, *, attention_impl: str, rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
+        self.attention_impl = attention_impl
         self.q_proj = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), pd)
         self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
         self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), pd)
@@ -60,35 +66,35 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = zeros((D,), ("embed",), pd)
 
-    def __call__(self, x, positions, rope, kv_valid, offsets=None, layer_kv=None):
-        """Self-attention over x at `positions` (B, T), rotated by `rope`
-        (`rope_cos_sin` of those positions); with a cache (`offsets` (B,), `layer_kv` =
-        this layer's (k, v), each (B, K, S, H)) the new keys/values are written
-        in place at [row, offset...], attention runs over the cache slots
-        (`kv_valid` is then (B, S)), and (y, (k, v)) is returned."""
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (B, T, D) -> q (B, T, N, H), k and v (B, T, K, H), biases added."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        if hasattr(self, "qkv_proj"):  # fused by `decoding_view`: one matmul
-            N, K = cfg.num_heads, cfg.num_kv_heads
-            qkv = dense(x, self.qkv_proj[...].astype(dt), packed=packed_weight(self, "qkv_proj"))
-            q, k, v = jnp.split(qkv, [N, N + K], axis=2)
-        else:
-            q = dense(x, self.q_proj[...].astype(dt))  # (B, T, N, H)
-            k = dense(x, self.k_proj[...].astype(dt))  # (B, T, K, H)
-            v = dense(x, self.v_proj[...].astype(dt))
+        q = dense(x, self.q_proj[...].astype(dt))
+        k = dense(x, self.k_proj[...].astype(dt))
+        v = dense(x, self.v_proj[...].astype(dt))
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
+        return q, k, v
+
+    def project_out(self, out: jax.Array) -> jax.Array:
+        """Attention output (B, T, N, H) -> (B, T, D), bias added."""
+        dt = jnp.dtype(self.cfg.dtype)
+        y = dense(out, self.o_proj[...].astype(dt), axes=2)
+        if self.cfg.o_bias:
+            y = y + self.o_bias[...].astype(dt)
+        return y
+
+    def _queries_keys_values(self, x, rope):
+        q, k, v = self.project_qkv(x)
         q = constrain_sharding(apply_rope(q, rope), "act_batch", "act_length", "act_heads", None)
         k = constrain_sharding(apply_rope(k, rope), "act_batch", "act_length", "act_kv_heads", None)
-        kv_positions = positions
-        backend = cfg.attention
-        if layer_kv is not None:
-            k = write_rows(layer_kv[0], k, offsets)
-            v = write_rows(layer_kv[1], v, offsets)
-            layer_kv = (k, v)
-            kv_positions = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), kv_valid.shape)
-        out = attention(
+        return q, k, v
+
+    def _attend(self, q, k, v, positions, kv_positions, kv_valid, heads_major: bool):
+        dt = jnp.dtype(self.cfg.dtype)
+        return attention(
             q,
             k.astype(dt),
             v.astype(dt),
@@ -96,14 +102,30 @@ class Attention(nnx.Module):
             kv_positions,
             kv_valid,
             causal=True,
-            backend=backend,
-            block_size=cfg.attention_block_size,
-            heads_major=layer_kv is not None,
+            backend=self.attention_impl,
+            block_size=self.cfg.attention_block_size,
+            heads_major=heads_major,
         )
-        y = dense(out, self.o_proj[...].astype(dt), axes=2, packed=packed_weight(self, "o_proj"))
-        if cfg.o_bias:
-            y = y + self.o_bias[...].astype(dt)
-        return y if layer_kv is None else (y, layer_kv)
+
+    def __call__(self, x, positions, rope, kv_valid) -> jax.Array:
+        """Self-attention over x (B, T, D) at `positions` (B, T), rotated by
+        `rope` (`rope_cos_sin` of those positions); `kv_valid` (B, T) marks
+        real tokens."""
+        q, k, v = self._queries_keys_values(x, rope)
+        out = self._attend(q, k, v, positions, positions, kv_valid, heads_major=False)
+        return self.project_out(out)
+
+    def cached(self, x, positions, rope, slot_valid, offsets, layer_kv):
+        """Self-attention of new tokens x (B, T, D) over a KV cache: this
+        layer's (k, v), each (B, K, S, H), get the new keys/values written in
+        place at [row, offsets[row]...], attention runs over the cache slots
+        (`slot_valid` (B, S)). Returns (y, (k, v))."""
+        q, k, v = self._queries_keys_values(x, rope)
+        k = write_rows(layer_kv[0], k, offsets)
+        v = write_rows(layer_kv[1], v, offsets)
+        slots = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), slot_valid.shape)
+        out = self._attend(q, k, v, positions, slots, slot_valid, heads_major=True)
+        return self.project_out(out), (k, v)
 
 
 class MLP(nnx.Module):
@@ -117,77 +139,86 @@ class MLP(nnx.Module):
         self.up_proj = param(rngs, (D, F), ("embed", "mlp"), pd)
         self.down_proj = param(rngs, (F, D), ("mlp", "embed"), pd)
 
-    def __call__(self, x):
+    def project_gate_up(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x (B, T, D) -> (gate, up), each (B, T, F)."""
         dt = self.dtype
-        if hasattr(self, "gate_up_proj"):  # fused by `decoding_view`: one matmul
-            gate_up = dense(
-                x, self.gate_up_proj[...].astype(dt), packed=packed_weight(self, "gate_up_proj")
-            )
-            gate, up = jnp.split(gate_up, 2, axis=-1)
-        else:
-            gate = dense(x, self.gate_proj[...].astype(dt))
-            up = dense(x, self.up_proj[...].astype(dt))
+        return dense(x, self.gate_proj[...].astype(dt)), dense(x, self.up_proj[...].astype(dt))
+
+    def project_down(self, h: jax.Array) -> jax.Array:
+        """(B, T, F) -> (B, T, D)."""
+        return dense(h, self.down_proj[...].astype(self.dtype))
+
+    def __call__(self, x):
+        gate, up = self.project_gate_up(x)
         h = constrain_sharding(jax.nn.silu(gate) * up, "act_batch", "act_length", "mlp")
-        return dense(h, self.down_proj[...].astype(dt), packed=packed_weight(self, "down_proj"))
+        return self.project_down(h)
 
 
 class DecoderBlock(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, attention_impl: str, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, attention_impl=attention_impl, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, rope, kv_valid, offsets=None, layer_kv=None):
-        if layer_kv is None:
-            x = x + self.attn(self.input_norm(x), positions, rope, kv_valid)
-        else:
-            y, layer_kv = self.attn(
-                self.input_norm(x), positions, rope, kv_valid, offsets, layer_kv
-            )
-            x = x + y
+    def _mlp_residual(self, x):
         x = x + self.mlp(self.post_attn_norm(x))
-        x = constrain_sharding(x, "act_batch", "act_length", "act_embed")
-        return x if layer_kv is None else (x, layer_kv)
+        return constrain_sharding(x, "act_batch", "act_length", "act_embed")
+
+    def __call__(self, x, positions, rope, kv_valid) -> jax.Array:
+        """The block over a whole sequence (see `Attention.__call__`)."""
+        x = x + self.attn(self.input_norm(x), positions, rope, kv_valid)
+        return self._mlp_residual(x)
+
+    def cached(self, x, positions, rope, slot_valid, offsets, layer_kv):
+        """The block over new tokens against a KV cache (see `Attention.cached`):
+        returns (x, this layer's updated (k, v))."""
+        y, layer_kv = self.attn.cached(
+            self.input_norm(x), positions, rope, slot_valid, offsets, layer_kv
+        )
+        return self._mlp_residual(x + y), layer_kv
 
 
 # ------------------------------------------------------------------ decoder
 
 
 class Decoder(nnx.Module):
-    """Token embeddings -> stacked blocks (scanned) -> final norm -> LM head."""
+    """Token embeddings -> stacked blocks (scanned) -> final norm -> LM head.
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    `attention_impl`: the attention implementation (`attention.resolve` of
+    `cfg.attention` and the platform; `models.factory` picks it)."""
+
+    def __init__(self, cfg: DecoderConfig, *, attention_impl: str, rngs: nnx.Rngs):
         cfg.validate()
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-        self.layers = stack_layers(lambda r: DecoderBlock(cfg, rngs=r), cfg.num_layers, rngs)
+        self.layers = stack_layers(
+            lambda r: DecoderBlock(cfg, attention_impl=attention_impl, rngs=r), cfg.num_layers, rngs
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    @property
+    def decoder_config(self) -> DecoderConfig:
+        return self.cfg
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         """(B, T) ids -> (B, T, D) embeddings in the compute dtype."""
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
         return constrain_sharding(x, "act_batch", "act_length", "act_embed")
 
-    def hidden_states(
-        self,
-        inputs_embeds: jax.Array,
-        attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        collect: bool = False,
-    ):
-        """Run the blocks and the final norm over embeddings (B, T, D).
+    def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None) -> jax.Array:
+        """Input embeddings (B, T, D); the VLM merges image features here."""
+        if pixel_values is not None or image_sizes is not None:
+            raise ValueError("a text-only causal_lm model takes no images")
+        return self.embed_tokens(input_ids)
 
-        `attention_mask` (B, T): 1 for real tokens; `positions` default to
-        0..T-1 (as Hugging Face does when none are given). Returns the normed
-        hidden states, and with `collect` also each block's output (L, B, T, D).
-        """
+    def _run_blocks(self, inputs_embeds, attention_mask, positions, collect: bool):
         B, T, _ = inputs_embeds.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -205,10 +236,43 @@ class Decoder(nnx.Module):
             collect=collect,
             scan=self.cfg.scan_layers,
         )
-        x = self.norm(x)
-        return (x, per_layer) if collect else x
+        return self.norm(x), per_layer
 
-    def decode_hidden(self, inputs_embeds: jax.Array, cache: KVCache, attention_mask=None):
+    def hidden_from_embeds(
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Run the blocks and the final norm over embeddings (B, T, D).
+
+        `attention_mask` (B, T): 1 for real tokens; `positions` default to
+        0..T-1 (as Hugging Face does when none are given). Returns the normed
+        hidden states (B, T, D).
+        """
+        return self._run_blocks(inputs_embeds, attention_mask, positions, collect=False)[0]
+
+    def hidden_and_layer_outputs(
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """`hidden_from_embeds`, and each block's output stacked (L, B, T, D)."""
+        return self._run_blocks(inputs_embeds, attention_mask, positions, collect=True)
+
+    def hidden_states(
+        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
+    ) -> jax.Array:
+        """Final-normed hidden states (B, T, D) of a batch: the training entry
+        point of every top-level model (steps call this, then the head in chunks)."""
+        return self.hidden_from_embeds(
+            self.embed_inputs(input_ids, pixel_values, image_sizes), attention_mask, positions
+        )
+
+    def forward_cached(
+        self, inputs_embeds: jax.Array, cache: KVCache, attention_mask=None
+    ) -> tuple[jax.Array, KVCache]:
         """Run new tokens (B, T, D) against a KV cache; returns (normed hidden, cache).
 
         Row b's new tokens take positions lengths[b] .. lengths[b]+T-1; with a
@@ -222,12 +286,13 @@ class Decoder(nnx.Module):
         slot_valid = slots[None, :] < (cache.lengths + counts)[:, None]
         # Layers run in Python order (unrolled), each on its own cache buffer:
         # a scan would slice every layer's weights and cache out of the stacked
-        # arrays per token (copies). See `decoding_view`.
+        # arrays per token (copies). Stacked blocks are sliced here too;
+        # `sample.decode_transform` unstacks them once instead.
         rope = cache.rope_at(positions)
         x, ks, vs = inputs_embeds, [], []
-        for i, layer in enumerate(layer_modules(self.layers, self.cfg.num_layers)):
+        for i, block in enumerate(layer_modules(self.layers, self.cfg.num_layers)):
             layer_kv = (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, positions, rope, slot_valid, cache.lengths, layer_kv)
+            x, (k, v) = block.cached(x, positions, rope, slot_valid, cache.lengths, layer_kv)
             ks.append(k)
             vs.append(v)
         new_cache = cache.replace(
@@ -243,102 +308,11 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states to fp32 vocabulary logits."""
-        out = dense(
-            hidden, self.output_head().astype(hidden.dtype), packed=packed_weight(self, "head")
-        )
+        out = dense(hidden, self.output_head().astype(hidden.dtype))
         return constrain_sharding(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
-
-    def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None) -> jax.Array:
-        """Input embeddings (B, T, D); the VLM merges image features here."""
-        if pixel_values is not None or image_sizes is not None:
-            raise ValueError("a text-only causal_lm model takes no images")
-        return self.embed_tokens(input_ids)
-
-    @property
-    def decoder_config(self) -> DecoderConfig:
-        return self.cfg
-
-    def forward_hidden(
-        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
-    ):
-        """Final-normed hidden states (B, T, D): the shared entry point of every
-        top-level model (training steps call this, then `logits` in chunks)."""
-        if pixel_values is not None or image_sizes is not None:
-            raise ValueError("a text-only causal_lm model takes no images")
-        return self.hidden_states(self.embed_tokens(input_ids), attention_mask, positions)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, inputs_embeds=None):
         """Logits (B, T, V) in fp32 for token ids (or precomputed embeddings)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        return self.logits(self.hidden_states(inputs_embeds, attention_mask, positions))
-
-
-def decoding_view(
-    model: nnx.Module, fuse: bool | None = None, pack: bool | None = None
-) -> nnx.Module:
-    """`model` (a Decoder, or a model with a `.decoder`) with its decoder blocks
-    unstacked into separate modules, for KV-cache decoding: the layer loop then
-    reads each block's weights in place instead of slicing them out of the
-    stacked arrays every token. Shares every other array with `model`.
-
-    `fuse` (default: on the CPU backend) also concatenates each block's q/k/v
-    and gate/up weights, so a decode step runs 3 matmuls per block instead of 7:
-    XLA:CPU pays a fixed cost per matmul, large beside a one-row-per-sequence
-    product (bench-20m at batch 8: ~6 % less time a token). The fused weights are copies.
-
-    `pack` (default: wherever `panel_matmul` applies, see there) adds a copy of
-    every block matmul's weight and of the LM head packed for the CPU panel
-    kernel, which decode steps then use instead of XLA's matmul."""
-    graphdef, state = nnx.split(model)
-    view = nnx.merge(graphdef, state)
-    decoder = view if isinstance(view, Decoder) else getattr(view, "decoder", None)
-    if not isinstance(decoder, Decoder):
-        return view
-    if not isinstance(decoder.layers, nnx.List):
-        decoder.layers = unstack_layers(decoder.layers, decoder.cfg.num_layers)
-    if fuse is None:
-        fuse = jax.default_backend() == "cpu"
-    if fuse:
-        for layer in decoder.layers:
-            _fuse_projections(layer)
-    if pack is None:
-        pack = fuse and _packable(decoder) and panel_matmul.available()
-    if pack:
-        _pack_weights(decoder)
-    return view
-
-
-def _fuse_projections(block: DecoderBlock) -> None:
-    """Replace q/k/v by one (D, N+2K, H) weight and gate/up by one (D, 2F)."""
-    attn, mlp = block.attn, block.mlp
-    qkv = jnp.concatenate([attn.q_proj[...], attn.k_proj[...], attn.v_proj[...]], axis=1)
-    gate_up = jnp.concatenate([mlp.gate_proj[...], mlp.up_proj[...]], axis=1)
-    with nnx.use_eager_sharding(False):  # the arrays keep the sharding concatenate gave
-        attn.qkv_proj = nnx.Param(qkv, out_sharding=("embed", None, "head_dim"))
-        mlp.gate_up_proj = nnx.Param(gate_up, out_sharding=("embed", "mlp"))
-    for module, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
-        for name in names:
-            delattr(module, name)
-
-
-def _packable(decoder: Decoder) -> bool:
-    """fp32 weights and compute, every weight on a single device."""
-    cfg = decoder.cfg
-    if jnp.dtype(cfg.dtype) != jnp.float32 or jnp.dtype(cfg.param_dtype) != jnp.float32:
-        return False
-    leaves = jax.tree.leaves(nnx.state(decoder, nnx.Param))
-    return all(len(x.sharding.device_set) == 1 for x in leaves)
-
-
-def _pack_weights(decoder: Decoder) -> None:
-    """Attach `<weight>_packed` copies (see `panel_matmul.pack`) to a decoder whose
-    blocks are unstacked and fused."""
-    D = decoder.cfg.hidden_size
-    for block in decoder.layers:
-        attn, mlp = block.attn, block.mlp
-        attn.qkv_proj_packed = PackedWeight(panel_matmul.pack(attn.qkv_proj[...].reshape(D, -1)))
-        attn.o_proj_packed = PackedWeight(panel_matmul.pack(attn.o_proj[...].reshape(-1, D)))
-        mlp.gate_up_proj_packed = PackedWeight(panel_matmul.pack(mlp.gate_up_proj[...]))
-        mlp.down_proj_packed = PackedWeight(panel_matmul.pack(mlp.down_proj[...]))
-    decoder.head_packed = PackedWeight(panel_matmul.pack(decoder.output_head()))
+        return self.logits(self.hidden_from_embeds(inputs_embeds, attention_mask, positions))

@@ -2,7 +2,9 @@
 
 Modules are always built with Flax's eager sharding off; shardings come from
 each parameter's logical axis names through `parallel.state_shardings`, so one
-code path serves 1 CPU and a pod.
+code path serves 1 CPU and a pod. Kernel choices that depend on the platform
+(the attention implementation, `attention.resolve`) are made here, once, and
+passed to the modules as concrete choices.
 """
 
 from __future__ import annotations
@@ -12,26 +14,37 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from insightv_jax.config import ModelConfig
+from insightv_jax.models import attention
 from insightv_jax.models.decoder import Decoder
+from insightv_jax.models.interface import CausalLM
+from insightv_jax.parallel import platform as current_platform
 from insightv_jax.parallel import state_shardings
 
 
-def construct(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
-    """Build the model named by `cfg.kind` with random weights (unsharded)."""
+def construct(cfg: ModelConfig, seed: int = 0, platform: str | None = None) -> CausalLM:
+    """Build the model named by `cfg.kind` with random weights (unsharded), its
+    kernels chosen for `platform` (cpu, gpu, tpu; default: where JAX runs)."""
+    platform = platform or current_platform()
     with nnx.use_eager_sharding(False):
         if cfg.kind == "causal_lm":
-            return Decoder(cfg.decoder, rngs=nnx.Rngs(seed))
+            impl = attention.resolve(cfg.decoder.attention, platform)
+            return Decoder(cfg.decoder, attention_impl=impl, rngs=nnx.Rngs(seed))
         if cfg.kind in ("llava", "llava_next"):
             from insightv_jax.models.llava import LlavaModel
 
-            return LlavaModel(cfg, rngs=nnx.Rngs(seed))
+            return LlavaModel(
+                cfg,
+                attention_impl=attention.resolve(cfg.decoder.attention, platform),
+                vision_attention_impl=attention.resolve(cfg.vision.attention, platform),
+                rngs=nnx.Rngs(seed),
+            )
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 
 def abstract_model(cfg: ModelConfig, mesh: Mesh):
     """(graphdef, abstract state with ShapeDtypeStructs carrying shardings)."""
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: construct(cfg))
+        abstract = nnx.eval_shape(lambda: construct(cfg, platform=current_platform(mesh)))
     graphdef, state = nnx.split(abstract)
     shardings = state_shardings(state, mesh)
     state = jax.tree.map(
@@ -47,13 +60,8 @@ def init_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> nnx.Module:
 
     @jax.jit
     def make():
-        return nnx.split(construct(cfg, seed))[1]
+        return nnx.split(construct(cfg, seed, current_platform(mesh)))[1]
 
     with jax.set_mesh(mesh):
         state = jax.jit(make, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
-
-
-def model_state(model: nnx.Module) -> nnx.State:
-    """The parameter state of a model."""
-    return nnx.state(model, nnx.Param)

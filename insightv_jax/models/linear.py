@@ -4,8 +4,7 @@ projection uses.
 `dense` flattens the token axes (batch, sequence, ...) into one before the
 matmul. XLA:CPU runs a 2-D (tokens, features) matmul and its weight gradient
 without layout copies, while a 3-D einsum such as `btd,df->btf` contracts two
-axes in the weight gradient and gets transposed copies of its operands (in
-the bench-20m SFT step those copies took ~15 % of the time).
+axes in the weight gradient and gets transposed copies of its operands.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from insightv_jax.models import panel_matmul
 
 INIT_STD = 0.02  # HF's default initializer_range
 
@@ -31,16 +28,9 @@ def zeros(shape, axes, dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
 
 
-def dense(x: jax.Array, w: jax.Array, axes: int = 1, packed: jax.Array | None = None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
     """Contract the last `axes` axes of `x` with the first `axes` axes of `w`:
-    x (..., *In) @ w (*In, *Out) -> (..., *Out), as one 2-D matmul.
-
-    `packed`: the same weight packed for the CPU panel kernel (a decoding view,
-    see `panel_matmul`); products of at most 8 rows, decode steps, run there."""
+    x (..., *In) @ w (*In, *Out) -> (..., *Out), as one 2-D matmul."""
     lead, k = x.shape[: x.ndim - axes], math.prod(x.shape[x.ndim - axes :])
-    x = x.reshape(-1, k)
-    if packed is not None and panel_matmul.applies(x.shape[0]):
-        y = panel_matmul.matmul(x, packed, math.prod(w.shape[axes:]))
-    else:
-        y = x @ w.reshape(k, -1)
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
     return y.reshape(lead + w.shape[axes:])

@@ -6,7 +6,7 @@ vision tower -> feature layer (CLS dropped or kept) -> `mlp2x_gelu` projector
 of the image-token id -> the decoder.
 
 Two batch layouts:
-  per-sample (training, `forward_hidden`): pixel_values (B, I, tiles, 3, H, W),
+  per-sample (training, `hidden_states`): pixel_values (B, I, tiles, 3, H, W),
     image_sizes (B, I, 2) (height, width; 0,0 = empty slot). Sample b's image
     tokens are filled by its slots 0..I-1 in order.
   Hugging Face processor layout (`__call__`, parity): LLaVA-NeXT pixel_values
@@ -26,9 +26,10 @@ import numpy as np
 from flax import nnx
 
 from insightv_jax import vision_grid
-from insightv_jax.config import ModelConfig
+from insightv_jax.config import DecoderConfig, ModelConfig
 from insightv_jax.errors import DataError
 from insightv_jax.models import anyres
+from insightv_jax.models.cache import KVCache
 from insightv_jax.models.decoder import Decoder
 from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.vision import VisionTower
@@ -80,21 +81,31 @@ def merge_image_features(embeds, input_ids, features, counts, image_token_id: in
 
 
 class LlavaModel(nnx.Module):
-    """Vision tower + projector (+ image_newline for anyres) + decoder."""
+    """Vision tower + projector (+ image_newline for anyres) + decoder.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    `attention_impl` / `vision_attention_impl`: the decoder's and the vision
+    tower's attention implementations (see `attention.resolve`)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        attention_impl: str,
+        vision_attention_impl: str,
+        rngs: nnx.Rngs,
+    ):
         cfg.validate()
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision, rngs=rngs)
+        self.vision = VisionTower(cfg.vision, attention_impl=vision_attention_impl, rngs=rngs)
         self.projector = Projector(cfg, rngs=rngs)
-        self.decoder = Decoder(cfg.decoder, rngs=rngs)
+        self.decoder = Decoder(cfg.decoder, attention_impl=attention_impl, rngs=rngs)
         if cfg.kind == "llava_next":
             D = cfg.decoder.hidden_size
             pd = jnp.dtype(cfg.decoder.param_dtype)
             self.image_newline = param(rngs, (D,), ("embed",), pd, std=1 / math.sqrt(D))
 
     @property
-    def decoder_config(self):
+    def decoder_config(self) -> DecoderConfig:
         return self.cfg.decoder
 
     # ------------------------------------------------------------- images
@@ -148,24 +159,24 @@ class LlavaModel(nnx.Module):
 
     # ------------------------------------------------------------ decoder
 
-    def hidden_states(self, inputs_embeds, attention_mask=None, positions=None, collect=False):
-        return self.decoder.hidden_states(inputs_embeds, attention_mask, positions, collect)
+    def hidden_states(
+        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
+    ) -> jax.Array:
+        """Final-normed hidden states (B, T, D) for the per-sample batch layout."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        return self.decoder.hidden_from_embeds(embeds, attention_mask, positions)
 
-    def decode_hidden(self, inputs_embeds, cache, attention_mask=None):
-        return self.decoder.decode_hidden(inputs_embeds, cache, attention_mask)
+    def forward_cached(
+        self, inputs_embeds, cache: KVCache, attention_mask=None
+    ) -> tuple[jax.Array, KVCache]:
+        """New tokens' embeddings against a KV cache (see `Decoder.forward_cached`)."""
+        return self.decoder.forward_cached(inputs_embeds, cache, attention_mask)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.decoder.logits(hidden)
 
     def output_head(self) -> jax.Array:
         return self.decoder.output_head()
-
-    def forward_hidden(
-        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
-    ):
-        """Final-normed hidden states (B, T, D) for the per-sample batch layout."""
-        embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
-        return self.decoder.hidden_states(embeds, attention_mask, positions)
 
     def __call__(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None):
         """fp32 logits (B, T, V) for host inputs in the Hugging Face processor layout
@@ -187,7 +198,7 @@ class LlavaModel(nnx.Module):
 
 @nnx.jit
 def _forward_logits(model, input_ids, attention_mask, pixel_values, image_sizes):
-    hidden = model.forward_hidden(input_ids, attention_mask, None, pixel_values, image_sizes)
+    hidden = model.hidden_states(input_ids, attention_mask, None, pixel_values, image_sizes)
     return model.logits(hidden)
 
 

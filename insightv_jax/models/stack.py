@@ -44,8 +44,8 @@ def scan_layers(
     scan: bool = True,
 ):
     """Run `layers` over `x`: x = layer_i(x, *args) for i in order — a `lax.scan`
-    over stacked layers, a Python loop (unrolled) over unstacked ones (a
-    decoding view) or with `scan=False`.
+    over stacked layers, a Python loop (unrolled) over a list of layers (see
+    `sample.decode_transform`) or with `scan=False`.
 
     Scanning compiles one layer body whatever the depth (pod-size models);
     unrolling lets XLA schedule across layers and drops the loop's stacked
@@ -83,31 +83,12 @@ def _depth(layers: nnx.Module) -> int:
 
 
 def layer_modules(layers: nnx.Module, num_layers: int) -> list[nnx.Module]:
-    """Layer i as a module, for code that visits layers in Python order:
-    unstacked layers as they are, stacked ones by slicing (inside `jit` XLA
-    then copies each slice; `unstack_layers` once avoids that)."""
+    """Layer i as a module, for code that visits layers in Python order: a
+    list of layers as it is, stacked ones by slicing (inside `jit` XLA then
+    copies each slice; `sample.decode_transform` unstacks once instead)."""
     if isinstance(layers, nnx.List):
         return list(layers)
     graphdef, state = nnx.split(layers)
     return [
         nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(num_layers)
     ]
-
-
-def unstack_layers(layers: nnx.Module, num_layers: int) -> nnx.List:
-    """The stacked `layers` as `num_layers` separate modules (each parameter
-    sliced once, its leading `layers` axis name dropped)."""
-    out = layer_modules(layers, num_layers)
-    for layer in out:
-        for _, var in nnx.iter_graph(layer):
-            if isinstance(var, nnx.Variable):
-                _drop_layers_axis(var)
-    return nnx.List(out)
-
-
-def _drop_layers_axis(var: nnx.Variable) -> None:
-    meta = var.get_metadata()
-    for key in ("out_sharding", "sharding_names", "sharding"):
-        names = meta.get(key)
-        if isinstance(names, tuple) and names and names[0] == "layers":
-            var.set_metadata(key, names[1:])

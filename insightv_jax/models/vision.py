@@ -52,11 +52,12 @@ class LayerNorm(nnx.Module):
 class VisionAttention(nnx.Module):
     """Bidirectional multi-head attention with biases on every projection."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, attention_impl: str, rngs: nnx.Rngs):
         D, N = cfg.hidden_size, cfg.num_heads
         H = D // N
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
+        self.attention_impl = attention_impl  # see attention.resolve
         for name in ("q", "k", "v"):
             setattr(
                 self,
@@ -83,7 +84,7 @@ class VisionAttention(nnx.Module):
             positions,
             valid,
             causal=False,
-            backend=self.cfg.attention,
+            backend=self.attention_impl,
         )
         return dense(out, self.o_proj[...].astype(dt), axes=2) + self.o_bias[...].astype(dt)
 
@@ -110,10 +111,10 @@ class VisionMLP(nnx.Module):
 class VisionBlock(nnx.Module):
     """x + attn(ln1(x)), then + mlp(ln2(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, attention_impl: str, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.ln1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, pd)
-        self.attn = VisionAttention(cfg, rngs=rngs)
+        self.attn = VisionAttention(cfg, attention_impl=attention_impl, rngs=rngs)
         self.ln2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, pd)
         self.mlp = VisionMLP(cfg, rngs=rngs)
 
@@ -131,9 +132,12 @@ def patchify(pixel_values: jax.Array, patch: int) -> jax.Array:
 
 
 class VisionTower(nnx.Module):
-    """A CLIP or SigLIP ViT returning the hidden state of a chosen layer."""
+    """A CLIP or SigLIP ViT returning the hidden state of a chosen layer.
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    `attention_impl`: the attention implementation (`attention.resolve` of
+    `cfg.attention` and the platform)."""
+
+    def __init__(self, cfg: VisionConfig, *, attention_impl: str, rngs: nnx.Rngs):
         cfg.validate()
         C, P, D = cfg.num_channels, cfg.patch_size, cfg.hidden_size
         pd = jnp.dtype(cfg.param_dtype)
@@ -148,7 +152,9 @@ class VisionTower(nnx.Module):
         self.pos_embed = param(rngs, (n_pos, D), ("patch", "vision_embed"), pd)
         if self.has_cls:
             self.pre_norm = LayerNorm(D, cfg.layer_norm_eps, pd)
-        self.layers = stack_layers(lambda r: VisionBlock(cfg, rngs=r), cfg.num_layers, rngs)
+        self.layers = stack_layers(
+            lambda r: VisionBlock(cfg, attention_impl=attention_impl, rngs=r), cfg.num_layers, rngs
+        )
         self.post_norm = LayerNorm(D, cfg.layer_norm_eps, pd)
 
     @property

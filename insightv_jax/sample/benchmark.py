@@ -29,7 +29,6 @@ from insightv_jax.data.images import ImageProcessor
 from insightv_jax.data.prompts import Prompts
 from insightv_jax.data.synthetic.writer import write_llava
 from insightv_jax.hf.convert import export_hf
-from insightv_jax.models import panel_matmul
 from insightv_jax.models.factory import construct
 from insightv_jax.sample.constrain import StepConstraint
 from insightv_jax.sample.prompting import PromptEncoder
@@ -98,6 +97,8 @@ def matmul_read_rates(rows=(1, 8), d: int = 512, f: int = 2816, count: int = 16)
     (16 x 5.8 MB, beyond any CPU cache), as a decode step does with one row per
     sequence. XLA's matmul (with the decode loop's CPU options) and, where it
     runs, the panel kernel that decode steps use instead (`panel_matmul`)."""
+    from insightv_jax.sample import panel_matmul
+
     rng = np.random.RandomState(0)
     weights = [jnp.asarray(rng.randn(d, f).astype(np.float32) * 0.02) for _ in range(count)]
     nbytes = sum(w.nbytes for w in weights)

@@ -1,10 +1,9 @@
 """A jitted KV-cache sampler: prefill, then the whole decode loop in one
 `lax.while_loop`.
 
-The model interface it needs (the decoder and the VLM both provide it):
-`embed_inputs(ids, pixel_values, image_sizes)`, `embed_tokens(ids)`,
-`decode_hidden(embeds, cache, attention_mask) -> (hidden, cache)`,
-`logits(hidden)` and `decoder_config`.
+It takes a `models.interface.CausalLM` and runs its decode form
+(`sample.decode_transform.for_decoding`) through the `DecodingLM` interface:
+`embed_inputs`, `forward_cached`, `logits` and `decoder_config`.
 
 Two calls make a step-wise API a server can build on: `extend` appends a
 right-padded chunk of tokens (a prompt, or the next dialogue turn) to every
@@ -17,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,8 @@ from flax import nnx, struct
 
 from insightv_jax.errors import InsightVError
 from insightv_jax.models.cache import KVCache
-from insightv_jax.models.decoder import decoding_view
+from insightv_jax.models.interface import CausalLM, DecodingLM
+from insightv_jax.sample.decode_transform import for_decoding
 from insightv_jax.sample.processors import process_logits
 
 
@@ -98,15 +99,29 @@ def _stop_table(seqs: Sequence[Sequence[int]], width: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
 def _extend(graphdef, params, state: DecodeState, ids, mask, pixel_values, image_sizes):
-    model = nnx.merge(graphdef, params)
+    model: DecodingLM = nnx.merge(graphdef, params)
     embeds = model.embed_inputs(ids, pixel_values, image_sizes)
-    hidden, cache = model.decode_hidden(embeds, state.cache, mask)
+    hidden, cache = model.forward_cached(embeds, state.cache, mask)
     counts = mask.sum(-1)
     last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
     logits = model.logits(last)[:, 0]
     logits = jnp.where((counts > 0)[:, None], logits, state.logits)
     seen = state.seen.at[jnp.arange(ids.shape[0])[:, None], ids].max(mask.astype(bool))
     return DecodeState(cache=cache, logits=logits, seen=seen, rng=state.rng)
+
+
+class _Loop(NamedTuple):
+    """The decode loop's carry."""
+
+    step: jax.Array  # () int32: tokens generated so far (the loop index)
+    state: DecodeState
+    tokens: jax.Array  # (B, steps) int32, pad_id where none was generated
+    logprobs: jax.Array  # (B, steps) fp32
+    done: jax.Array  # (B,) bool: inactive, stopped, or the constraint finished
+    recent: jax.Array  # (B, width) int32: the last tokens, for stop sequences
+    constraint_state: jax.Array  # (B,) int32: each row's state in the constraint
+    num_tokens: jax.Array  # (B,) int32: tokens generated per row
+    stopped: jax.Array  # (B,) bool: stopped by a stop token/sequence or the constraint
 
 
 def _decode_loop(
@@ -126,17 +141,16 @@ def _decode_loop(
     penalty: float,
     pad_id: int,
 ):
-    model = nnx.merge(graphdef, params)
+    model: DecodingLM = nnx.merge(graphdef, params)
     B = state.logits.shape[0]
     width = stop_table.shape[1]
     c_next, c_finish, c_dist = constraint  # see StepConstraint.device_tables
 
-    def cond(carry):
-        i, _, _, _, done, *_ = carry
-        return (i < steps) & ~jnp.all(done)
+    def cond(carry: _Loop):
+        return (carry.step < steps) & ~jnp.all(carry.done)
 
-    def body(carry):
-        i, st, tokens, logprobs, done, recent, cstate, nums, stopped = carry
+    def body(carry: _Loop) -> _Loop:
+        i, st, done, cstate = carry.step, carry.state, carry.done, carry.constraint_state
         raw = st.logits
         allowed = None
         if c_next is not None:
@@ -155,9 +169,9 @@ def _decode_loop(
         )
         logp = jnp.take_along_axis(jax.nn.log_softmax(raw, -1), tok[:, None], axis=1)[:, 0]
         tok = jnp.where(done, pad_id, tok)
-        tokens = tokens.at[:, i].set(tok)
-        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logp))
-        recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+        tokens = carry.tokens.at[:, i].set(tok)
+        logprobs = carry.logprobs.at[:, i].set(jnp.where(done, 0.0, logp))
+        recent = jnp.concatenate([carry.recent[:, 1:], tok[:, None]], axis=1)
         hit = jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
         hit |= jnp.any(
             jnp.all((stop_table[None] == -1) | (recent[:, None, :] == stop_table[None]), -1), -1
@@ -165,44 +179,54 @@ def _decode_loop(
         if c_next is not None:
             cstate = jnp.where(done, cstate, c_next[cstate, tok])
             hit |= c_dist[cstate] == 0
-        nums = nums + (~done).astype(jnp.int32)
-        stopped = stopped | (hit & ~done)
+        nums = carry.num_tokens + (~done).astype(jnp.int32)
+        stopped = carry.stopped | (hit & ~done)
         feed = ~done
         done = done | hit
         seen = st.seen.at[jnp.arange(B), tok].max(feed)
-        hidden, cache = model.decode_hidden(
+        hidden, cache = model.forward_cached(
             model.embed_inputs(tok[:, None]), st.cache, feed[:, None].astype(jnp.int32)
         )
         logits = jnp.where(feed[:, None], model.logits(hidden)[:, 0], st.logits)
-        st = DecodeState(cache=cache, logits=logits, seen=seen, rng=rng)
-        return i + 1, st, tokens, logprobs, done, recent, cstate, nums, stopped
+        return _Loop(
+            step=i + 1,
+            state=DecodeState(cache=cache, logits=logits, seen=seen, rng=rng),
+            tokens=tokens,
+            logprobs=logprobs,
+            done=done,
+            recent=recent,
+            constraint_state=cstate,
+            num_tokens=nums,
+            stopped=stopped,
+        )
 
-    init = (
-        jnp.int32(0),
-        state,
-        jnp.full((B, steps), pad_id, jnp.int32),
-        jnp.zeros((B, steps), jnp.float32),
-        ~active,
-        jnp.full((B, width), -2, jnp.int32),
-        start_states,
-        jnp.zeros((B,), jnp.int32),
-        jnp.zeros((B,), bool),
+    init = _Loop(
+        step=jnp.int32(0),
+        state=state,
+        tokens=jnp.full((B, steps), pad_id, jnp.int32),
+        logprobs=jnp.zeros((B, steps), jnp.float32),
+        done=~active,
+        recent=jnp.full((B, width), -2, jnp.int32),
+        constraint_state=start_states,
+        num_tokens=jnp.zeros((B,), jnp.int32),
+        stopped=jnp.zeros((B,), bool),
     )
-    _, state, tokens, logprobs, _, _, _, nums, stopped = jax.lax.while_loop(cond, body, init)
-    return state, Decoded(tokens=tokens, logprobs=logprobs, num_tokens=nums, stopped=stopped)
+    out = jax.lax.while_loop(cond, body, init)
+    decoded = Decoded(
+        tokens=out.tokens, logprobs=out.logprobs, num_tokens=out.num_tokens, stopped=out.stopped
+    )
+    return out.state, decoded
 
 
 # XLA:CPU hands small matmuls to YNNPACK fusions by default. The decode loop's
 # matmuls have one row per sequence (batch x hidden), and for those its other
-# matmul path is faster: bench-20m at batch 8 decodes ~20 % faster per token
-# with the YNNPACK fusions off (same tokens). The training step, whose matmuls
-# have thousands of rows, keeps the default (as fast or faster there); prefill
-# (`_extend`) keeps it too, unmeasured.
+# matmul path is faster (`insightv bench sample`; the same tokens). The training
+# step, whose matmuls have thousands of rows, keeps the default (as fast or
+# faster there); prefill (`_extend`) keeps it too, unmeasured.
 # Fast min/max drops NaN propagation from max and min, which XLA:CPU otherwise
-# runs unvectorised: the max over a batch of 8192-token logit rows falls from
-# ~55 to ~13 us, ~3 % of a bench-20m decode step (same tokens). Logits with a
-# NaN are a broken model; in this loop such a row's NaNs may be skipped over
-# rather than poison the argmax.
+# runs unvectorised, several times slower over a batch of vocabulary-wide logit
+# rows (the same tokens). Logits with a NaN are a broken model; in this loop
+# such a row's NaNs may be skipped over rather than poison the argmax.
 CPU_DECODE_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "",
     "xla_cpu_enable_fast_min_max": True,
@@ -224,8 +248,8 @@ class Sampler:
     """Batched generation with a model and its tokenizer (a `transformers`
     tokenizer, or None when callers pass token ids)."""
 
-    def __init__(self, model: nnx.Module, tokenizer=None, pad_id: int | None = None, encoder=None):
-        self.graphdef, self.params = nnx.split(decoding_view(model))
+    def __init__(self, model: CausalLM, tokenizer=None, pad_id: int | None = None, encoder=None):
+        self.graphdef, self.params = nnx.split(for_decoding(model))
         self.encoder = encoder  # a sample.prompting.PromptEncoder for chat prompts
         self.cfg = model.decoder_config
         self.tokenizer = tokenizer

@@ -7,10 +7,10 @@ Train state (a plain pytree, checkpointed as is):
     step     optimizer steps taken (int32), skipped: non-finite steps skipped (int32)
 
 The step is `jax.jit` with explicit in/out shardings for every leaf and the
-state donated; `nnx.jit` is avoided because it lets output shardings drift
-(STACK.md). The model enters only through its graphdef and the fixed
-interface `forward_hidden(...)` + `output_head()` (`logits(hidden)` for DPO),
-so the text decoder and the VLM share this code.
+state donated; `nnx.jit` is avoided because it lets output shardings drift.
+The model enters only through its graphdef and the `models.interface.CausalLM`
+methods `hidden_states(...)` + `output_head()` (`logits(hidden)` for DPO), so
+the text decoder and the VLM share this code.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from insightv_jax.config import TrainConfig
+from insightv_jax.models.interface import CausalLM
 from insightv_jax.parallel import logical_to_spec
 from insightv_jax.train.losses import IGNORE, fused_ce_sum, shift_labels
 from insightv_jax.train.optim import lr_schedule, make_optimizer, merge, split_trainable
@@ -185,13 +186,13 @@ class SFTProgram:
     # of the loss (shares add up to the loss) plus sums to report, `_metrics`
     # turns the accumulated sums into the step's metrics ("loss" is required).
 
-    def _model(self, trainable, frozen) -> nnx.Module:
+    def _model(self, trainable, frozen) -> CausalLM:
         return nnx.merge(self.graphdef, merge(trainable, frozen), self.rest)
 
     @staticmethod
-    def _hidden(model, mb: dict) -> jax.Array:
+    def _hidden(model: CausalLM, mb: dict) -> jax.Array:
         """The model's final hidden states for a batch dict (images optional)."""
-        return model.forward_hidden(
+        return model.hidden_states(
             mb["input_ids"],
             mb["attention_mask"],
             None,

@@ -2,18 +2,18 @@
 
 A decode step multiplies one row per sequence by every weight matrix, so it is
 bound by reading the weights. XLA:CPU's matmul (Eigen; XNNPACK, YNNPACK and
-oneDNN measure the same) streams a weight through 8 rows at ~34 GB/s on the
-2-core dev machine, where an XLA sum reads 50-80 GB/s; `insightv bench sample`
-prints both rates. `panel_matmul.cc` reads the weight packed in 48-column
-panels, each panel one contiguous run of memory, with both cores: 52-59 GB/s
-there, for the same products to float rounding.
+oneDNN alike) streams a weight through a few rows well below the rate at which
+an XLA sum reads memory; `insightv bench sample` prints both rates (results in
+docs/benchmarks.md). `panel_matmul.cc` reads the weight packed in 48-column
+panels, each panel one contiguous run of memory, with every core, for the same
+products to float rounding.
 
 It is an XLA FFI custom call, compiled on first use by the machine's C++
-compiler (`-march=native`) into the user's cache. `decoding_view` packs the
+compiler (`-march=native`) into the user's cache. `decode_transform` packs the
 weights only where it applies: the CPU backend, fp32 weights on one device, an
-x86-64 CPU with AVX-512; `dense` then uses it for products of at most 8 rows
-(decode steps), and XLA's matmul for the rest (prefill). Where it cannot be
-built, decoding keeps XLA's matmul. `INSIGHTV_PANEL_MATMUL=0` turns it off.
+x86-64 CPU with AVX-512; its packed modules then use it for products of at most
+8 rows (decode steps), and XLA's matmul for the rest (prefill). Where it cannot
+be built, decoding keeps XLA's matmul. `INSIGHTV_PANEL_MATMUL=0` turns it off.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _SOURCE = Path(__file__).with_name("panel_matmul.cc")
 
 class PackedWeight(nnx.Variable):
     """A (D, F) weight packed as (ceil(F / 48), D, 48) for `matmul`: a decode-time
-    copy made by `decoding_view`, never trained or saved."""
+    copy made by `decode_transform`, never trained or saved."""
 
 
 @functools.cache
@@ -128,9 +128,3 @@ def matmul(x: jax.Array, packed: jax.Array, features: int) -> jax.Array:
     out = jax.ShapeDtypeStruct((rows, panels * PANEL), jnp.float32)
     y = jax.ffi.ffi_call(_TARGET, out)(x, packed)
     return y if features == panels * PANEL else y[:, :features]
-
-
-def packed_weight(module: nnx.Module, name: str) -> jax.Array | None:
-    """`module`'s packed copy of weight `name`, if a decoding view made one."""
-    packed = getattr(module, f"{name}_packed", None)
-    return None if packed is None else packed[...]
