@@ -1,4 +1,4 @@
-"""Answer extraction (METHOD.md §8): letters, option text, numbers, yes/no, fallback."""
+"""Answer extraction (docs/method.md §4): letters, option text, numbers, yes/no, fallback."""
 
 import random
 

@@ -44,9 +44,10 @@ EXTRA = {
     "sft": [*TRAIN, "train.steps=2", "train.epochs=0"],
     "dpo": [*TRAIN, "train.steps=1", "train.epochs=0"],
     "iterate": [*TRAIN, "train.steps=0", "train.epochs=1", "dpo.reason_max_tokens=16",
-                "dpo.summary_max_tokens=4", "dpo.samples_per_question=2", "dpo.sample_batch=8",
+                "dpo.summary_max_tokens=4", "dpo.samples_per_question=2", "dpo.sample_batch=4",
+                "dpo.questions_per_round=4", "dpo.eval_limit=2",
                 "dpo.logprob_batch=8"],
-    "eval": ["eval.limit=2", "eval.sampling.reason_max_tokens=16",
+    "eval": ["eval.limit=1", "eval.sampling.reason_max_tokens=16",
              "eval.sampling.summary_max_tokens=4", "eval.sampling.direct_max_tokens=4"],
     "infer": ["--max-reason-tokens", "16", "--max-summary-tokens", "4"],
 }  # fmt: skip
@@ -143,13 +144,15 @@ def test_readme_quickstart_runs_on_a_tiny_llava_next(tmp_path, monkeypatch):
         args = [str(hf) if a == HF_PLACEHOLDER else a for a in args]
         if args[0] == "synth":
             args[args.index("--n") + 1] = "12"
+        if args[0] == "iterate":  # one round shows the loop runs; test_dpo_iterate resumes two
+            args[args.index("--rounds") + 1] = "1"
         runs.append(args + EXTRA[args[0]])
     monkeypatch.setenv("XLA_FLAGS", "")
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=work, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print(done.stdout)
+    assert "] chain:" in done.stdout and "] answer: " in done.stdout  # infer --show-chain
 
     # what each stage left behind: sets, agents, DPO round, evaluation, exports
     build = work / "runs/pipeline/build"

@@ -1,4 +1,4 @@
-"""The method's prompts in one place (METHOD.md §1, §2, §6), overridable by config.
+"""The method's prompts in one place (docs/method.md §1, §5), overridable by config.
 
 `Prompts` is a frozen dataclass so a run config can replace any of them
 (`prompts.summary_instruction=...`); the defaults follow the paper's design.
@@ -38,7 +38,7 @@ class Prompts:
     invalid_json: str = "Your reply was not valid JSON. Reply again with one valid JSON step."
     max_steps: int = 16
 
-    # --- two-agent inference (METHOD.md §6) ----------------------------------
+    # --- two-agent inference (docs/method.md §5) ----------------------------------
     reasoning_suffix: str = (
         "\n\nPerform step-by-step reasoning of the problem. Only provide the reasoning process."
     )
@@ -49,7 +49,7 @@ class Prompts:
         "Answer directly, without stating your judgement."
     )
 
-    # --- assessment (METHOD.md §2) -------------------------------------------
+    # --- assessment (docs/method.md §1) -------------------------------------------
     judge: str = (
         "Decide whether the predicted answer means the same as the ground truth; the format "
         "may differ. Reply with [1] if it does and [0] if it does not.\n"

@@ -1,7 +1,7 @@
 """Training metrics: model FLOPs (the MFU convention), the measured matmul peak,
 and a logger that prints progress lines and writes TensorBoard event files.
 
-MFU convention (MaxText's, DESIGN.md): every matmul counts 2 FLOPs per
+MFU convention (MaxText's, docs/design.md): every matmul counts 2 FLOPs per
 multiply-add, training counts ×3 (forward + two backward matmuls) for parts
 that train and are trained through, causal attention (QKᵀ and AV) is halved,
 the embedding lookup is free, and a frozen vision tower counts forward-only.

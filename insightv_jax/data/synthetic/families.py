@@ -350,7 +350,7 @@ for _name in ("sum", "diff", "hop", "chart_diff", "chart_sum"):
     FAMILIES[f"mc_{_name}"] = _mc(FAMILIES[_name])
 
 # Default mix: perception is the general QA share; counting/comparison dominate
-# the reasoning share because that is what a CPU-scale model learns (STACK.md).
+# the reasoning share because that is what a CPU-scale model learns (docs/design.md).
 DEFAULT_WEIGHTS = {
     "count_colour": 1.0, "count_shape": 1.0, "cell_colour": 0.5, "cell_shape": 0.5,
     "bar_value": 1.0, "compare": 2.0, "sum": 2.0, "diff": 1.0, "hop": 1.0,

@@ -20,7 +20,7 @@ FLOOR_SCORE = 1
 
 
 def parse_verdict(raw: str) -> int:
-    """`[1]` -> 1; anything else (`[0]`, unparseable) -> 0 (METHOD.md §2)."""
+    """`[1]` -> 1; anything else (`[0]`, unparseable) -> 0 (docs/method.md §1)."""
     m = re.search(r"\[\s*([01])\s*\]", raw)
     return int(m.group(1)) if m else 0
 

@@ -1,5 +1,5 @@
 """Render scenes to small RGB PNGs with PIL: 10 px per grid cell / chart column,
-so one 10 px vision patch sees one cell (STACK.md's calibration).
+so one 10 px vision patch sees one cell (the CPU-scale calibration in docs/design.md).
 
 Drawing uses only integer PIL primitives, so the same scene always gives the
 same pixels and (with the same zlib) the same PNG bytes.

@@ -1,4 +1,4 @@
-"""The oracle teacher: writes Insight-V step chains (METHOD.md §1) for an item.
+"""The oracle teacher: writes Insight-V step chains (docs/method.md §1) for an item.
 
 A chain is `{"steps": [{"title", "content", "next_action"}...], "final_answer"}`.
 Its claims come from solving the item through an `Observer`; with probability

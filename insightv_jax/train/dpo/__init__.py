@@ -1,4 +1,4 @@
-"""DPO of the reasoning agent (docs/method.md §5): the sharded step, the log-prob
+"""DPO of the reasoning agent (docs/method.md §3, §5): the sharded step, the log-prob
 pass, reference log-probs, and `insightv dpo`.
 
 - program.py: the pair-layout batch, `DPOProgram` (the step and the log-prob
