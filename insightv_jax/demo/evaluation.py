@@ -14,6 +14,7 @@ import yaml
 from insightv_jax.config import RunConfig, from_dict
 from insightv_jax.demo.jobs import redirect
 from insightv_jax.demo.preset import REPO, one_thread_env
+from insightv_jax.jsonl import read_jsonl
 
 
 class EvalStages:
@@ -131,8 +132,7 @@ def headline(eval_dir: Path, families: list[str], a: str = "cot", b: str = "base
     from insightv_jax.eval.metrics import paired_ci
 
     got: dict[str, dict[str, bool]] = {a: {}, b: {}}
-    for line in (eval_dir / "predictions.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(eval_dir / "predictions.jsonl"):
         if row["system"] in got and row["category"] in families:
             got[row["system"]][row["id"]] = bool(row["correct"])
     ids = sorted(set(got[a]) & set(got[b]))

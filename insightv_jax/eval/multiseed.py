@@ -11,21 +11,20 @@ seeds, and the per-seed differences are reported beside it to show their spread.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from insightv_jax.jsonl import read_jsonl
+
 
 def read_correct(predictions: str | Path) -> dict[str, dict[str, bool]]:
     """system -> question id -> correct, from a predictions.jsonl file."""
     out: dict[str, dict[str, bool]] = {}
-    for line in Path(predictions).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            key = f"{row.get('benchmark', '')}/{row['id']}"  # ids repeat across benchmarks
-            out.setdefault(row["system"], {})[key] = bool(row["correct"])
+    for row in read_jsonl(predictions):
+        key = f"{row.get('benchmark', '')}/{row['id']}"  # ids repeat across benchmarks
+        out.setdefault(row["system"], {})[key] = bool(row["correct"])
     return out
 
 
