@@ -1,7 +1,7 @@
 """Typed, frozen configuration: dataclasses loaded from YAML with `key=value` overrides.
 
 Every section is a frozen dataclass that lives beside its stage's concerns
-(model.py, train.py, data.py, pipeline.py, eval.py, dpo.py; run.py holds the
+(model.py, train.py, data.py, pipeline.py, eval.py, dpo.py, rl.py; run.py holds the
 top-level `RunConfig` and the mesh). `from_dict` (coerce.py) checks every key and
 type and fails with a one-line `ConfigError` that names the offending key, so a
 typo in a YAML file or on the command line never silently becomes a default;
@@ -37,6 +37,7 @@ from insightv_jax.config.model import (
     VisionConfig,
 )
 from insightv_jax.config.pipeline import SUMMARY_MIX_KEYS, PipelineConfig
+from insightv_jax.config.rl import RLConfig
 from insightv_jax.config.run import MeshConfig, RunConfig
 from insightv_jax.config.train import TRAINABLE_PARTS, TrainConfig
 
@@ -46,7 +47,7 @@ from insightv_jax.config.train import TRAINABLE_PARTS, TrainConfig
 for _cls in (
     ConfigError, RopeScaling, DecoderConfig, MeshConfig, VisionConfig, LlavaConfig, ModelConfig,
     TrainConfig, DataConfig, PipelineConfig, BenchmarkConfig, SystemConfig, EvalSampling,
-    EvalConfig, DPOConfig, RunConfig,
+    EvalConfig, DPOConfig, RLConfig, RunConfig,
 ):  # fmt: skip
     _cls.__module__ = __name__
 del _cls
@@ -67,6 +68,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "PipelineConfig",
+    "RLConfig",
     "RopeScaling",
     "RunConfig",
     "SystemConfig",

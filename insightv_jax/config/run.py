@@ -7,6 +7,7 @@ from insightv_jax.config.dpo import DPOConfig
 from insightv_jax.config.eval import EvalConfig
 from insightv_jax.config.model import ModelConfig
 from insightv_jax.config.pipeline import PipelineConfig
+from insightv_jax.config.rl import RLConfig
 from insightv_jax.config.train import TrainConfig
 
 
@@ -30,6 +31,7 @@ class RunConfig:
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     seed: int = 0
 
     def validate(self) -> None:
@@ -39,3 +41,4 @@ class RunConfig:
         self.pipeline.validate()
         self.eval.validate()
         self.dpo.validate()
+        self.rl.validate()
