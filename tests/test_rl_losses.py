@@ -215,3 +215,29 @@ def test_beta_without_reference_is_an_error():
     args = batch()
     with pytest.raises(ValueError, match="reference"):
         run(args, dataclasses.replace(CONFIGS[0]), ref=False)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("rl.algorithm=ppo", "rl.algorithm: 'ppo' is not one of"),
+        ("rl.group_size=1", "rl.group_size=1 must be >= 2"),
+        ("rl.epsilon_low=1.5", "epsilon_low=1.5 must be in [0, 1)"),
+        ("rl.beta=-1", "beta=-1.0 must be >= 0"),
+        ("rl.temperature=0", "temperature=0.0 must be > 0"),
+        ("rl.overlong=soft", "rl.overlong=soft needs rl.overlong_buffer >= 1"),
+        ("rl.overlong_buffer=256", "rl.overlong_buffer=256 must be in [0, max_response_tokens"),
+        ("rl.minibatches=0", "rl.minibatches=0 must be >= 1"),
+        ("rl.reference=sft", "rl.reference: 'sft' is not one of"),
+    ],
+)
+def test_config_errors_are_one_line(override, needle):
+    from insightv_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    cfg = load_config(None, ["rl.algorithm=dapo", "rl.epsilon_high=0.28", "rl.epochs=2"])
+    assert cfg.rl.updates_per_batch == 2 and cfg.rl == RLConfig(
+        algorithm="dapo", epsilon_high=0.28, epochs=2
+    )
