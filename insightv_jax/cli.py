@@ -193,6 +193,14 @@ def _iterate(args: argparse.Namespace) -> None:
     run_iterate(load_config(args.config, args.overrides), rounds=args.rounds)
 
 
+def _rl(args: argparse.Namespace) -> None:
+    from insightv_jax.config import load_config
+    from insightv_jax.train.rl.loop import run_rl
+
+    overrides = list(args.overrides) + ([f"rl.agent={args.agent}"] if args.agent else [])
+    run_rl(load_config(args.config, overrides), rounds=args.rounds)
+
+
 def _pipeline(args: argparse.Namespace) -> None:
     import json
 
@@ -322,7 +330,7 @@ def _add_infer(sub) -> None:
 
 
 def _add_training(sub) -> None:
-    """sft, dpo, iterate and plan: a run config and its overrides."""
+    """sft, dpo, iterate, rl and plan: a run config and its overrides."""
     _add_config_command(
         sub, "sft", "supervised fine-tuning (reasoning or summary agent)",
         "run config YAML (configs/train/...)", _sft,
@@ -335,6 +343,13 @@ def _add_training(sub) -> None:
         sub, "iterate", "iterative DPO: sample, judge, score, pairs, DPO per round",
         "run config YAML (configs/dpo/...)", _iterate,
         ("--rounds", {"type": int, "default": None, "help": "rounds T (default: dpo.rounds)"}),
+    )  # fmt: skip
+    _add_config_command(
+        sub, "rl", "on-policy RL rounds (GRPO family): sample, judge, update per round",
+        "run config YAML (configs/rl/...)", _rl,
+        ("--rounds", {"type": int, "default": None, "help": "rounds T (default: rl.rounds)"}),
+        ("--agent", {"choices": ["reason", "summary", "both"], "default": None,
+                     "help": "which agent RL trains (default: rl.agent)"}),
     )  # fmt: skip
     _add_config_command(
         sub, "plan", "compile the real-size train step; per-device memory", "run config YAML",

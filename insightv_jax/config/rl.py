@@ -48,6 +48,7 @@ class RLConfig:
     questions: str | None = None  # LLaVA JSON / JSONL questions
     questions_per_round: int = 64  # prompts per round (0 = all)
     summary: str | None = None  # the fixed summary agent's checkpoint (agent=reason)
+    eval_data: str | None = None  # held-out questions: accuracies after each round
     eval_limit: int = 0  # the first K held-out questions after each round; 0 = all
     sample_batch: int = 64  # responses decoded per sampler call
     logprob_batch: int = 32  # responses per call of the log-prob pass

@@ -184,12 +184,15 @@ def _heldout(path: Path, evaluate: Callable[[], dict]) -> dict:
 
 
 def run_iterate(
-    cfg: RunConfig, rounds: int | None = None, judge=None, scorer=None, print_fn=print
-) -> list[dict]:
+    cfg: RunConfig, rounds: int | None = None, judge=None, scorer=None, print_fn=print,
+    update: str = "dpo",
+) -> list[dict]:  # fmt: skip
     """Run (or continue) rounds 1..T under `train.workdir`; returns the summary rows.
 
     `judge`/`scorer` default to the `pipeline:` section's backends
-    (`pipeline.backends.make_judge/make_scorer`).
+    (`pipeline.backends.make_judge/make_scorer`); `update` is "dpo" (pairs, then
+    DPO) or "rl" (the samples' rewards, then the `rl.algorithm` update:
+    train/rl/update.py).
     """
     from insightv_jax.pipeline.backends import make_judge, make_scorer
 
@@ -205,7 +208,7 @@ def run_iterate(
     scorer = scorer or make_scorer(cfg.pipeline, cfg.seed)
     summary_path = d.summary or cfg.train.init
     it = Iteration(_with_agent_prompts(cfg, summary_path), run, root, all_items, held_out,
-                   judge, scorer, summary_path, print_fn)  # fmt: skip
+                   judge, scorer, summary_path, print_fn, update)  # fmt: skip
     if held_out:
         _heldout(run / "eval_init.json", it.evaluate(cfg.train.init))
     rows = []
@@ -215,7 +218,7 @@ def run_iterate(
             rows.append(json.loads(done.read_text()))
             continue
         rows.append(it.round(t))
-        print_fn(format_table(rows, run))
+        print_fn(format_table(rows, run, RL_COLUMNS if update == "rl" else COLUMNS))
     return rows
 
 
@@ -243,6 +246,7 @@ class Iteration:
     scorer: object
     summary_path: str
     print_fn: Callable[[str], None]
+    update: str = "dpo"
     agents: dict = dataclasses.field(default_factory=dict)
 
     def agent(self, path: str):
@@ -268,6 +272,8 @@ class Iteration:
         items = round_questions(cfg, rd, t, self.all_items, self.print_fn)
         policy = policy_of(cfg, self.run, t)
         samples = self.samples(rd, t, items, policy)
+        if self.update == "rl":
+            return self.rl_round(rd, t, items, policy, samples)
         pairs_path, counts_path = self.pairs(rd, t, items, samples)
         if policy != self.summary_path:
             self.agents.pop(policy, None)  # free M_t while training
@@ -276,6 +282,24 @@ class Iteration:
             cfg, rd, policy, pairs_path, self.root, self.print_fn, chains
         )
         row = round_row(t, policy, policy_out, items, samples, pairs_path, counts_path, metrics)
+        if self.held_out:
+            row.update(_heldout(rd / "eval.json", self.evaluate(policy_out)))
+        _write_json(rd / "summary.json", row)
+        return row
+
+    def rl_round(self, rd: Path, t: int, items, policy: str, samples) -> dict:
+        """Stage 4 as an on-policy update on the samples' rewards (train/rl/update.py)."""
+        from insightv_jax.train.rl.update import rl_update
+
+        if policy != self.summary_path:
+            self.agents.pop(policy, None)  # free M_t while training
+        policy_out, metrics = rl_update(
+            self.cfg, rd, policy, items, samples, self.root, self.print_fn
+        )
+        row = {"round": t, "policy_in": policy, "policy_out": policy_out,
+               "questions": len(items), "samples": len(samples),
+               "train_sample_accuracy": sum(s["correct"] for s in samples) / max(len(samples), 1),
+               **metrics}  # fmt: skip
         if self.held_out:
             row.update(_heldout(rd / "eval.json", self.evaluate(policy_out)))
         _write_json(rd / "summary.json", row)
@@ -368,7 +392,29 @@ COLUMNS = (
 )
 
 
-def format_table(rows: list[dict], run: Path | None = None) -> str:
+# the on-policy rounds' table (`insightv rl`)
+RL_COLUMNS = (
+    ("round", "round", 5, "d"),
+    ("samples", "samples", 7, "d"),
+    ("reward", "reward_mean", 6, ".3f"),
+    ("std", "reward_std", 5, ".3f"),
+    ("no_signal", "groups_without_signal", 9, "d"),
+    ("dropped", "groups_dropped", 7, "d"),
+    ("steps", "step", 5, "d"),
+    ("loss", "loss", 7, "+.4f"),
+    ("kl", "kl", 8, ".5f"),
+    ("entropy", "entropy", 7, ".3f"),
+    ("clip", "clip_fraction", 6, ".3f"),
+    ("ratio1", "first_ratio_mean", 8, ".6f"),
+    ("gap", "sampler_logp_gap", 7, ".4f"),
+    ("len", "response_length_tokens", 6, ".1f"),
+    ("2+steps", "multi_step_share", 7, ".3f"),
+    ("val_chain_acc", "eval_chain_accuracy", 13, ".3f"),
+    ("val_two_agent_acc", "eval_accuracy", 17, ".3f"),
+)
+
+
+def format_table(rows: list[dict], run: Path | None = None, columns=COLUMNS) -> str:
     """The per-round summary. train_sample_acc: the summary agent's accuracy on the
     round's training questions (M_t's samples); loss_start/end: the preference loss
     (DPOP penalty included) on the round's pairs before the first / after the last
@@ -385,10 +431,10 @@ def format_table(rows: list[dict], run: Path | None = None) -> str:
             return f"{'-':>{width}}"
         return f"{format(int(x) if fmt == 'd' else x, fmt):>{width}}"
 
-    lines = ["  ".join(f"{h:>{w}}" for h, _, w, _ in COLUMNS)]
+    lines = ["  ".join(f"{h:>{w}}" for h, _, w, _ in columns)]
     base = run / "eval_init.json" if run is not None else None
     if base is not None and base.exists():
         lines.append("  ".join(cell({"round": 0, **json.loads(base.read_text())}, *c[1:])
-                               for c in COLUMNS))  # fmt: skip
-    lines += ["  ".join(cell(r, *c[1:]) for c in COLUMNS) for r in rows]
+                               for c in columns))  # fmt: skip
+    lines += ["  ".join(cell(r, *c[1:]) for c in columns) for r in rows]
     return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""One on-policy update of the reasoning agent on a round's judged samples (the GRPO
+family, `rl.algorithm`): what `insightv rl` does where `insightv iterate` runs DPO.
+
+The round's samples (`train/rollouts.py`: G chains per question from the current
+policy, the summary agent's answer from each, the judge's verdict) become
+  records     one conversation per chain, worded as SFT words the reasoning agent
+              (the reasoning prompt, the chain inside <thoughts>) — the tokens the
+              policy is trained on, so the log-probs below are of exactly them
+  rewards     1 when the judge accepts the summary agent's answer from the chain,
+              else 0; + `rl.format_weight` when the chain has at least two steps;
+              + `rl.score_weight` × the scorer's path score / 100 on right chains
+  advantages  per question (`group_advantages`); with `rl.dynamic_sampling` a group
+              whose rewards are all equal (no signal) is dropped
+then the old policy's per-token log-probs are recomputed by the training forward
+(`RLProgram.token_logps`, logits / `rl.temperature`), and the policy takes
+μ = `rl.epochs` × `rl.minibatches` updates. The result is a model directory at
+`RD/policy/`; an interrupted update reruns from the round's start policy with the
+same records, so its result is the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from insightv_jax.config import RunConfig
+from insightv_jax.train.rl.losses import group_advantages
+from insightv_jax.train.rollouts import chain_conversations
+
+
+def chain_steps(chain: str) -> int:
+    """The number of non-empty lines (steps) of a chain."""
+    return sum(1 for line in str(chain).splitlines() if line.strip())
+
+
+def rewards_of(samples: list[dict], rl) -> np.ndarray:
+    """Each sample's reward (see the module docstring)."""
+    out = []
+    for s in samples:
+        r = 1.0 if s["correct"] else 0.0
+        r += rl.format_weight * (chain_steps(s["chain"]) >= 2)
+        if s["correct"] and s.get("score") is not None:
+            r += rl.score_weight * float(s["score"]) / 100.0
+        out.append(r)
+    return np.asarray(out, np.float32)
+
+
+def rl_records(items, samples, prompts, rl) -> tuple[list[dict], dict]:
+    """The update's records (conversation + `advantages`) and the round's reward stats."""
+    G = rl.group_size
+    if len(samples) % G:
+        raise ValueError(f"{len(samples)} samples do not split into groups of {G}")
+    rewards = rewards_of(samples, rl)
+    adv = np.asarray(group_advantages(rewards, G, scale=rl.algorithm != "dr_grpo", eps=rl.adv_eps))
+    convs = chain_conversations(items, samples, prompts)
+    keep = np.ones(len(samples), bool)
+    groups = rewards.reshape(-1, G)
+    flat = np.all(groups == groups[:, :1], axis=1)
+    if rl.dynamic_sampling:
+        keep = np.repeat(~flat, G)
+    records = [
+        {**c, "advantages": np.float32(a), "sampler_logprob": float(s.get("logprob") or 0.0)}
+        for c, a, s, k in zip(convs, adv, samples, keep)
+        if k
+    ]
+    stats = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "groups": len(groups),
+        "groups_without_signal": int(flat.sum()),
+        "groups_dropped": int(flat.sum()) if rl.dynamic_sampling else 0,
+        "multi_step_share": float(np.mean([chain_steps(s["chain"]) >= 2 for s in samples])),
+        "response_length_tokens": float(np.mean([s.get("tokens") or 0 for s in samples])),
+    }
+    return records, stats
+
+
+def _examples(records, data) -> tuple[list[dict], list[dict]]:
+    """(the records that fit the largest bucket, their tokenised examples); a chain too
+    long for `data.buckets` leaves the update (counted), it never fails the round."""
+    kept, examples = [], []
+    for r in records:
+        e = data.transform(r)
+        if len(e["input_ids"]) <= max(data.buckets):
+            kept.append(r)
+            examples.append({**e, "advantages": r["advantages"]})
+    return kept, examples
+
+
+def _batches(examples, data, size: int):
+    """Fixed-size batches, all at the longest example's bucket (one compiled step);
+    the last is padded with copies whose advantage is 0."""
+    from insightv_jax.data.loader import Collate
+
+    collate = Collate(data.buckets, data.pad_id)
+    longest = max(len(e["input_ids"]) for e in examples)
+    for i in range(0, len(examples), size):
+        chunk = examples[i : i + size]
+        pad = [{**chunk[-1], "advantages": np.float32(0.0)}] * (size - len(chunk))
+        yield collate(chunk + pad, min_length=longest)
+
+
+def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path, print_fn):
+    """The update of `policy` on the round's samples; returns (policy out, metrics)."""
+    import jax
+
+    from insightv_jax.checkpoint import aux_dirs, save_model_dir
+    from insightv_jax.parallel import make_mesh
+    from insightv_jax.train import model_config_for_run
+    from insightv_jax.train.dpo.data import PairData, full_params_of
+    from insightv_jax.train.rl.program import RLProgram
+    from insightv_jax.train.trainer import build_program
+
+    rl = cfg.rl
+    out = rd / "policy"
+    if (out / "params").exists():
+        return str(out), json.loads((rd / "update.json").read_text())
+    records, stats = rl_records(items, samples, cfg.pipeline.prompts, rl)
+    if not records:
+        print_fn(f"{rd.name}: no group with a reward signal; no update this round")
+        return policy, stats
+    tok, proc = aux_dirs(policy)
+    model_cfg = model_config_for_run(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, init=policy)), print_fn)  # fmt: skip
+    data = PairData.for_checkpoint(cfg, model_cfg, tok, root)
+    n = len(records)
+    records, examples = _examples(records, data)
+    stats["too_long"] = n - len(records)
+    if not records:
+        print_fn(f"{rd.name}: every chain is longer than data.buckets; no update this round")
+        return policy, stats
+    mb = -(-len(records) // rl.minibatches)
+    total = rl.epochs * rl.minibatches
+    train = dataclasses.replace(cfg.train, global_batch=mb, steps=total)
+    run_cfg = dataclasses.replace(cfg, model=model_cfg, train=train)
+    mesh = make_mesh(cfg.mesh)
+    program = build_program(model_cfg, run_cfg, mesh, total,
+                            functools.partial(RLProgram, rl=rl))  # fmt: skip
+    params = full_params_of(policy, mesh)
+    batches = list(_batches(examples, data, mb))
+    size = rl.logprob_batch
+    for b in batches:  # the old policy's per-token log-probs, from the training forward
+        b["old_logps"] = np.concatenate([
+            program.token_logps(params, {k: v[i : i + size] for k, v in b.items()})
+            for i in range(0, mb, size)])  # fmt: skip
+    if rl.beta > 0:  # the KL's reference: the round's start policy (= old) or train.init
+        ref = params if rl.reference == "round_start" else full_params_of(cfg.train.init, mesh)
+        for b in batches:
+            b["ref_logps"] = b["old_logps"] if ref is params else np.concatenate([
+                program.token_logps(ref, {k: v[i : i + size] for k, v in b.items()})
+                for i in range(0, mb, size)])  # fmt: skip
+    # how far the sampler's own log-probs (raw logits of the decode path, on the tokens
+    # it drew) are from the trainer's on the re-tokenised chain, per token
+    trainer = np.concatenate([b["old_logps"].sum(axis=1) for b in batches])[: len(records)]
+    tokens = np.concatenate([(b["old_logps"] != 0).sum(axis=1) for b in batches])[: len(records)]
+    sampler = np.asarray([r["sampler_logprob"] for r in records])
+    stats["sampler_logp_gap"] = float(np.mean(np.abs(trainer - sampler) / np.maximum(tokens, 1)))
+    state = program.init_state(params)
+    rows = []
+    for _ in range(rl.epochs):
+        for b in batches:
+            state, metrics = program(state, b)
+            rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    model = program.model(state)
+    save_model_dir(model, model_cfg, out, tokenizer_dir=tok, processor_dir=proc)
+    metrics = {**stats, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
+               "first_ratio_mean": rows[0].get("ratio_mean"),
+               "first_clip_fraction": rows[0].get("clip_fraction"), "step": len(rows),
+               "total": total}  # fmt: skip
+    (rd / "update.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return str(out), metrics
