@@ -41,6 +41,19 @@ MICRO = {
             "min_gap": 0.0,
         },
     },  # fmt: skip
+    "rl": {
+        "train": {"lr": 1.0e-4, "schedule": "constant", "warmup_fraction": 0.0},
+        "data": ONE_BUCKET,
+        "rl": {
+            "rounds": 1,
+            "questions_per_round": 4,
+            "group_size": 2,
+            "sample_batch": 8,
+            "max_response_tokens": 12,
+            "logprob_batch": 8,
+            "eval_limit": 4,
+        },
+    },  # fmt: skip
     "eval": {
         "limit": 4,
         "batch_size": 4,
@@ -66,6 +79,7 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path, eight_devices, monkey
     systems = set(report["systems"])
     assert {"base", "cot", "two_agent"} <= systems
     assert "two_agent_dpo1" in systems  # the DPO round's policy was evaluated
+    assert "two_agent_rl1" in systems  # and the RL round's, beside it
     assert "summary_corrupted" in systems  # the robustness check: deliberately wrong chains
     chains = (tmp_path / "eval" / "corrupted_chains.jsonl").read_text().splitlines()
     assert chains and all(json.loads(c)["chain"] for c in chains)

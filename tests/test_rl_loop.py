@@ -3,8 +3,10 @@ agent on the synthetic suite, the first update's ratio check, resume by rerun.""
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from insightv_jax.checkpoint import save_model_dir
@@ -72,8 +74,28 @@ def test_rl_two_rounds_then_rerun_skips_them(tmp_path):
     assert first["samples"] == 16 and first["step"] == 2  # μ = 1 epoch x 2 minibatches
     assert abs(first["first_ratio_mean"] - 1.0) < 1e-6 and first["first_clip_fraction"] == 0.0
     assert Path(first["policy_out"], "params").is_dir()
+    assert Path(first["policy_out"], "prompts.json").is_file()  # eval and infer read its wording
     assert rows[1]["policy_in"] == first["policy_out"]  # round 2 samples round 1's policy
     assert "eval_accuracy" in rows[1] and "reward" in said[-1] and "ratio1" in said[-1]
     again = run_rl(cfg, rounds=2, judge=HashJudge(), scorer=NoScorer(), print_fn=said.append)
     assert again == rows  # finished rounds are read back, not rerun
     assert json.loads((tmp_path / "run" / "round_1" / "summary.json").read_text()) == first
+
+    # an update interrupted before it wrote its policy reruns to the same parameters
+    round_2 = tmp_path / "run" / "round_2"
+    done = _params(round_2 / "policy")
+    shutil.move(round_2 / "policy", tmp_path / "policy_before")
+    for name in ("update.json", "summary.json", "eval.json"):
+        (round_2 / name).unlink()
+    resumed = run_rl(cfg, rounds=2, judge=HashJudge(), scorer=NoScorer(), print_fn=said.append)
+    assert resumed == rows
+    redone = _params(round_2 / "policy")
+    assert jax.tree.all(jax.tree.map(np.array_equal, done, redone))
+
+
+def _params(path):
+    from flax import nnx
+
+    from insightv_jax.checkpoint import load_model
+
+    return jax.device_get(nnx.to_pure_dict(nnx.state(load_model(path)[0], nnx.Param)))

@@ -49,6 +49,9 @@ class RLConfig:
     questions_per_round: int = 64  # prompts per round (0 = all)
     summary: str | None = None  # the fixed summary agent's checkpoint (agent=reason)
     eval_data: str | None = None  # held-out questions: accuracies after each round
+    # a control run: each round's rewards permuted across its samples before the
+    # advantages (RL that helps must beat this run of the same length)
+    shuffle_rewards: bool = False
     eval_limit: int = 0  # the first K held-out questions after each round; 0 = all
     sample_batch: int = 64  # responses decoded per sampler call
     logprob_batch: int = 32  # responses per call of the log-prob pass

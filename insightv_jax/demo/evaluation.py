@@ -38,11 +38,11 @@ class EvalStages:
         with open(log, "w") as f:
             return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
 
-    def round_policies(self) -> list[str]:
-        """The reasoning agent after each finished DPO round."""
+    def round_policies(self, kind: str = "dpo") -> list[str]:
+        """The reasoning agent after each finished DPO (or RL: `kind="rl"`) round."""
         out = []
         for t in range(1, 100):
-            done = self.runs / "dpo" / f"round_{t}" / "summary.json"
+            done = self.runs / kind / f"round_{t}" / "summary.json"
             if not done.exists():
                 break
             out.append(json.loads(done.read_text())["policy_out"])
@@ -66,6 +66,12 @@ class EvalStages:
             systems.append({"name": f"two_agent_dpo{t}", "mode": "two_agent", "reason": policy,
                             "summary": str(self.runs / "summary")})  # fmt: skip
         if rounds:  # the last DPO round against the agents before DPO
+            compare.append([systems[-1]["name"], "two_agent"])
+        rl_rounds = self.round_policies("rl") if with_dpo else []
+        for t, policy in enumerate(rl_rounds, 1):
+            systems.append({"name": f"two_agent_rl{t}", "mode": "two_agent", "reason": policy,
+                            "summary": str(self.runs / "summary")})  # fmt: skip
+        if rl_rounds:  # the last RL round against the agents before it
             compare.append([systems[-1]["name"], "two_agent"])
         split = e.pop("split", "test")
         e.update(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from insightv_jax.config import ConfigError, deep_merge, read_yaml
 
-STAGES = ("synth", "tokenizer", "base", "data", "agents", "chains", "summary", "dpo", "eval",
-          "export")  # fmt: skip
+STAGES = ("synth", "tokenizer", "base", "data", "agents", "chains", "summary", "dpo", "rl",
+          "eval", "export")  # fmt: skip
 AGENTS = ("cot", "reason")  # trained side by side, with the same schedule
 REPO = Path(__file__).resolve().parents[2]
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"

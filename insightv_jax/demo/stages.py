@@ -296,3 +296,31 @@ class Demo(SFTJobs, EvalStages):
                 self.say(f"  eval | systems before DPO: {'done' if code == 0 else f'exit {code}'}"
                          f", log {self.ws / 'logs' / 'eval_before_dpo.log'}")  # fmt: skip
         return {"rounds": len(rows), "pairs": [r.get("pairs") for r in rows]}
+
+    def stage_rl(self) -> dict:
+        """On-policy RL rounds of the reasoning agent (`insightv rl`), when the preset's
+        `rl:` section asks for rounds (`rl.rl.rounds`); they start from the agent the DPO
+        rounds started from, so the two are compared side by side."""
+        from insightv_jax.train.rl.loop import run_rl
+
+        rounds = int(((self.spec.get("rl") or {}).get("rl") or {}).get("rounds", 0))
+        if rounds == 0:
+            self.say("  the preset asks for no RL rounds (rl.rl.rounds); nothing to do")
+            return {"rounds": 0}
+        d = self._config("rl", {
+            "train": {"init": str(self.runs / "reason"), "workdir": str(self.runs / "rl"),
+                      "tokenizer": None, "data": None},
+            "data": {"image_root": str(self.data)},
+            "rl": {"questions": str(self.data / "train.json"),
+                   "summary": str(self.runs / "summary"),
+                   "eval_data": str(self.data / "val.json")},  # the held-out slice
+            "pipeline": {**{k: v for k, v in self.spec["pipeline"].items() if k != "questions"},
+                         "data": str(self.data / "train.json")},
+        })  # fmt: skip
+        (self.ws / "configs").mkdir(parents=True, exist_ok=True)
+        (self.ws / "configs" / "rl.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+        cfg = from_dict(RunConfig, d)
+        cfg.validate()
+        with redirect(self.out):
+            rows = run_rl(cfg, rounds=rounds, print_fn=lambda m: self.say(f"  rl | {m}"))
+        return {"rounds": len(rows), "reward": [round(r.get("reward_mean", 0.0), 3) for r in rows]}

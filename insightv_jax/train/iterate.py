@@ -185,14 +185,15 @@ def _heldout(path: Path, evaluate: Callable[[], dict]) -> dict:
 
 def run_iterate(
     cfg: RunConfig, rounds: int | None = None, judge=None, scorer=None, print_fn=print,
-    update: str = "dpo",
+    update: str = "dpo", eval_sampling: dict | None = None,
 ) -> list[dict]:  # fmt: skip
     """Run (or continue) rounds 1..T under `train.workdir`; returns the summary rows.
 
     `judge`/`scorer` default to the `pipeline:` section's backends
     (`pipeline.backends.make_judge/make_scorer`); `update` is "dpo" (pairs, then
     DPO) or "rl" (the samples' rewards, then the `rl.algorithm` update:
-    train/rl/update.py).
+    train/rl/update.py). `eval_sampling` (`dpo:` sampling fields) sets how the
+    held-out questions are decoded when it differs from the rounds' sampling.
     """
     from insightv_jax.pipeline.backends import make_judge, make_scorer
 
@@ -208,7 +209,7 @@ def run_iterate(
     scorer = scorer or make_scorer(cfg.pipeline, cfg.seed)
     summary_path = d.summary or cfg.train.init
     it = Iteration(_with_agent_prompts(cfg, summary_path), run, root, all_items, held_out,
-                   judge, scorer, summary_path, print_fn, update)  # fmt: skip
+                   judge, scorer, summary_path, print_fn, update, eval_sampling)  # fmt: skip
     if held_out:
         _heldout(run / "eval_init.json", it.evaluate(cfg.train.init))
     rows = []
@@ -247,6 +248,7 @@ class Iteration:
     summary_path: str
     print_fn: Callable[[str], None]
     update: str = "dpo"
+    eval_sampling: dict | None = None
     agents: dict = dataclasses.field(default_factory=dict)
 
     def agent(self, path: str):
@@ -259,8 +261,11 @@ class Iteration:
     def evaluate(self, policy: str) -> Callable[[], dict]:
         """Stage 5 for `policy`, to run when its held-out result is missing."""
         seed = self.cfg.seed + 999_983
+        cfg = self.cfg
+        if self.eval_sampling:
+            cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, **self.eval_sampling))
         return lambda: heldout_accuracy(
-            self.cfg, self.agent(policy), self.agent(self.summary_path), self.held_out,
+            cfg, self.agent(policy), self.agent(self.summary_path), self.held_out,
             self.judge, seed,
         )  # fmt: skip
 

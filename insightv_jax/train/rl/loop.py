@@ -5,7 +5,8 @@ layout, fresh questions per round, resume from the first unfinished stage) whose
 update is the `rl.algorithm` step on the samples' rewards instead of DPO on pairs.
 The `rl:` section sets what a round samples: `rl.group_size` chains per question at
 `rl.temperature`, top-p `rl.top_p`, up to `rl.max_response_tokens`, and the summary
-agent answers each chain greedily for the judge.
+agent answers each chain greedily for the judge. The held-out questions are decoded
+with the reference rule (`REFERENCE_DECODING`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import dataclasses
 
 from insightv_jax.config import ConfigError, RunConfig
 from insightv_jax.train.iterate import run_iterate
+
+# the held-out accuracies after each round: the reference decoding of `insightv eval`
+# (both agents at 0.2 / top-p 0.95), not the rollouts' exploratory temperature
+REFERENCE_DECODING = {"reason_temperature": 0.2, "summary_temperature": 0.2, "top_p": 0.95}
 
 
 def round_config(cfg: RunConfig) -> RunConfig:
@@ -46,4 +51,4 @@ def run_rl(cfg: RunConfig, rounds: int | None = None, judge=None, scorer=None, p
             "yet; rl.agent=reason trains the reasoning agent"
         )
     return run_iterate(round_config(cfg), rounds or cfg.rl.rounds, judge, scorer, print_fn,
-                       update="rl")  # fmt: skip
+                       update="rl", eval_sampling=REFERENCE_DECODING)  # fmt: skip

@@ -49,12 +49,16 @@ def rewards_of(samples: list[dict], rl) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def rl_records(items, samples, prompts, rl) -> tuple[list[dict], dict]:
-    """The update's records (conversation + `advantages`) and the round's reward stats."""
+def rl_records(items, samples, prompts, rl, seed: int = 0) -> tuple[list[dict], dict]:
+    """The update's records (conversation + `advantages`) and the round's reward stats;
+    `rl.shuffle_rewards` (the control) permutes the rewards first, seeded by `seed`."""
     G = rl.group_size
     if len(samples) % G:
         raise ValueError(f"{len(samples)} samples do not split into groups of {G}")
     rewards = rewards_of(samples, rl)
+    true_mean = float(rewards.mean())
+    if rl.shuffle_rewards:
+        rewards = np.random.default_rng(seed).permutation(rewards)
     adv = np.asarray(group_advantages(rewards, G, scale=rl.algorithm != "dr_grpo", eps=rl.adv_eps))
     convs = chain_conversations(items, samples, prompts)
     keep = np.ones(len(samples), bool)
@@ -68,7 +72,7 @@ def rl_records(items, samples, prompts, rl) -> tuple[list[dict], dict]:
         if k
     ]
     stats = {
-        "reward_mean": float(rewards.mean()),
+        "reward_mean": true_mean,
         "reward_std": float(rewards.std()),
         "groups": len(groups),
         "groups_without_signal": int(flat.sum()),
@@ -109,6 +113,7 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     import jax
 
     from insightv_jax.checkpoint import aux_dirs, save_model_dir
+    from insightv_jax.data.prompts import write_prompts
     from insightv_jax.parallel import make_mesh
     from insightv_jax.train import model_config_for_run
     from insightv_jax.train.dpo.data import PairData, full_params_of
@@ -119,7 +124,8 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     out = rd / "policy"
     if (out / "params").exists():
         return str(out), json.loads((rd / "update.json").read_text())
-    records, stats = rl_records(items, samples, cfg.pipeline.prompts, rl)
+    seed = cfg.seed * 1_000_003 + int(rd.name.rsplit("_", 1)[-1])  # the round's number
+    records, stats = rl_records(items, samples, cfg.pipeline.prompts, rl, seed)
     if not records:
         print_fn(f"{rd.name}: no group with a reward signal; no update this round")
         return policy, stats
@@ -167,6 +173,7 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
             rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     model = program.model(state)
     save_model_dir(model, model_cfg, out, tokenizer_dir=tok, processor_dir=proc)
+    write_prompts(out, cfg.pipeline.prompts)  # the wording it was trained and sampled with
     metrics = {**stats, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
                "first_ratio_mean": rows[0].get("ratio_mean"),
                "first_clip_fraction": rows[0].get("clip_fraction"), "step": len(rows),
