@@ -1,13 +1,13 @@
 """`insightv rl` end to end at a micro size: two GRPO rounds of the tiny VLM reasoning
 agent on the synthetic suite, the first update's ratio check, resume by rerun."""
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
+from test_dpo_iterate import HashJudge
 
 from insightv_jax.checkpoint import save_model_dir
 from insightv_jax.config import load_config
@@ -20,13 +20,6 @@ from insightv_jax.train.rl.loop import run_rl
 from insightv_jax.train.rl.update import rl_records
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class HashJudge:
-    """A deterministic stand-in judge: about half of all answers are 'correct'."""
-
-    def judge_many(self, requests):
-        return [int(hashlib.sha256(a.encode()).digest()[0] % 2 == 0) for _, _, a in requests]
 
 
 class NoScorer:

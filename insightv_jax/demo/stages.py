@@ -265,6 +265,26 @@ class Demo(SFTJobs, EvalStages):
 
     # ------------------------------------------------------------ 6-8
 
+    def _rounds_config(self, section: str) -> RunConfig:
+        """The run config of the DPO or RL rounds (`section`), from the reasoning agent
+        with the summary agent, the training questions and the held-out val slice;
+        written to configs/<section>.yaml."""
+        d = self._config(section, {
+            "train": {"init": str(self.runs / "reason"), "workdir": str(self.runs / section),
+                      "tokenizer": None, "data": None},
+            "data": {"image_root": str(self.data)},
+            section: {"questions": str(self.data / "train.json"),
+                      "summary": str(self.runs / "summary"),
+                      "eval_data": str(self.data / "val.json")},  # the held-out slice
+            "pipeline": {**{k: v for k, v in self.spec["pipeline"].items() if k != "questions"},
+                         "data": str(self.data / "train.json")},
+        })  # fmt: skip
+        (self.ws / "configs").mkdir(parents=True, exist_ok=True)
+        (self.ws / "configs" / f"{section}.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+        cfg = from_dict(RunConfig, d)
+        cfg.validate()
+        return cfg
+
     def stage_dpo(self) -> dict:
         try:
             from insightv_jax.train.iterate import run_iterate
@@ -272,20 +292,7 @@ class Demo(SFTJobs, EvalStages):
             self.say(f"  iterative DPO is not available ({e}); the stage is skipped")
             return {"rounds": 0, "skipped": str(e)}
         rounds = int(self.spec["dpo"]["dpo"].get("rounds", 3))
-        d = self._config("dpo", {
-            "train": {"init": str(self.runs / "reason"), "workdir": str(self.runs / "dpo"),
-                      "tokenizer": None, "data": None},
-            "data": {"image_root": str(self.data)},
-            "dpo": {"questions": str(self.data / "train.json"),
-                    "summary": str(self.runs / "summary"),
-                    "eval_data": str(self.data / "val.json")},  # the held-out slice
-            "pipeline": {**{k: v for k, v in self.spec["pipeline"].items() if k != "questions"},
-                         "data": str(self.data / "train.json")},
-        })  # fmt: skip
-        (self.ws / "configs").mkdir(parents=True, exist_ok=True)
-        (self.ws / "configs" / "dpo.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
-        cfg = from_dict(RunConfig, d)
-        cfg.validate()
+        cfg = self._rounds_config("dpo")
         beside = self._eval_beside_dpo()
         try:
             with redirect(self.out):
@@ -307,20 +314,7 @@ class Demo(SFTJobs, EvalStages):
         if rounds == 0:
             self.say("  the preset asks for no RL rounds (rl.rl.rounds); nothing to do")
             return {"rounds": 0}
-        d = self._config("rl", {
-            "train": {"init": str(self.runs / "reason"), "workdir": str(self.runs / "rl"),
-                      "tokenizer": None, "data": None},
-            "data": {"image_root": str(self.data)},
-            "rl": {"questions": str(self.data / "train.json"),
-                   "summary": str(self.runs / "summary"),
-                   "eval_data": str(self.data / "val.json")},  # the held-out slice
-            "pipeline": {**{k: v for k, v in self.spec["pipeline"].items() if k != "questions"},
-                         "data": str(self.data / "train.json")},
-        })  # fmt: skip
-        (self.ws / "configs").mkdir(parents=True, exist_ok=True)
-        (self.ws / "configs" / "rl.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
-        cfg = from_dict(RunConfig, d)
-        cfg.validate()
+        cfg = self._rounds_config("rl")
         with redirect(self.out):
             rows = run_rl(cfg, rounds=rounds, print_fn=lambda m: self.say(f"  rl | {m}"))
         return {"rounds": len(rows), "reward": [round(r.get("reward_mean", 0.0), 3) for r in rows]}
