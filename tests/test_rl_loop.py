@@ -7,10 +7,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from test_dpo_iterate import HashJudge
 
 from insightv_jax.checkpoint import save_model_dir
-from insightv_jax.config import load_config
+from insightv_jax.config import ConfigError, load_config
 from insightv_jax.data import conversation as conv
 from insightv_jax.data.images import ImageProcessor
 from insightv_jax.data.sources import open_source
@@ -43,6 +44,11 @@ def test_rewards_advantages_and_dynamic_sampling():
     assert stats["reward_mean"] == 0.75
 
 
+def test_rl_without_questions_names_the_key():
+    with pytest.raises(ConfigError, match="^rl.questions: no question file given$"):
+        run_rl(load_config(None, ["train.init=x"]))
+
+
 def test_rl_two_rounds_then_rerun_skips_them(tmp_path):
     write_llava(tmp_path / "suite", 24, seed=0)
     src = open_source(tmp_path / "suite" / "train.json")
@@ -70,6 +76,7 @@ def test_rl_two_rounds_then_rerun_skips_them(tmp_path):
     assert Path(first["policy_out"], "prompts.json").is_file()  # eval and infer read its wording
     assert rows[1]["policy_in"] == first["policy_out"]  # round 2 samples round 1's policy
     assert "eval_accuracy" in rows[1] and "reward" in said[-1] and "ratio1" in said[-1]
+    assert any("grpo on 16 chains: 2 updates of 8" in m for m in said)  # progress
     again = run_rl(cfg, rounds=2, judge=HashJudge(), scorer=NoScorer(), print_fn=said.append)
     assert again == rows  # finished rounds are read back, not rerun
     assert json.loads((tmp_path / "run" / "round_1" / "summary.json").read_text()) == first

@@ -45,6 +45,8 @@ def round_config(cfg: RunConfig) -> RunConfig:
 
 def run_rl(cfg: RunConfig, rounds: int | None = None, judge=None, scorer=None, print_fn=print):
     """Run (or continue) `rl.rounds` (or `rounds`) rounds under `train.workdir`."""
+    if not (cfg.rl.questions or cfg.dpo.questions):
+        raise ConfigError("rl.questions: no question file given")
     if cfg.rl.agent != "reason":
         raise ConfigError(
             f"rl.agent={cfg.rl.agent}: RL of the summary agent (J-GRPO) is not implemented "

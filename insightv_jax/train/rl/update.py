@@ -165,6 +165,7 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     tokens = np.concatenate([(b["old_logps"] != 0).sum(axis=1) for b in batches])[: len(records)]
     sampler = np.asarray([r["sampler_logprob"] for r in records])
     stats["sampler_logp_gap"] = float(np.mean(np.abs(trainer - sampler) / np.maximum(tokens, 1)))
+    print_fn(f"{rd.name}: {rl.algorithm} on {len(records)} chains: {total} updates of {mb}")
     state = program.init_state(params)
     rows = []
     for _ in range(rl.epochs):
