@@ -36,3 +36,17 @@ test: lint pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The peer of `insightv bench rl`: Google's Tunix GRPO learner in a virtualenv of its
+# own (it pins other transformers/tokenizers/safetensors than ours), run by the bench
+# as `.venv-tunix/bin/python launch/peers/tunix_grpo_round.py` (launch/peers/README.md).
+# tunix leaves jax and flax open: pinned to the versions the peer script was checked with.
+TUNIX_VENV := .venv-tunix
+TUNIX_PINS := google-tunix==0.1.7 jax==0.10.2 jaxlib==0.10.2 flax==0.12.8
+
+.PHONY: tunix-peer
+tunix-peer: $(TUNIX_VENV)/.installed
+
+$(TUNIX_VENV)/.installed:
+	$(PY) -m venv $(TUNIX_VENV) && $(TUNIX_VENV)/bin/pip install --quiet $(TUNIX_PINS)
+	touch $@
