@@ -121,8 +121,16 @@ def bench_dpo(pairs: int = 4, min_seconds: float = 3.0) -> dict:
     }
 
 
+def bench_rl() -> dict:
+    """A GRPO round of ours by part, against Tunix's (see train/rl/benchmark.py)."""
+    from insightv_jax.train.rl.benchmark import bench_rl as run
+
+    return run()
+
+
 BENCHES: dict[str, Callable[..., dict]] = {
     "dpo": bench_dpo,
+    "rl": bench_rl,
     "data": bench_data,
     "sample": bench_sample,
     "train": bench_train,

@@ -201,6 +201,14 @@ def _rl(args: argparse.Namespace) -> None:
     run_rl(load_config(args.config, overrides), rounds=args.rounds)
 
 
+def _rl_toy(args: argparse.Namespace) -> None:
+    from insightv_jax.train.rl.toy import run_toy, toy_config
+
+    toy = toy_config(args.workdir, args.overrides, steps=args.steps, seed=args.seed,
+                     questions=args.questions, start_accuracy=args.start_accuracy)  # fmt: skip
+    run_toy(toy, control=not args.no_control)
+
+
 def _pipeline(args: argparse.Namespace) -> None:
     import json
 
@@ -351,6 +359,18 @@ def _add_training(sub) -> None:
         ("--agent", {"choices": ["reason", "summary", "both"], "default": None,
                      "help": "which agent RL trains (default: rl.agent)"}),
     )  # fmt: skip
+    toy = sub.add_parser(
+        "rl-toy", help="RL on a verifiable toy (two-digit addition): SFT start, RL, "
+        "shuffled-reward control, paired report (train/rl/toy.py)")  # fmt: skip
+    toy.add_argument("--workdir", required=True, help="where start/, rl/, control/ go")
+    toy.add_argument("--steps", type=int, default=200, help="rollout batches per run")
+    toy.add_argument("--questions", type=int, default=32, help="questions per rollout batch")
+    toy.add_argument("--start-accuracy", type=float, default=0.3,
+                     help="SFT stops once val greedy accuracy reaches this")  # fmt: skip
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--no-control", action="store_true", help="skip the shuffled control")
+    toy.add_argument("overrides", nargs="*", help="key=value run config overrides (rl.*, train.*)")
+    toy.set_defaults(func=_rl_toy)
     _add_config_command(
         sub, "plan", "compile the real-size train step; per-device memory", "run config YAML",
         _plan,

@@ -10,7 +10,7 @@ from insightv_jax.errors import InsightVError
 from insightv_jax.hf.convert import import_hf
 from insightv_jax.models.factory import construct
 from insightv_jax.parallel import single_device_mesh
-from insightv_jax.sample.sampler import Sampler, SamplingParams
+from insightv_jax.sample.sampler import Sampler, SamplingParams, row_keys
 
 NEW = 12
 
@@ -79,6 +79,27 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
     greedy = s.generate(prompts, SamplingParams(max_new_tokens=8))
     k1 = s.generate(prompts, SamplingParams(temperature=0.9, top_k=1, max_new_tokens=8, seed=3))
     assert [r["tokens"] for r in k1] == [r["tokens"] for r in greedy]
+
+
+def test_row_keys_make_a_row_s_draws_its_own():
+    """With a key per row, a row samples the same tokens in any batch, at any
+    position, after a shared prefill (`repeat_rows`), and copies with their own
+    ids draw differently."""
+    s = Sampler(_toy(), pad_id=0)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+
+    def draw(prompts, ids, n=1):
+        state = s.start(len(prompts), 16, seed=0)
+        state = s.extend(state, prompts).repeat_rows(n)
+        state = state.replace(rng=row_keys(5, ids))
+        return [r["tokens"] for r in s.unpack(s.decode(state, params)[1], params)]
+
+    alone = draw([[1, 2, 3]], [10])
+    mixed = draw([[4, 5], [6], [1, 2, 3]], [11, 12, 10])
+    assert mixed[2] == alone[0]
+    forked = draw([[1, 2, 3], [4, 5]], [10, 20, 30, 11], n=2)
+    assert forked[0] == alone[0] and forked[3] == mixed[0]
+    assert forked[0] != forked[1]  # two samples of one prompt, two keys
 
 
 def test_temperature_one_frequencies_match_softmax():

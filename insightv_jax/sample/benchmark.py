@@ -32,7 +32,7 @@ from insightv_jax.hf.convert import export_hf
 from insightv_jax.models.factory import construct
 from insightv_jax.sample.constrain import StepConstraint
 from insightv_jax.sample.prompting import PromptEncoder
-from insightv_jax.sample.reasoning import _repeat, progressive_generate
+from insightv_jax.sample.reasoning import progressive_generate
 from insightv_jax.sample.sampler import (
     CPU_DECODE_OPTIONS,
     Sampler,
@@ -335,10 +335,10 @@ def shared_prefill(dcfg: DecoderConfig, n: int = 8, prompt: int = 256, new: int 
 
     def shared():
         state = sampler.extend(sampler.start(1, prompt + new), ids)
-        return sampler.decode(_repeat(state, n), params)[1].tokens
+        return sampler.decode(state.repeat_rows(n), params)[1].tokens
 
     def decode_only():
-        state = _repeat(jax.tree.map(lambda x: x.copy(), warm), n)
+        state = jax.tree.map(lambda x: x.copy(), warm).repeat_rows(n)
         return sampler.decode(state, params)[1].tokens
 
     t_shared, t_decode = _timed_in_turn(shared, decode_only)

@@ -63,7 +63,8 @@ def process_logits(
     top_p: float,
     penalty: float,
 ) -> jax.Array:
-    """Choose one token per row (B,) from fp32 logits (B, V)."""
+    """Choose one token per row (B,) from fp32 logits (B, V). `key` is one key
+    for the batch or (B,) keys, one per row."""
     logits = repetition_penalty(logits.astype(jnp.float32), seen, penalty)
     if allowed is not None:
         logits = jnp.where(allowed, logits, _NEG)
@@ -71,4 +72,8 @@ def process_logits(
         return first_argmax(logits)
     logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
     # Gumbel-max, the draw `jax.random.categorical` makes, with the faster argmax
-    return first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
+    if key.ndim == 0:
+        noise = jax.random.gumbel(key, logits.shape, logits.dtype)
+    else:
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], logits.dtype))(key)
+    return first_argmax(logits + noise)

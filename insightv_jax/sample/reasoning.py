@@ -20,13 +20,12 @@ import json
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from insightv_jax.data.prompts import DEFAULT_PROMPTS, Prompts, reasoning_question, summary_question
 from insightv_jax.sample.constrain import StepConstraint
 from insightv_jax.sample.prompting import EncodedPrompt, PromptEncoder, stack_prompts
-from insightv_jax.sample.sampler import DecodeState, Sampler, SamplingParams, next_pow2
+from insightv_jax.sample.sampler import Sampler, SamplingParams, next_pow2, row_keys
 
 IMAGE_MARKER = "<image>"
 
@@ -96,7 +95,7 @@ def progressive_generate(
     if reuse_cache:
         state = sampler.start(Q, budget, params.seed)
         state = sampler.extend(state, [e.ids for e in encoded], *pixels)
-        state = _repeat(state, N)
+        state = state.repeat_rows(N)
     phase = np.zeros(B, np.int32)  # 0: steps, 1: final answer due, 2: done
     samples = [ChainSample([], None, 0, 0.0, []) for _ in range(B)]
     for turn in range(max_turns):
@@ -150,16 +149,6 @@ def progressive_generate(
         if reuse_cache and any(chunks):
             state = sampler.extend(state, chunks)
     return [samples[q * N : (q + 1) * N] for q in range(Q)]
-
-
-def _repeat(state: DecodeState, n: int) -> DecodeState:
-    """N rows per question sharing one prefill."""
-    return DecodeState(
-        cache=state.cache.repeat_rows(n),
-        logits=jnp.repeat(state.logits, n, axis=0),
-        seen=jnp.repeat(state.seen, n, axis=0),
-        rng=state.rng,
-    )
 
 
 def _repeat_images(pixels, n):
@@ -224,10 +213,14 @@ def sample_chains(
     params: SamplingParams,
     prompts: Prompts = DEFAULT_PROMPTS,
     images: Sequence[Sequence] | None = None,
+    keys: Sequence[int] | None = None,
 ) -> list[list[dict]]:
     """`num_samples` reasoning chains per question from one shared prefill per
-    question: `[question][sample] -> {"chain", "text", "tokens"}` (the chain is the
-    text inside <thoughts>, as the summary agent will read it)."""
+    question: `[question][sample] -> {"chain", "text", "tokens", "logprob"}` (the
+    chain is the text inside <thoughts>, as the summary agent will read it;
+    `logprob` is the sampler's, of the raw logits). With `keys` (one int per
+    question) chain k of question q draws with the key of (params.seed,
+    keys[q]·num_samples + k): the same chains whatever batch the question is in."""
     images = images or [()] * len(questions)
     enc = encoder_of(reasoner)
     encoded = _reasoning_prompts(reasoner, questions, prompts, images)
@@ -242,7 +235,10 @@ def sample_chains(
         len(ids), next_pow2(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
     )
     state = reasoner.extend(state, ids, *stack_prompts(encoded))
-    state = _repeat(state, num_samples)
+    state = state.repeat_rows(num_samples)
+    if keys is not None:
+        rows = np.asarray(keys, np.int64)[:, None] * num_samples + np.arange(num_samples)
+        state = state.replace(rng=row_keys(params.seed, rows.reshape(-1) % (1 << 32)))
     _, out = reasoner.decode(state, params)
     rows = reasoner.unpack(out, params)
     for r in rows:  # drop an end-of-turn token from the text, as generate_encoded does
@@ -253,6 +249,7 @@ def sample_chains(
             "chain": extract_chain(r["text"]).replace(IMAGE_MARKER, "").strip(),
             "text": r["text"],
             "tokens": len(r["tokens"]),
+            "logprob": float(sum(r["logprobs"])),
         }
         for r in rows
     ]

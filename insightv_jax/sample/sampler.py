@@ -52,7 +52,27 @@ class DecodeState:
     cache: KVCache
     logits: jax.Array  # (B, V) fp32 logits for each row's next token
     seen: jax.Array  # (B, V) bool
-    rng: jax.Array
+    rng: jax.Array  # one key for the batch, or (B,) keys: one per row (`row_keys`)
+
+    def repeat_rows(self, n: int) -> DecodeState:
+        """Each row copied n times (row b -> rows b*n .. b*n+n-1): n samples of a
+        prompt share one prefill. Per-row keys are repeated too; give the copies
+        their own with `.replace(rng=row_keys(...))`."""
+        rng = self.rng if self.rng.ndim == 0 else jnp.repeat(self.rng, n, axis=0)
+        return DecodeState(
+            cache=self.cache.repeat_rows(n),
+            logits=jnp.repeat(self.logits, n, axis=0),
+            seen=jnp.repeat(self.seen, n, axis=0),
+            rng=rng,
+        )
+
+
+def row_keys(seed: int, ids: Sequence[int] | np.ndarray) -> jax.Array:
+    """One random key per row, `fold_in(key(seed), id)`: a row's draws depend on its
+    own id, never on the batch it is decoded in (so a resumed or re-batched run
+    samples the same tokens for the same ids)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids, jnp.uint32))
 
 
 @struct.dataclass
@@ -156,7 +176,11 @@ def _decode_loop(
         if c_next is not None:
             budget = jnp.minimum(steps - i, jnp.iinfo(c_finish.dtype).max - 1)  # max = dead
             allowed = c_finish[cstate] <= budget  # live, and finishable within the budget
-        rng, key = jax.random.split(st.rng)
+        if st.rng.ndim == 0:
+            rng, key = jax.random.split(st.rng)
+        else:  # a key per row: each row's stream is its own
+            pairs = jax.vmap(jax.random.split)(st.rng)
+            rng, key = pairs[:, 0], pairs[:, 1]
         tok = process_logits(
             raw,
             st.seen,

@@ -48,6 +48,7 @@ from insightv_jax.train.rollouts import (
     eval_item,
     heldout_accuracy,
     sample_chains,
+    sample_groups,
 )
 
 __all__ = [
@@ -320,8 +321,10 @@ class Iteration:
             self.print_fn(
                 f"round {t}: sampling {d.samples_per_question} chains x {len(items)} questions"
             )
-            gens = sample_chains(self.cfg, self.agent(policy), self.agent(self.summary_path),
-                                 items, d.samples_per_question, seed)  # fmt: skip
+            # RL's groups: one shared prefill per question, a key per chain
+            sample = sample_groups if self.update == "rl" else sample_chains
+            gens = sample(self.cfg, self.agent(policy), self.agent(self.summary_path),
+                          items, d.samples_per_question, seed)  # fmt: skip
             write_jsonl(gens_path, gens)
         if not samples_path.exists():
             samples = assess(items, read_jsonl(gens_path), self.judge, self.scorer, d.floor_score)

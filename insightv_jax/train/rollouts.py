@@ -4,6 +4,8 @@ probe, and measure the held-out accuracies."""
 
 from __future__ import annotations
 
+import zlib
+
 from insightv_jax.config import RunConfig
 from insightv_jax.pipeline.assess import judge_and_score
 from insightv_jax.pipeline.backend_common import thoughts
@@ -35,6 +37,50 @@ def sample_chains(cfg: RunConfig, reasoner, summarizer, items: list[dict], n: in
             out.append({
                 "id": it["id"], "sample": k, "chain": x["chain"], "answer": x["answer"],
                 "logprob": x["chain_logprob"], "tokens": x["chain_tokens"],
+            })  # fmt: skip
+    return out
+
+
+def question_key(item_id) -> int:
+    """A question's random-key id: the CRC-32 of its id (stable across runs)."""
+    return zlib.crc32(str(item_id).encode())
+
+
+def sample_groups(cfg: RunConfig, reasoner, summarizer, items: list[dict], n: int, seed: int):
+    """`n` two-agent samples per item, the rows of `sample_chains`, for on-policy RL:
+    the item's `n` chains come from ONE shared prefill (the image and prompt are
+    encoded once), chain k of an item draws with the key of (seed, its id, k), so a
+    rerun samples the same chains whatever the batching, and the summary agent
+    answers from each chain with the `dpo.summary_*` settings."""
+    from insightv_jax.sample.reasoning import sample_chains as reasoning_chains
+    from insightv_jax.sample.reasoning import summary_answer
+    from insightv_jax.sample.sampler import SamplingParams
+
+    d = cfg.dpo
+    per_call = max(1, d.sample_batch // n)  # questions per sampler call
+    r = SamplingParams(d.reason_temperature, top_p=d.top_p, max_new_tokens=d.reason_max_tokens,
+                       seed=seed)  # fmt: skip
+    s = SamplingParams(d.summary_temperature, top_p=d.top_p,
+                       max_new_tokens=d.summary_max_tokens, seed=seed + 1)  # fmt: skip
+    out = []
+    for start in range(0, len(items), per_call):
+        chunk = items[start : start + per_call]
+        padded = chunk + [chunk[-1]] * (per_call - len(chunk))  # one compiled shape
+        images = [[it["image_path"]] if it.get("image_path") else [] for it in padded]
+        chains = reasoning_chains(
+            reasoner, [it["question"] for it in padded], n, r, cfg.pipeline.prompts, images,
+            keys=[question_key(it["id"]) for it in padded],
+        )  # fmt: skip
+        rows = [(it, k, c, im) for it, cs, im in zip(padded, chains, images)
+                for k, c in enumerate(cs)]  # fmt: skip
+        answers = summary_answer(
+            summarizer, [it["question"] for it, *_ in rows], [c["chain"] for _, _, c, _ in rows],
+            s, cfg.pipeline.prompts, [im for *_, im in rows],
+        )  # fmt: skip
+        for (it, k, c, _), a in list(zip(rows, answers))[: len(chunk) * n]:
+            out.append({
+                "id": it["id"], "sample": k, "chain": c["chain"], "answer": a["answer"],
+                "logprob": c["logprob"], "tokens": c["tokens"],
             })  # fmt: skip
     return out
 
