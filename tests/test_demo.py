@@ -46,6 +46,7 @@ MICRO = {
         "data": ONE_BUCKET,
         "rl": {
             "rounds": 1,
+            "agent": "summary",  # J-GRPO (the reasoning agent's RL: test_rl_loop.py)
             "questions_per_round": 4,
             "group_size": 2,
             "sample_batch": 8,
@@ -80,6 +81,9 @@ def test_demo_micro_runs_every_stage_and_resumes(tmp_path, eight_devices, monkey
     assert {"base", "cot", "two_agent"} <= systems
     assert "two_agent_dpo1" in systems  # the DPO round's policy was evaluated
     assert "two_agent_rl1" in systems  # and the RL round's, beside it
+    # the RL round trained the summary agent, on corrupted chains of train questions too
+    assert "summary_corrupted_rl" in systems
+    assert (tmp_path / "runs" / "rl_given_chains.jsonl").is_file()
     assert "summary_corrupted" in systems  # the robustness check: deliberately wrong chains
     chains = (tmp_path / "eval" / "corrupted_chains.jsonl").read_text().splitlines()
     assert chains and all(json.loads(c)["chain"] for c in chains)

@@ -1,5 +1,7 @@
-"""`insightv rl` end to end at a micro size: two GRPO rounds of the tiny VLM reasoning
-agent on the synthetic suite, the first update's ratio check, resume by rerun."""
+"""`insightv rl` end to end at a micro size: `rl.agent=both` on the tiny VLM agents and
+the synthetic suite — a GRPO round of the reasoning agent, then a J-GRPO round of the
+summary agent on the new agent's chains and given chains —, the first update's ratio
+check, resume by rerun."""
 
 import json
 import shutil
@@ -44,6 +46,24 @@ def test_rewards_advantages_and_dynamic_sampling():
     assert stats["reward_mean"] == 0.75
 
 
+def test_summary_records_are_the_answers_given_each_chain():
+    rl = load_config(None, ["rl.group_size=2"]).rl
+    prompts = load_config(None).pipeline.prompts
+    items = [{"id": "a", "question": "how many?", "answer": "1", "image": "a.png"}]
+    samples = [
+        {"id": "a", "chain_id": "g", "chain": "count: 2", "sample": k, "answer": ans,
+         "correct": ok, "logprob": -1.0, "source": "given"}
+        for k, (ans, ok) in enumerate((("1", True), ("2", False)))
+    ]  # fmt: skip
+    records, stats = rl_records(items, samples, prompts, rl, agent="summary")
+    assert [r["id"] for r in records] == ["a-g-s0", "a-g-s1"]
+    human, gpt = records[1]["conversations"]
+    assert human["value"].startswith("<image>\n") and "count: 2" in human["value"]
+    assert gpt["value"] == "2" and records[1]["image"] == "a.png"
+    np.testing.assert_allclose([r["advantages"] for r in records], [1.0, -1.0], atol=1e-5)
+    assert stats["reward_mean"] == 0.5 and "multi_step_share" not in stats
+
+
 def test_rl_without_questions_names_the_key():
     with pytest.raises(ConfigError, match="^rl.questions: no question file given$"):
         run_rl(load_config(None, ["train.init=x"]))
@@ -58,13 +78,17 @@ def test_rl_two_rounds_then_rerun_skips_them(tmp_path):
     ImageProcessor.for_model(model).save_pretrained(tmp_path / "proc")
     m1 = save_model_dir(construct(model, seed=0), model, tmp_path / "m1",
                         tokenizer_dir=tmp_path / "tok", processor_dir=tmp_path / "proc")  # fmt: skip
+    given = tmp_path / "given.jsonl"  # a chain for every question, e.g. a corrupted one
+    given.write_text("".join(json.dumps({"id": r["id"], "chain": "count: 2\nanswer 2"}) + "\n"
+                             for r in src.records))  # fmt: skip
     cfg = load_config(None, [
         f"train.init={m1}", f"train.workdir={tmp_path / 'run'}", "train.lr=1e-4",
         "train.loss_chunk=64", f"rl.questions={tmp_path / 'suite' / 'train.json'}",
         "rl.questions_per_round=4", "rl.group_size=4", "rl.sample_batch=16",
         "rl.max_response_tokens=16", "rl.minibatches=2", "rl.logprob_batch=8", "rl.beta=0.04",
         f"rl.eval_data={tmp_path / 'suite' / 'val.json'}", "rl.eval_limit=4",
-        "dpo.summary_max_tokens=6", "data.buckets=[128, 256]", "data.max_length=256",
+        "dpo.summary_max_tokens=6", "data.buckets=[128, 256, 384]", "data.max_length=384",
+        "rl.agent=both", f"rl.given_chains={given}",
     ])  # fmt: skip
     said = []
     rows = run_rl(cfg, rounds=2, judge=HashJudge(), scorer=NoScorer(), print_fn=said.append)
@@ -74,9 +98,19 @@ def test_rl_two_rounds_then_rerun_skips_them(tmp_path):
     assert abs(first["first_ratio_mean"] - 1.0) < 1e-6 and first["first_clip_fraction"] == 0.0
     assert Path(first["policy_out"], "params").is_dir()
     assert Path(first["policy_out"], "prompts.json").is_file()  # eval and infer read its wording
-    assert rows[1]["policy_in"] == first["policy_out"]  # round 2 samples round 1's policy
-    assert "eval_accuracy" in rows[1] and "reward" in said[-1] and "ratio1" in said[-1]
+    assert first["agent"] == "reason" and first["summary_out"] == str(m1)
+    second = rows[1]  # the summary agent's round, on round 1's reasoning agent
+    assert second["agent"] == "summary" and second["policy_in"] == first["policy_out"]
+    assert second["policy_out"] == first["policy_out"] and second["summary_in"] == str(m1)
+    assert second["summary_out"] == str(tmp_path / "run" / "round_2" / "policy")
+    # 4 questions x (2 policy chains + 1 given chain) x 4 answers
+    assert second["samples"] == 48 and {"answer_accuracy_policy", "answer_accuracy_given"} <= set(
+        second
+    )
+    assert abs(second["first_ratio_mean"] - 1.0) < 1e-6 and "multi_step_share" not in second
+    assert "eval_accuracy" in second and "reward" in said[-1] and "val_rescue" in said[-1]
     assert any("grpo on 16 chains: 2 updates of 8" in m for m in said)  # progress
+    assert any("grpo on 48 summary answers: 2 updates of 24" in m for m in said)
     again = run_rl(cfg, rounds=2, judge=HashJudge(), scorer=NoScorer(), print_fn=said.append)
     assert again == rows  # finished rounds are read back, not rerun
     assert json.loads((tmp_path / "run" / "round_1" / "summary.json").read_text()) == first

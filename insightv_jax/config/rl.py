@@ -47,7 +47,9 @@ class RLConfig:
     rounds: int = 3
     questions: str | None = None  # LLaVA JSON / JSONL questions
     questions_per_round: int = 64  # prompts per round (0 = all)
-    summary: str | None = None  # the fixed summary agent's checkpoint (agent=reason)
+    summary: str | None = None  # the summary agent's checkpoint (its start, when RL trains it)
+    summary_chains: int = 2  # J-GRPO: chains per question from the current reasoning agent
+    given_chains: str | None = None  # J-GRPO: JSONL of {id, chain} added to them (e.g. corrupted)
     eval_data: str | None = None  # held-out questions: accuracies after each round
     # a control run: each round's rewards permuted across its samples before the
     # advantages (RL that helps must beat this run of the same length)
@@ -66,7 +68,7 @@ class RLConfig:
     def validate(self) -> None:
         check_positive(
             self, "rl", "max_response_tokens", "minibatches", "epochs", "rounds",
-            "sample_batch", "logprob_batch",
+            "sample_batch", "logprob_batch", "summary_chains",
         )  # fmt: skip
         if self.group_size < 2:
             raise ConfigError(

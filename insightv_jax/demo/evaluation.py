@@ -40,12 +40,18 @@ class EvalStages:
 
     def round_policies(self, kind: str = "dpo") -> list[str]:
         """The reasoning agent after each finished DPO (or RL: `kind="rl"`) round."""
+        return [reason for reason, _ in self.round_agents(kind)]
+
+    def round_agents(self, kind: str = "dpo") -> list[tuple[str, str]]:
+        """(reasoning agent, summary agent) after each finished round: RL of the
+        summary agent (J-GRPO) changes the second, DPO never does."""
         out = []
         for t in range(1, 100):
             done = self.runs / kind / f"round_{t}" / "summary.json"
             if not done.exists():
                 break
-            out.append(json.loads(done.read_text())["policy_out"])
+            row = json.loads(done.read_text())
+            out.append((row["policy_out"], row.get("summary_out") or str(self.runs / "summary")))
         return out
 
     def eval_config(self, with_dpo: bool = True) -> dict:
@@ -67,12 +73,17 @@ class EvalStages:
                             "summary": str(self.runs / "summary")})  # fmt: skip
         if rounds:  # the last DPO round against the agents before DPO
             compare.append([systems[-1]["name"], "two_agent"])
-        rl_rounds = self.round_policies("rl") if with_dpo else []
-        for t, policy in enumerate(rl_rounds, 1):
+        rl_rounds = self.round_agents("rl") if with_dpo else []
+        for t, (policy, summary) in enumerate(rl_rounds, 1):
             systems.append({"name": f"two_agent_rl{t}", "mode": "two_agent", "reason": policy,
-                            "summary": str(self.runs / "summary")})  # fmt: skip
+                            "summary": summary})  # fmt: skip
         if rl_rounds:  # the last RL round against the agents before it
             compare.append([systems[-1]["name"], "two_agent"])
+            summary = rl_rounds[-1][1]
+            if summary != str(self.runs / "summary"):  # J-GRPO trained it: the robustness row
+                systems.append({"name": "summary_corrupted_rl", "mode": "given_chain",
+                                "summary": summary, "chains": str(chains)})  # fmt: skip
+                compare.append(["summary_corrupted_rl", "summary_corrupted"])
         split = e.pop("split", "test")
         e.update(
             benchmarks=[{"path": str(self.data), "name": "synthetic", "split": split}],
@@ -81,16 +92,17 @@ class EvalStages:
         return {"seed": self.spec.get("seed", 0), "eval": e,
                 "pipeline": {"prompts": self.spec["pipeline"].get("prompts", {})}}  # fmt: skip
 
-    def corrupted_chains(self, split: str) -> Path:
-        """Robustness check input: for each eval question, an oracle chain with
-        one deliberate error (a miscount, wrong cell, misread bar or slip)."""
+    def corrupted_chains(self, split: str, path: Path | None = None) -> Path:
+        """Robustness check input: for each question of `split`, an oracle chain with
+        one deliberate error (a miscount, wrong cell, misread bar or slip); written to
+        `path` (default eval/corrupted_chains.jsonl)."""
         from insightv_jax.data.synthetic.teacher import ERROR_VISIBLE_IN, OracleTeacher
         from insightv_jax.pipeline.backend_common import chain_steps_text
 
         p = self.spec["pipeline"]
         teacher = OracleTeacher(1.0, p.get("oracle_style", "terse"), self.spec.get("seed", 0))
         records = json.loads((self.data / f"{split}.json").read_text())
-        path = self.ws / "eval" / "corrupted_chains.jsonl"
+        path = path or self.ws / "eval" / "corrupted_chains.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         for r in records:

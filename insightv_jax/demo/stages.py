@@ -265,17 +265,18 @@ class Demo(SFTJobs, EvalStages):
 
     # ------------------------------------------------------------ 6-8
 
-    def _rounds_config(self, section: str) -> RunConfig:
+    def _rounds_config(self, section: str, extra: dict | None = None) -> RunConfig:
         """The run config of the DPO or RL rounds (`section`), from the reasoning agent
-        with the summary agent, the training questions and the held-out val slice;
-        written to configs/<section>.yaml."""
+        with the summary agent, the training questions and the held-out val slice (and
+        the `extra` fields of the section); written to configs/<section>.yaml."""
         d = self._config(section, {
             "train": {"init": str(self.runs / "reason"), "workdir": str(self.runs / section),
                       "tokenizer": None, "data": None},
             "data": {"image_root": str(self.data)},
             section: {"questions": str(self.data / "train.json"),
                       "summary": str(self.runs / "summary"),
-                      "eval_data": str(self.data / "val.json")},  # the held-out slice
+                      "eval_data": str(self.data / "val.json"),  # the held-out slice
+                      **(extra or {})},
             "pipeline": {**{k: v for k, v in self.spec["pipeline"].items() if k != "questions"},
                          "data": str(self.data / "train.json")},
         })  # fmt: skip
@@ -305,16 +306,23 @@ class Demo(SFTJobs, EvalStages):
         return {"rounds": len(rows), "pairs": [r.get("pairs") for r in rows]}
 
     def stage_rl(self) -> dict:
-        """On-policy RL rounds of the reasoning agent (`insightv rl`), when the preset's
-        `rl:` section asks for rounds (`rl.rl.rounds`); they start from the agent the DPO
-        rounds started from, so the two are compared side by side."""
+        """On-policy RL rounds (`insightv rl`), when the preset's `rl:` section asks for
+        rounds (`rl.rl.rounds`) of the agent(s) `rl.rl.agent`; they start from the
+        agents the DPO rounds started from, so the two are compared side by side. A
+        summary agent trained by RL also reads corrupted oracle chains of the
+        training questions (`rl.given_chains`)."""
         from insightv_jax.train.rl.loop import run_rl
 
-        rounds = int(((self.spec.get("rl") or {}).get("rl") or {}).get("rounds", 0))
+        section = (self.spec.get("rl") or {}).get("rl") or {}
+        rounds = int(section.get("rounds", 0))
         if rounds == 0:
             self.say("  the preset asks for no RL rounds (rl.rl.rounds); nothing to do")
             return {"rounds": 0}
-        cfg = self._rounds_config("rl")
+        extra = {}
+        if section.get("agent", "reason") != "reason" and not section.get("given_chains"):
+            path = self.corrupted_chains("train", self.runs / "rl_given_chains.jsonl")
+            extra["given_chains"] = str(path)
+        cfg = self._rounds_config("rl", extra)
         with redirect(self.out):
             rows = run_rl(cfg, rounds=rounds, print_fn=lambda m: self.say(f"  rl | {m}"))
         return {"rounds": len(rows), "reward": [round(r.get("reward_mean", 0.0), 3) for r in rows]}

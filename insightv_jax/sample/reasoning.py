@@ -206,6 +206,37 @@ def two_agent_answer(
     ]
 
 
+def sample_groups(
+    sampler: Sampler,
+    encoded: list[EncodedPrompt],
+    num_samples: int,
+    params: SamplingParams,
+    keys: Sequence[int] | None = None,
+) -> list[dict]:
+    """`num_samples` continuations of each encoded prompt from ONE shared prefill
+    per prompt (rows q·n … q·n + n − 1 continue prompt q), stopping at the end of
+    the turn (whose token is dropped from `text`). With `keys` (one int per prompt)
+    row (q, k) draws with the key of (params.seed, keys[q]·num_samples + k): the
+    same continuations whatever batch the prompt is in. Rows as `Sampler.unpack`'s."""
+    ends = tuple(encoder_of(sampler).end_of_turn())
+    params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + ends)
+    ids = [e.ids for e in encoded]
+    state = sampler.start(
+        len(ids), next_pow2(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
+    )
+    state = sampler.extend(state, ids, *stack_prompts(encoded))
+    state = state.repeat_rows(num_samples)
+    if keys is not None:
+        rows = np.asarray(keys, np.int64)[:, None] * num_samples + np.arange(num_samples)
+        state = state.replace(rng=row_keys(params.seed, rows.reshape(-1) % (1 << 32)))
+    _, out = sampler.decode(state, params)
+    rows = sampler.unpack(out, params)
+    for r in rows:  # drop an end-of-turn token from the text, as generate_encoded does
+        if r["tokens"] and r["tokens"][-1] in ends:
+            r["text"] = sampler.tokenizer.decode(r["tokens"][:-1], skip_special_tokens=False)
+    return rows
+
+
 def sample_chains(
     reasoner: Sampler,
     questions: Sequence[str],
@@ -216,34 +247,13 @@ def sample_chains(
     keys: Sequence[int] | None = None,
 ) -> list[list[dict]]:
     """`num_samples` reasoning chains per question from one shared prefill per
-    question: `[question][sample] -> {"chain", "text", "tokens", "logprob"}` (the
-    chain is the text inside <thoughts>, as the summary agent will read it;
-    `logprob` is the sampler's, of the raw logits). With `keys` (one int per
-    question) chain k of question q draws with the key of (params.seed,
-    keys[q]·num_samples + k): the same chains whatever batch the question is in."""
+    question (`sample_groups`, `keys` as there): `[question][sample] -> {"chain",
+    "text", "tokens", "logprob"}` (the chain is the text inside <thoughts>, as the
+    summary agent will read it; `logprob` is the sampler's, of the raw logits)."""
     images = images or [()] * len(questions)
-    enc = encoder_of(reasoner)
     encoded = _reasoning_prompts(reasoner, questions, prompts, images)
-    ends = tuple(enc.end_of_turn())
-    params = dataclasses.replace(
-        params,
-        stop_token_ids=tuple(params.stop_token_ids) + ends,
-        stop_strings=tuple(params.stop_strings) + ("</thoughts>",),
-    )
-    ids = [e.ids for e in encoded]
-    state = reasoner.start(
-        len(ids), next_pow2(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
-    )
-    state = reasoner.extend(state, ids, *stack_prompts(encoded))
-    state = state.repeat_rows(num_samples)
-    if keys is not None:
-        rows = np.asarray(keys, np.int64)[:, None] * num_samples + np.arange(num_samples)
-        state = state.replace(rng=row_keys(params.seed, rows.reshape(-1) % (1 << 32)))
-    _, out = reasoner.decode(state, params)
-    rows = reasoner.unpack(out, params)
-    for r in rows:  # drop an end-of-turn token from the text, as generate_encoded does
-        if r["tokens"] and r["tokens"][-1] in ends:
-            r["text"] = reasoner.tokenizer.decode(r["tokens"][:-1], skip_special_tokens=False)
+    params = dataclasses.replace(params, stop_strings=tuple(params.stop_strings) + ("</thoughts>",))
+    rows = sample_groups(reasoner, encoded, num_samples, params, keys)
     chains = [
         {
             "chain": extract_chain(r["text"]).replace(IMAGE_MARKER, "").strip(),
@@ -257,6 +267,29 @@ def sample_chains(
     return [chains[q * n : (q + 1) * n] for q in range(len(questions))]
 
 
+def sample_answers(
+    summarizer: Sampler,
+    questions: Sequence[str],
+    chains: Sequence[str],
+    num_samples: int,
+    params: SamplingParams,
+    prompts: Prompts = DEFAULT_PROMPTS,
+    images: Sequence[Sequence] | None = None,
+    keys: Sequence[int] | None = None,
+) -> list[list[dict]]:
+    """`num_samples` summary-agent answers per (question, chain) from one shared
+    prefill each (`sample_groups`, `keys` as there): `[prompt][sample] -> {"answer",
+    "tokens", "logprob"}`."""
+    rows = sample_groups(summarizer, _summary_prompts(summarizer, questions, chains, prompts,
+                                                      images), num_samples, params, keys)  # fmt: skip
+    # an answer is text: an `<image>` in it must not become an image placeholder when
+    # it is trained on (train/rl/summary.py), as in a chain
+    answers = [{"answer": r["text"].replace(IMAGE_MARKER, "").strip(), "tokens": len(r["tokens"]),
+                "logprob": float(sum(r["logprobs"]))} for r in rows]  # fmt: skip
+    n = num_samples
+    return [answers[q * n : (q + 1) * n] for q in range(len(questions))]
+
+
 def summary_answer(
     summarizer: Sampler,
     questions: Sequence[str],
@@ -267,19 +300,24 @@ def summary_answer(
 ) -> list[dict]:
     """The summary agent's answers to `questions` given reasoning `chains`
     (text inside <thoughts>, from the reasoning agent or any other source)."""
+    s_in = _summary_prompts(summarizer, questions, chains, prompts, images)
+    return [
+        {"answer": s["text"].strip(), "chain": c}
+        for s, c in zip(generate_encoded(summarizer, s_in, params), chains)
+    ]
+
+
+def _summary_prompts(summarizer: Sampler, questions, chains, prompts: Prompts, images) -> list:
+    """The summary agent's encoded user turns (question + chain, its trained wording)."""
     images = images or [()] * len(questions)
     enc = encoder_of(summarizer)
-    s_in = [
+    return [
         enc.prompt(
             [{"role": "user", "content": _with_image(summary_question(q, c, prompts), images[i])}],
             images[i],
             f"question {i}",
         )
         for i, (q, c) in enumerate(zip(questions, chains))
-    ]
-    return [
-        {"answer": s["text"].strip(), "chain": c}
-        for s, c in zip(generate_encoded(summarizer, s_in, params), chains)
     ]
 
 

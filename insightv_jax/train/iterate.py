@@ -47,8 +47,8 @@ from insightv_jax.train.rollouts import (
     chain_conversations,
     eval_item,
     heldout_accuracy,
+    sample_chain_groups,
     sample_chains,
-    sample_groups,
 )
 
 __all__ = [
@@ -87,6 +87,15 @@ def policy_of(cfg: RunConfig, run: Path, t: int) -> str:
         return str(cfg.train.init)
     prev = round_dir(run, t - 1) / "summary.json"
     return json.loads(prev.read_text())["policy_out"]
+
+
+def round_agent(cfg: RunConfig, t: int) -> str:
+    """Which agent an RL round t trains: `rl.agent`, and for "both" the reasoning
+    agent in odd rounds, the summary agent in even ones (the self-improving loop:
+    each agent learns against the other's latest version)."""
+    if cfg.rl.agent == "both":
+        return "reason" if t % 2 else "summary"
+    return cfg.rl.agent
 
 
 def load_items(path: str | None, limit: int = 0) -> tuple[list[dict], Path]:
@@ -259,16 +268,25 @@ class Iteration:
             self.agents[path] = load_agent(path)
         return self.agents[path]
 
-    def evaluate(self, policy: str) -> Callable[[], dict]:
-        """Stage 5 for `policy`, to run when its held-out result is missing."""
+    def evaluate(self, policy: str, summary: str | None = None) -> Callable[[], dict]:
+        """Stage 5 for `policy` (with the summary agent `summary`, default the run's),
+        to run when its held-out result is missing."""
         seed = self.cfg.seed + 999_983
         cfg = self.cfg
         if self.eval_sampling:
             cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, **self.eval_sampling))
         return lambda: heldout_accuracy(
-            cfg, self.agent(policy), self.agent(self.summary_path), self.held_out,
+            cfg, self.agent(policy), self.agent(summary or self.summary_path), self.held_out,
             self.judge, seed,
         )  # fmt: skip
+
+    def summary_of(self, t: int) -> str:
+        """The summary agent round t starts with: the one round t−1 ended with (RL of
+        the summary agent changes it), else the run's."""
+        if t > 1:
+            prev = json.loads((round_dir(self.run, t - 1) / "summary.json").read_text())
+            return prev.get("summary_out") or self.summary_path
+        return self.summary_path
 
     def round(self, t: int) -> dict:
         """Round t, from its first unfinished stage; writes and returns its summary row."""
@@ -277,7 +295,9 @@ class Iteration:
         rd.mkdir(parents=True, exist_ok=True)
         items = round_questions(cfg, rd, t, self.all_items, self.print_fn)
         policy = policy_of(cfg, self.run, t)
-        samples = self.samples(rd, t, items, policy)
+        if self.update == "rl" and round_agent(cfg, t) == "summary":
+            return self.summary_round(rd, t, items, policy, self.summary_of(t))
+        samples = self.samples(rd, t, items, policy, self.summary_of(t))
         if self.update == "rl":
             return self.rl_round(rd, t, items, policy, samples)
         pairs_path, counts_path = self.pairs(rd, t, items, samples)
@@ -297,23 +317,65 @@ class Iteration:
         """Stage 4 as an on-policy update on the samples' rewards (train/rl/update.py)."""
         from insightv_jax.train.rl.update import rl_update
 
-        if policy != self.summary_path:
+        summary = self.summary_of(t)
+        if policy != summary:
             self.agents.pop(policy, None)  # free M_t while training
         policy_out, metrics = rl_update(
             self.cfg, rd, policy, items, samples, self.root, self.print_fn
         )
-        row = {"round": t, "policy_in": policy, "policy_out": policy_out,
-               "questions": len(items), "samples": len(samples),
+        row = {"round": t, "agent": "reason", "policy_in": policy, "policy_out": policy_out,
+               "summary_out": summary, "questions": len(items), "samples": len(samples),
                "train_sample_accuracy": sum(s["correct"] for s in samples) / max(len(samples), 1),
                **metrics}  # fmt: skip
         if self.held_out:
-            row.update(_heldout(rd / "eval.json", self.evaluate(policy_out)))
+            row.update(_heldout(rd / "eval.json", self.evaluate(policy_out, summary)))
         _write_json(rd / "summary.json", row)
         return row
 
-    def samples(self, rd: Path, t: int, items: list[dict], policy: str) -> list[dict]:
+    def summary_round(self, rd: Path, t: int, items, policy: str, summary: str) -> dict:
+        """A J-GRPO round of the summary agent (train/rl/summary.py): chains from the
+        reasoning agent `policy` (and `rl.given_chains`), `rl.group_size` answers per
+        chain from `summary`, the judge's verdicts, the update."""
+        from insightv_jax.train.rl.summary import judge_answers, round_chains, sample_answer_groups
+        from insightv_jax.train.rl.update import rl_update
+
+        cfg, seed = self.cfg, self.cfg.seed + 1000 * t
+        chains_path, gens_path = rd / "chains.jsonl", rd / "generations.jsonl"
+        samples_path = rd / "samples.jsonl"
+        if not chains_path.exists():
+            self.print_fn(f"round {t}: {cfg.rl.summary_chains} reasoning chains x {len(items)} "
+                          "questions for the summary agent")  # fmt: skip
+            write_jsonl(chains_path, round_chains(cfg, self.agent(policy), items, seed))
+        if not gens_path.exists():
+            chains = read_jsonl(chains_path)
+            self.print_fn(f"round {t}: {cfg.rl.group_size} answers x {len(chains)} chains")
+            write_jsonl(gens_path, sample_answer_groups(cfg, self.agent(summary), items, chains,
+                                                        seed + 1))  # fmt: skip
+        if not samples_path.exists():
+            write_jsonl(samples_path, judge_answers(items, read_jsonl(gens_path), self.judge))
+        samples = read_jsonl(samples_path)
+        if summary != policy:
+            self.agents.pop(summary, None)  # free the summary agent while training
+        summary_out, metrics = rl_update(cfg, rd, summary, items, samples, self.root,
+                                         self.print_fn, agent="summary")  # fmt: skip
+        by_source: dict[str, list[bool]] = {}
+        for s in samples:
+            by_source.setdefault(s["source"], []).append(s["correct"])
+        row = {"round": t, "agent": "summary", "policy_in": policy, "policy_out": policy,
+               "summary_in": summary, "summary_out": summary_out, "questions": len(items),
+               "samples": len(samples),
+               "train_sample_accuracy": sum(s["correct"] for s in samples) / max(len(samples), 1),
+               **{f"answer_accuracy_{k}": sum(v) / len(v) for k, v in by_source.items()},
+               **metrics}  # fmt: skip
+        if self.held_out:
+            row.update(_heldout(rd / "eval.json", self.evaluate(policy, summary_out)))
+        _write_json(rd / "summary.json", row)
+        return row
+
+    def samples(self, rd: Path, t: int, items: list[dict], policy: str,
+                summary: str | None = None) -> list[dict]:  # fmt: skip
         """Stages 1 and 2: M_t's chains (generations.jsonl), judged and scored
-        (samples.jsonl)."""
+        (samples.jsonl); the summary agent `summary` (default the run's) answers."""
         d = self.cfg.dpo
         seed = self.cfg.seed + 1000 * t
         gens_path, samples_path = rd / "generations.jsonl", rd / "samples.jsonl"
@@ -322,8 +384,8 @@ class Iteration:
                 f"round {t}: sampling {d.samples_per_question} chains x {len(items)} questions"
             )
             # RL's groups: one shared prefill per question, a key per chain
-            sample = sample_groups if self.update == "rl" else sample_chains
-            gens = sample(self.cfg, self.agent(policy), self.agent(self.summary_path),
+            sample = sample_chain_groups if self.update == "rl" else sample_chains
+            gens = sample(self.cfg, self.agent(policy), self.agent(summary or self.summary_path),
                           items, d.samples_per_question, seed)  # fmt: skip
             write_jsonl(gens_path, gens)
         if not samples_path.exists():
@@ -403,6 +465,7 @@ COLUMNS = (
 # the on-policy rounds' table (`insightv rl`)
 RL_COLUMNS = (
     ("round", "round", 5, "d"),
+    ("agent", "agent", 7, "s"),
     ("samples", "samples", 7, "d"),
     ("reward", "reward_mean", 6, ".3f"),
     ("std", "reward_std", 5, ".3f"),
@@ -419,6 +482,8 @@ RL_COLUMNS = (
     ("2+steps", "multi_step_share", 7, ".3f"),
     ("val_chain_acc", "eval_chain_accuracy", 13, ".3f"),
     ("val_two_agent_acc", "eval_accuracy", 17, ".3f"),
+    ("val_keep", "eval_keep", 8, ".3f"),
+    ("val_rescue", "eval_rescue", 10, ".3f"),
 )
 
 

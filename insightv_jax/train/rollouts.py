@@ -46,7 +46,7 @@ def question_key(item_id) -> int:
     return zlib.crc32(str(item_id).encode())
 
 
-def sample_groups(cfg: RunConfig, reasoner, summarizer, items: list[dict], n: int, seed: int):
+def sample_chain_groups(cfg: RunConfig, reasoner, summarizer, items: list[dict], n: int, seed: int):
     """`n` two-agent samples per item, the rows of `sample_chains`, for on-policy RL:
     the item's `n` chains come from ONE shared prefill (the image and prompt are
     encoded once), chain k of an item draws with the key of (seed, its id, k), so a
@@ -155,7 +155,9 @@ def heldout_accuracy(cfg, reasoner, summarizer, items, judge, seed: int) -> dict
     `eval_chain_accuracy`, the reasoning agent's own: each chain's final claim
     (`chain_final_claim`) scored like the eval harness scores answers
     (`judge_chain`); a chain that states no answer counts as wrong
-    (`eval_chain_claimed`: the share that state one)."""
+    (`eval_chain_claimed`: the share that state one). The summary agent's
+    confusion: `eval_keep`, its accuracy after a right chain, `eval_rescue`, after
+    a wrong one (None when there is no such chain)."""
     from insightv_jax.eval.extract import chain_final_claim
     from insightv_jax.eval.harness import judge_chain
 
@@ -166,8 +168,14 @@ def heldout_accuracy(cfg, reasoner, summarizer, items, judge, seed: int) -> dict
     )
     right = [bool(judge_chain(eval_item(by_id[s["id"]]), s["chain"], None)) for s in samples]
     n = max(len(samples), 1)
+    answered = [bool(v) for v in verdicts]
+    kept = [a for a, c in zip(answered, right) if c]
+    rescued = [a for a, c in zip(answered, right) if not c]
     return {
-        "eval_accuracy": sum(map(bool, verdicts)) / n,
+        "eval_accuracy": sum(answered) / n,
         "eval_chain_accuracy": sum(right) / n,
         "eval_chain_claimed": sum(chain_final_claim(s["chain"]) is not None for s in samples) / n,
+        # the summary agent's confusion: right answers after a right / a wrong chain
+        "eval_keep": sum(kept) / len(kept) if kept else None,
+        "eval_rescue": sum(rescued) / len(rescued) if rescued else None,
     }

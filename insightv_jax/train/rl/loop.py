@@ -1,12 +1,14 @@
-"""`insightv rl`: rounds of on-policy RL of the reasoning agent (docs/method.md §7).
+"""`insightv rl`: rounds of on-policy RL of the agents (docs/method.md §7).
 
 A round is a round of `insightv iterate` (train/iterate.py: the same run directory
 layout, fresh questions per round, resume from the first unfinished stage) whose
 update is the `rl.algorithm` step on the samples' rewards instead of DPO on pairs.
 The `rl:` section sets what a round samples: `rl.group_size` chains per question at
 `rl.temperature`, top-p `rl.top_p`, up to `rl.max_response_tokens`, and the summary
-agent answers each chain greedily for the judge. The held-out questions are decoded
-with the reference rule (`REFERENCE_DECODING`).
+agent answers each chain greedily for the judge. `rl.agent` picks what a round
+trains: the reasoning agent, the summary agent (J-GRPO, train/rl/summary.py) or
+both in turn (`iterate.round_agent`). The held-out questions are decoded with the
+reference rule (`REFERENCE_DECODING`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 
 from insightv_jax.config import ConfigError, RunConfig
 from insightv_jax.train.iterate import run_iterate
+from insightv_jax.train.rl.summary import given_chains
 
 # the held-out accuracies after each round: the reference decoding of `insightv eval`
 # (both agents at 0.2 / top-p 0.95), not the rollouts' exploratory temperature
@@ -47,10 +50,6 @@ def run_rl(cfg: RunConfig, rounds: int | None = None, judge=None, scorer=None, p
     """Run (or continue) `rl.rounds` (or `rounds`) rounds under `train.workdir`."""
     if not (cfg.rl.questions or cfg.dpo.questions):
         raise ConfigError("rl.questions: no question file given")
-    if cfg.rl.agent != "reason":
-        raise ConfigError(
-            f"rl.agent={cfg.rl.agent}: RL of the summary agent (J-GRPO) is not implemented "
-            "yet; rl.agent=reason trains the reasoning agent"
-        )
+    given_chains(cfg.rl.given_chains)  # a bad file fails here, before any round
     return run_iterate(round_config(cfg), rounds or cfg.rl.rounds, judge, scorer, print_fn,
                        update="rl", eval_sampling=REFERENCE_DECODING)  # fmt: skip

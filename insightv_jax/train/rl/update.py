@@ -49,18 +49,26 @@ def rewards_of(samples: list[dict], rl) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def rl_records(items, samples, prompts, rl, seed: int = 0) -> tuple[list[dict], dict]:
-    """The update's records (conversation + `advantages`) and the round's reward stats;
+def rl_records(items, samples, prompts, rl, seed: int = 0, agent: str = "reason"):
+    """(the update's records (conversation + `advantages`), the round's reward stats).
+    `agent` "reason": the samples are chains (`chain_conversations`, `rewards_of`);
+    "summary": answers from given chains (train/rl/summary.py; reward = the verdict).
     `rl.shuffle_rewards` (the control) permutes the rewards first, seeded by `seed`."""
+    from insightv_jax.train.rl.summary import answer_conversations
+
     G = rl.group_size
     if len(samples) % G:
         raise ValueError(f"{len(samples)} samples do not split into groups of {G}")
-    rewards = rewards_of(samples, rl)
+    if agent == "summary":
+        rewards = np.asarray([float(s["correct"]) for s in samples], np.float32)
+        convs = answer_conversations(items, samples, prompts)
+    else:
+        rewards = rewards_of(samples, rl)
+        convs = chain_conversations(items, samples, prompts)
     true_mean = float(rewards.mean())
     if rl.shuffle_rewards:
         rewards = np.random.default_rng(seed).permutation(rewards)
     adv = np.asarray(group_advantages(rewards, G, scale=rl.algorithm != "dr_grpo", eps=rl.adv_eps))
-    convs = chain_conversations(items, samples, prompts)
     keep = np.ones(len(samples), bool)
     groups = rewards.reshape(-1, G)
     flat = np.all(groups == groups[:, :1], axis=1)
@@ -77,9 +85,10 @@ def rl_records(items, samples, prompts, rl, seed: int = 0) -> tuple[list[dict], 
         "groups": len(groups),
         "groups_without_signal": int(flat.sum()),
         "groups_dropped": int(flat.sum()) if rl.dynamic_sampling else 0,
-        "multi_step_share": float(np.mean([chain_steps(s["chain"]) >= 2 for s in samples])),
         "response_length_tokens": float(np.mean([s.get("tokens") or 0 for s in samples])),
     }
+    if agent == "reason":  # a reward won by chains that only state an answer shows here
+        stats["multi_step_share"] = float(np.mean([chain_steps(s["chain"]) >= 2 for s in samples]))
     return records, stats
 
 
@@ -108,8 +117,10 @@ def _batches(examples, data, size: int):
         yield collate(chunk + pad, min_length=longest)
 
 
-def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path, print_fn):
-    """The update of `policy` on the round's samples; returns (policy out, metrics)."""
+def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path, print_fn,
+              agent: str = "reason"):  # fmt: skip
+    """The update of `policy` (the `agent`, "reason" or "summary") on the round's
+    samples; returns (policy out, metrics)."""
     import jax
 
     from insightv_jax.checkpoint import aux_dirs, save_model_dir
@@ -125,7 +136,10 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     if (out / "params").exists():
         return str(out), json.loads((rd / "update.json").read_text())
     seed = cfg.seed * 1_000_003 + int(rd.name.rsplit("_", 1)[-1])  # the round's number
-    records, stats = rl_records(items, samples, cfg.pipeline.prompts, rl, seed)
+    if agent == "summary":  # the responses are answers: Dr. GRPO's constant is their limit
+        rl = dataclasses.replace(rl, max_response_tokens=cfg.dpo.summary_max_tokens)
+        cfg = dataclasses.replace(cfg, rl=rl)
+    records, stats = rl_records(items, samples, cfg.pipeline.prompts, rl, seed, agent)
     if not records:
         print_fn(f"{rd.name}: no group with a reward signal; no update this round")
         return policy, stats
@@ -154,7 +168,8 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
             program.token_logps(params, {k: v[i : i + size] for k, v in b.items()})
             for i in range(0, mb, size)])  # fmt: skip
     if rl.beta > 0:  # the KL's reference: the round's start policy (= old) or train.init
-        ref = params if rl.reference == "round_start" else full_params_of(cfg.train.init, mesh)
+        start = cfg.train.init if agent == "reason" else (cfg.dpo.summary or cfg.train.init)
+        ref = params if rl.reference == "round_start" else full_params_of(start, mesh)
         for b in batches:
             b["ref_logps"] = b["old_logps"] if ref is params else np.concatenate([
                 program.token_logps(ref, {k: v[i : i + size] for k, v in b.items()})
@@ -165,7 +180,8 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     tokens = np.concatenate([(b["old_logps"] != 0).sum(axis=1) for b in batches])[: len(records)]
     sampler = np.asarray([r["sampler_logprob"] for r in records])
     stats["sampler_logp_gap"] = float(np.mean(np.abs(trainer - sampler) / np.maximum(tokens, 1)))
-    print_fn(f"{rd.name}: {rl.algorithm} on {len(records)} chains: {total} updates of {mb}")
+    what = "chains" if agent == "reason" else "summary answers"
+    print_fn(f"{rd.name}: {rl.algorithm} on {len(records)} {what}: {total} updates of {mb}")
     state = program.init_state(params)
     rows = []
     for _ in range(rl.epochs):
