@@ -115,6 +115,7 @@ def test_iterate_two_rounds_resumes_after_kill(setup):
     assert r1["logp_chosen_change"] is not None and r1["kl_k3_per_token"] >= 0
     for r in rows:  # held out, after the round
         assert 0.0 <= r["eval_accuracy"] <= 1.0 and 0.0 <= r["eval_chain_accuracy"] <= 1.0
+        assert {"eval_keep", "eval_rescue"} <= set(r)  # the summary agent's confusion
     assert "val_chain_acc" in out and "train_sample_acc" in out and "MFU" not in out
     assert rows[1]["policy_in"] == str(run / "round_1") == r1["policy_out"]
     # fresh questions each round (6 of the 24, a seeded order), recorded per round

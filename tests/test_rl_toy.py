@@ -28,7 +28,7 @@ from insightv_jax.train.rl.toy import (
 ROOT = Path(__file__).resolve().parents[1]
 # one device: the killed worker and the in-process runs must compute alike
 OVERRIDES = ["mesh.fsdp=1", "rl.minibatches=2"]
-FIELDS = {"steps": 30, "val_limit": 400, "eval_every": 0, "save_every": 5}
+FIELDS = {"steps": 24, "val_limit": 300, "eval_every": 0, "save_every": 5}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_rl_helps_and_the_control_does_not(toy_run):
     control_gain, _, control_hi = rep["differences"]["control-start"]["test"]
     assert control_gain <= 0 and control_hi < lo, rep
     log = read_jsonl(Path(toy.workdir) / "rl" / "log.jsonl")
-    assert [r["step"] for r in log] == list(range(1, 31))
+    assert [r["step"] for r in log] == list(range(1, 25))
     # the first minibatch of every step is on-policy: the trainer's old log-probs
     for r in log:
         assert abs(r["first_ratio_mean"] - 1.0) < 1e-6 and r["first_clip_fraction"] == 0.0
@@ -97,7 +97,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(toy_run, tmp_path):
     resumed = toy_config(str(tmp_path), OVERRIDES, **FIELDS)
     rl_run(resumed, start, "rl", shuffle=False, print_fn=lines.append)
     assert any("resumed from" in line for line in lines)
-    assert [r["step"] for r in read_jsonl(tmp_path / "rl" / "log.jsonl")] == list(range(1, 31))
+    assert [r["step"] for r in read_jsonl(tmp_path / "rl" / "log.jsonl")] == list(range(1, 25))
     want = load_model(Path(toy.workdir) / "rl" / "final")[0]
     got = load_model(tmp_path / "rl" / "final")[0]
     from flax import nnx
@@ -106,3 +106,18 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(toy_run, tmp_path):
     b = jax.tree.leaves(nnx.state(got, nnx.Param))
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def test_dynamic_sampling_refills_the_batch_with_groups_that_carry_signal(toy_run):
+    from insightv_jax.train.rl.toy import _rollout, splits
+
+    toy, _ = toy_run
+    dapo = toy_config(toy.workdir, [*OVERRIDES, "rl.dynamic_sampling=true"], **FIELDS)
+    model = load_model(Path(toy.workdir) / "start")[0]
+    pairs, resp, rewards, scored, stats = _rollout(dapo, model, splits()["train"], 0, False)
+    G, Q = dapo.run.rl.group_size, dapo.questions
+    assert len(resp) == Q * G and stats["groups_drawn"] > Q  # flat groups were replaced
+    groups = rewards.reshape(Q, G)
+    kept = scored.reshape(Q, G).all(axis=1)
+    assert kept.sum() > Q // 2 and np.all(groups[kept].std(axis=1) > 0)
+    assert not scored.reshape(Q, G)[~kept].any()  # missing rows stay unscored

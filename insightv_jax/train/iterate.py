@@ -229,8 +229,19 @@ def run_iterate(
             rows.append(json.loads(done.read_text()))
             continue
         rows.append(it.round(t))
+        write_scalars(run / "tb", rows[-1])
         print_fn(format_table(rows, run, RL_COLUMNS if update == "rl" else COLUMNS))
     return rows
+
+
+def write_scalars(tb_dir: Path, row: dict) -> None:
+    """A finished round's numbers as TensorBoard scalars `round/<name>` at step t."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(tb_dir)) as writer:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+                writer.add_scalar(f"round/{key}", value, row["round"])
 
 
 def _with_agent_prompts(cfg: RunConfig, summary_path: str) -> RunConfig:

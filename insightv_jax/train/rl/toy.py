@@ -262,17 +262,20 @@ def sft_start(toy: ToyConfig, print_fn=print) -> Path:
         json.dumps({"sft_steps": step, "val_greedy": acc, "seconds": time.perf_counter() - t0})
         + "\n"
     )
-    return out  # fmt: skip
+    return out
 
 
 # ---------------------------------------------------------------- 2. RL (or the control)
 
 
 def _rollout(toy: ToyConfig, model, data: np.ndarray, step: int, shuffle: bool):
-    """One rollout batch of step `step`: (pairs per row, responses, rewards used,
-    true rewards, stats). With rl.dynamic_sampling, groups whose rewards are all
-    equal are dropped and more questions are drawn (up to 4 draws) to refill the
-    batch; rows still missing stay unscored."""
+    """One rollout batch of step `step`: (the (a, b) pair of each row, the responses,
+    the rewards the update uses, which rows are scored, stats of the true rewards).
+    With rl.dynamic_sampling, groups whose rewards are all equal are dropped and more
+    questions are drawn (up to 4 draws) to refill the batch; rows still missing stay
+    unscored."""
+    from insightv_jax.train.rl.losses import overlong_penalty
+
     rl = toy.run.rl
     G, Q = rl.group_size, toy.questions
     kept_pairs, kept_resp, kept_r, true_r = [], [], [], []
@@ -284,6 +287,9 @@ def _rollout(toy: ToyConfig, model, data: np.ndarray, step: int, shuffle: bool):
         resp = sample(model, prompts_of(pairs), G, rl.temperature, rl.top_p, rl.max_response_tokens,
                       toy.seed, ids=step * len(data) * 4 + draw * len(data) + idx)  # fmt: skip
         r = np.asarray([is_correct(*pairs[j // G], x) for j, x in enumerate(resp)], np.float32)
+        if rl.overlong == "soft":  # DAPO's length penalty, part of the reward
+            r += np.asarray(overlong_penalty([len(x) for x in resp], rl.max_response_tokens,
+                                             rl.overlong_buffer))  # fmt: skip
         true_r.append(r)
         if shuffle:  # the control: the same rewards, no longer attached to their samples
             r = np.random.default_rng((toy.seed, 3, step, draw)).permutation(r)
@@ -311,7 +317,7 @@ def _rollout(toy: ToyConfig, model, data: np.ndarray, step: int, shuffle: bool):
     true = np.concatenate(true_r)
     lengths = [len(x) for x in kept_resp[: Q * G]]
     stats = {"reward_mean": float(true.mean()), "reward_std": float(true.std()),
-             "groups_dropped": dropped, "groups_drawn": drawn // 1,
+             "groups_dropped": dropped, "groups_drawn": drawn,
              "response_length": float(np.mean(lengths))}  # fmt: skip
     return pairs_rows, kept_resp[: Q * G], rewards, scored, stats
 

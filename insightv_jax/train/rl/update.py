@@ -8,7 +8,10 @@ policy, the summary agent's answer from each, the judge's verdict) become
               policy is trained on, so the log-probs below are of exactly them
   rewards     1 when the judge accepts the summary agent's answer from the chain,
               else 0; + `rl.format_weight` when the chain has at least two steps;
-              + `rl.score_weight` × the scorer's path score / 100 on right chains
+              + `rl.score_weight` × the scorer's path score / 100 on right chains;
+              with `rl.overlong=soft`, + DAPO's length penalty (`overlong_penalty`);
+              with `rl.overlong=filter`, chains cut off at `rl.max_response_tokens`
+              leave the update
   advantages  per question (`group_advantages`); with `rl.dynamic_sampling` a group
               whose rewards are all equal (no signal) is dropped
 then the old policy's per-token log-probs are recomputed by the training forward
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from insightv_jax.config import RunConfig
-from insightv_jax.train.rl.losses import group_advantages
+from insightv_jax.train.rl.losses import group_advantages, overlong_penalty
 from insightv_jax.train.rollouts import chain_conversations
 
 
@@ -38,7 +41,8 @@ def chain_steps(chain: str) -> int:
 
 
 def rewards_of(samples: list[dict], rl) -> np.ndarray:
-    """Each sample's reward (see the module docstring)."""
+    """Each sample's reward (see the module docstring); with `rl.overlong=soft`, plus
+    DAPO's length penalty on the chain's token count."""
     out = []
     for s in samples:
         r = 1.0 if s["correct"] else 0.0
@@ -46,7 +50,16 @@ def rewards_of(samples: list[dict], rl) -> np.ndarray:
         if s["correct"] and s.get("score") is not None:
             r += rl.score_weight * float(s["score"]) / 100.0
         out.append(r)
-    return np.asarray(out, np.float32)
+    out = np.asarray(out, np.float32)
+    if rl.overlong == "soft":
+        lengths = np.asarray([s.get("tokens") or 0 for s in samples])
+        out += np.asarray(overlong_penalty(lengths, rl.max_response_tokens, rl.overlong_buffer))
+    return out
+
+
+def truncated(samples: list[dict], rl) -> np.ndarray:
+    """Which samples ran into `rl.max_response_tokens` (cut off, not finished)."""
+    return np.asarray([(s.get("tokens") or 0) >= rl.max_response_tokens for s in samples])
 
 
 def rl_records(items, samples, prompts, rl, seed: int = 0, agent: str = "reason"):
@@ -74,6 +87,8 @@ def rl_records(items, samples, prompts, rl, seed: int = 0, agent: str = "reason"
     flat = np.all(groups == groups[:, :1], axis=1)
     if rl.dynamic_sampling:
         keep = np.repeat(~flat, G)
+    if rl.overlong == "filter":  # a cut-off chain leaves the loss (its group keeps the rest)
+        keep &= ~truncated(samples, rl)
     records = [
         {**c, "advantages": np.float32(a), "sampler_logprob": float(s.get("logprob") or 0.0)}
         for c, a, s, k in zip(convs, adv, samples, keep)
