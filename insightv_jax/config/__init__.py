@@ -33,10 +33,12 @@ from insightv_jax.config.model import (
     DecoderConfig,
     LlavaConfig,
     ModelConfig,
+    QwenVLConfig,
     RopeScaling,
     VisionConfig,
 )
 from insightv_jax.config.pipeline import SUMMARY_MIX_KEYS, PipelineConfig
+from insightv_jax.config.qwen_vision import QwenVisionConfig
 from insightv_jax.config.rl import RLConfig
 from insightv_jax.config.run import MeshConfig, RunConfig
 from insightv_jax.config.train import TRAINABLE_PARTS, TrainConfig
@@ -46,6 +48,7 @@ from insightv_jax.config.train import TRAINABLE_PARTS, TrainConfig
 # pickles read the same as before the sections had modules of their own.
 for _cls in (
     ConfigError, RopeScaling, DecoderConfig, MeshConfig, VisionConfig, LlavaConfig, ModelConfig,
+    QwenVisionConfig, QwenVLConfig,
     TrainConfig, DataConfig, PipelineConfig, BenchmarkConfig, SystemConfig, EvalSampling,
     EvalConfig, DPOConfig, RLConfig, RunConfig,
 ):  # fmt: skip
@@ -68,6 +71,8 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "PipelineConfig",
+    "QwenVLConfig",
+    "QwenVisionConfig",
     "RLConfig",
     "RopeScaling",
     "RunConfig",

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Literal
 
 from insightv_jax.config.base import DTYPES, ConfigError, check_positive
+from insightv_jax.config.qwen_vision import QwenVisionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,11 @@ class DecoderConfig:
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True  # lax.scan over the layer stack; False unrolls (small models)
     family: Literal["llama", "qwen2"] = "llama"
+    # Qwen2-VL / Qwen2.5-VL multimodal RoPE: how many of the H/2 frequencies
+    # take their angle from the time, row and column position ids (in that
+    # order, summing to H/2). Set, the uncached forward also accepts (3, B, T)
+    # position ids; 1-D positions rotate as plain RoPE (all three ids equal).
+    mrope_section: tuple[int, int, int] | None = None
 
     @property
     def resolved_head_dim(self) -> int:
@@ -61,6 +67,15 @@ class DecoderConfig:
             )
         if self.resolved_head_dim % 2:
             raise ConfigError(f"decoder head_dim={self.resolved_head_dim} must be even (RoPE)")
+        if self.mrope_section is not None and (
+            len(self.mrope_section) != 3
+            or min(self.mrope_section) < 0
+            or sum(self.mrope_section) != self.resolved_head_dim // 2
+        ):
+            raise ConfigError(
+                f"decoder.mrope_section={list(self.mrope_section)} must be 3 counts >= 0 summing "
+                f"to head_dim / 2 = {self.resolved_head_dim // 2}"
+            )
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ConfigError(f"decoder.{key}={getattr(self, key)!r} is not one of {DTYPES}")
@@ -127,20 +142,46 @@ class LlavaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The model: its kind and its parts (`vision`, `llava` for the VLM kinds)."""
+class QwenVLConfig:
+    """How Qwen2-VL / Qwen2.5-VL prompts mark images and videos: each item is
+    `vision_start`, then one placeholder id per merged token, then `vision_end`
+    (the defaults are the Qwen2 tokenizer's ids)."""
 
-    kind: Literal["causal_lm", "llava", "llava_next"] = "causal_lm"
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+
+
+QWEN_VL_KINDS = ("qwen2_vl", "qwen2_5_vl")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model: its kind and its parts (`vision`, `llava` for the LLaVA kinds;
+    `qwen_vision`, `qwen_vl` and `decoder.mrope_section` for the Qwen-VL kinds)."""
+
+    kind: Literal["causal_lm", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"] = "causal_lm"
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
     vision: VisionConfig | None = None
     llava: LlavaConfig | None = None
+    qwen_vision: QwenVisionConfig | None = None
+    qwen_vl: QwenVLConfig | None = None
 
     @property
     def is_vlm(self) -> bool:
+        """A LLaVA kind (CLIP/SigLIP tower, projector, per-sample image layout)."""
         return self.kind in ("llava", "llava_next")
+
+    @property
+    def is_qwen_vl(self) -> bool:
+        """A Qwen2-VL / Qwen2.5-VL kind (`models.qwen_vl`)."""
+        return self.kind in QWEN_VL_KINDS
 
     def validate(self) -> None:
         self.decoder.validate()
+        if self.is_qwen_vl:
+            self._validate_qwen_vl()
+            return
         if not self.is_vlm:
             return
         if self.vision is None or self.llava is None:
@@ -164,3 +205,27 @@ class ModelConfig:
                 )
         if self.llava.images_per_sample < 1:
             raise ConfigError("model.llava.images_per_sample must be >= 1")
+
+    def _validate_qwen_vl(self) -> None:
+        if self.qwen_vision is None or self.qwen_vl is None:
+            raise ConfigError(f"model.kind={self.kind!r} needs model.qwen_vision and model.qwen_vl")
+        self.qwen_vision.validate()
+        if self.qwen_vision.family != self.kind:
+            raise ConfigError(
+                f"model.qwen_vision.family={self.qwen_vision.family!r} does not match "
+                f"model.kind={self.kind!r}"
+            )
+        if self.decoder.mrope_section is None:
+            raise ConfigError(f"model.kind={self.kind!r} needs model.decoder.mrope_section")
+        if self.qwen_vision.out_hidden_size != self.decoder.hidden_size:
+            raise ConfigError(
+                f"model.qwen_vision.out_hidden_size={self.qwen_vision.out_hidden_size} must equal "
+                f"model.decoder.hidden_size={self.decoder.hidden_size}"
+            )
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id"):
+            value = getattr(self.qwen_vl, key)
+            if not 0 <= value < self.decoder.vocab_size:
+                raise ConfigError(
+                    f"model.qwen_vl.{key}={value} is not a vocabulary id "
+                    f"(vocab_size {self.decoder.vocab_size})"
+                )

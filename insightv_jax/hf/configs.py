@@ -8,6 +8,7 @@ Decoders: reads both the transformers-5 layout (`rope_parameters`) and the older
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,16 +19,19 @@ from insightv_jax.config import (
     DecoderConfig,
     LlavaConfig,
     ModelConfig,
+    QwenVLConfig,
     RopeScaling,
     VisionConfig,
 )
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.llava import LAYOUTS
+from insightv_jax.hf.qwen_vision import qwen_vision_from_hf
 from insightv_jax.vision_grid import tokens_per_tile
 
 DECODER_TYPES = ("llama", "qwen2")
 LLAVA_TYPES = ("llava", "llava_next")
-SUPPORTED_TYPES = DECODER_TYPES + LLAVA_TYPES
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_TYPES = DECODER_TYPES + LLAVA_TYPES + QWEN_VL_TYPES
 
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -145,6 +149,8 @@ def decoder_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderCon
 
 def decoder_to_hf(cfg: DecoderConfig, dtype: str | None = None) -> dict[str, Any]:
     """A LlamaConfig / Qwen2Config dict for `cfg`."""
+    if cfg.mrope_section is not None:
+        raise CheckpointError("a decoder with mrope_section (Qwen-VL) cannot be exported yet")
     if cfg.family == "qwen2" and (not cfg.qkv_bias or cfg.o_bias):
         raise CheckpointError("a qwen2 decoder needs qkv_bias=true and o_bias=false to export")
     if cfg.family == "llama" and cfg.qkv_bias != cfg.o_bias:
@@ -307,6 +313,52 @@ def llava_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+
+
+def qwen_vl_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig of a Qwen2-VL / Qwen2.5-VL config.json dict.
+
+    transformers 5.x nests the language model under `text_config`
+    (`rope_parameters.mrope_section`); hub checkpoints saved by 4.x keep its
+    fields at the top level with `rope_scaling: {type: mrope, ...}` and, as
+    the 3B models do, `tie_word_embeddings` at the top. Both go through
+    transformers' own config class first, so defaults and old names resolve
+    as there."""
+    kind = d.get("model_type")
+    if kind not in QWEN_VL_TYPES:
+        raise CheckpointError(f"{where}: model_type {kind!r} is not one of {QWEN_VL_TYPES}")
+    full = _normalise(d, where)
+    text = dict(full["text_config"])
+    rope = text.get("rope_parameters") or {}
+    section = rope.get("mrope_section")
+    if section is None:
+        raise CheckpointError(f"{where}: text_config rope_parameters.mrope_section is missing")
+    # The decoder is a Qwen2 one; tying is a top-level field in 5.x (4.x saves
+    # sometimes put it in the text config: either ties).
+    text["model_type"] = "qwen2"
+    text["tie_word_embeddings"] = bool(
+        full.get("tie_word_embeddings") or text.get("tie_word_embeddings")
+    )
+    text.setdefault("dtype", full.get("dtype"))
+    decoder = decoder_from_hf(text, f"{where} text_config")
+    ids = {
+        key: _number(full, key, int, where)
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id")
+    }
+    try:
+        cfg = ModelConfig(
+            kind=kind,
+            decoder=dataclasses.replace(decoder, mrope_section=tuple(int(s) for s in section)),
+            qwen_vision=qwen_vision_from_hf(full, where),
+            qwen_vl=QwenVLConfig(**ids),
+        )
+        cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return cfg
+
+
 # ------------------------------------------------- original LLaVA-NeXT format
 
 # Attention heads cannot be read off the weights; known towers by name.
@@ -414,6 +466,8 @@ def model_from_hf(d: dict[str, Any], where: str = "config.json", tensors=None) -
         return original_from_hf(d, tensors, where)
     if model_type in LLAVA_TYPES:
         return llava_from_hf(d, where)
+    if model_type in QWEN_VL_TYPES:
+        return qwen_vl_from_hf(d, where)
     if model_type in DECODER_TYPES:
         return ModelConfig(kind="causal_lm", decoder=decoder_from_hf(d, where))
     raise CheckpointError(

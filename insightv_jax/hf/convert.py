@@ -21,7 +21,7 @@ from insightv_jax.config import ModelConfig
 from insightv_jax.data.conversation import load_tokenizer
 from insightv_jax.data.prompts import write_prompts
 from insightv_jax.errors import CheckpointError
-from insightv_jax.hf.configs import model_from_hf, model_to_hf, read_hf_config
+from insightv_jax.hf.configs import QWEN_VL_TYPES, model_from_hf, model_to_hf, read_hf_config
 from insightv_jax.hf.files import copy_aux_dirs
 from insightv_jax.hf.keymap import IGNORED_KEY_SUFFIXES, ParamMap, decoder_keymap
 from insightv_jax.hf.llava import detect_layout, ignored_key, llava_keymap
@@ -88,6 +88,10 @@ def import_hf(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = None):
     """Load a HF folder into our model, sharded on `mesh`. Returns (model, cfg)."""
     folder = Path(folder)
     hf_cfg = read_hf_config(folder) if cfg is None else None
+    if (cfg.kind if cfg is not None else hf_cfg.get("model_type")) in QWEN_VL_TYPES:
+        from insightv_jax.hf.qwen_vl import import_qwen_vl  # imports hf.configs, as we do
+
+        return import_qwen_vl(folder, mesh, cfg)
     tensors = SafetensorsFolder(folder)
     cfg = cfg or model_from_hf(hf_cfg, str(folder / "config.json"), tensors)
     graphdef, abstract = abstract_model(cfg, mesh)

@@ -23,6 +23,7 @@ from insightv_jax.config import DecoderConfig
 from insightv_jax.models.attention import attention
 from insightv_jax.models.cache import KVCache, write_rows
 from insightv_jax.models.linear import dense, param, zeros
+from insightv_jax.models.mrope import mrope_cos_sin
 from insightv_jax.models.rope import apply_rope, decoder_inv_freq, rope_cos_sin
 from insightv_jax.models.stack import layer_modules, scan_layers, stack_layers
 from insightv_jax.parallel import constrain_sharding
@@ -218,10 +219,26 @@ class Decoder(nnx.Module):
             raise ValueError("a text-only causal_lm model takes no images")
         return self.embed_tokens(input_ids)
 
-    def _run_blocks(self, inputs_embeds, attention_mask, positions, collect: bool):
-        B, T, _ = inputs_embeds.shape
+    def _rotary(self, positions, B: int, T: int):
+        """(mask positions (B, T), rope cos/sin) for 1-D or M-RoPE positions."""
+        if positions is not None and positions.ndim == 3:
+            if self.cfg.mrope_section is None:
+                raise ValueError(
+                    f"positions of shape {positions.shape} are M-RoPE ids (3, B, T), but "
+                    "decoder.mrope_section is not set"
+                )
+            rope = mrope_cos_sin(positions, decoder_inv_freq(self.cfg), self.cfg.mrope_section)
+            # M-RoPE ids only rotate: image tokens share ids and text after an
+            # image jumps ahead, so causal masks follow token order, as in
+            # Hugging Face (which masks by cache position).
+            return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), rope
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        return positions, rope_cos_sin(positions, decoder_inv_freq(self.cfg))
+
+    def _run_blocks(self, inputs_embeds, attention_mask, positions, collect: bool):
+        B, T, _ = inputs_embeds.shape
+        positions, rope = self._rotary(positions, B, T)
         if attention_mask is None:
             kv_valid = jnp.ones((B, T), bool)
         else:
@@ -230,7 +247,7 @@ class Decoder(nnx.Module):
             self.layers,
             inputs_embeds,
             positions,
-            rope_cos_sin(positions, decoder_inv_freq(self.cfg)),
+            rope,
             kv_valid,
             remat=self.cfg.remat,
             collect=collect,
@@ -247,8 +264,10 @@ class Decoder(nnx.Module):
         """Run the blocks and the final norm over embeddings (B, T, D).
 
         `attention_mask` (B, T): 1 for real tokens; `positions` default to
-        0..T-1 (as Hugging Face does when none are given). Returns the normed
-        hidden states (B, T, D).
+        0..T-1 (as Hugging Face does when none are given). With
+        `cfg.mrope_section` set, `positions` may also be M-RoPE ids (3, B, T)
+        (`mrope.get_rope_index`): they rotate queries and keys, and the causal
+        mask follows token order. Returns the normed hidden states (B, T, D).
         """
         return self._run_blocks(inputs_embeds, attention_mask, positions, collect=False)[0]
 

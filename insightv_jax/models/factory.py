@@ -38,6 +38,14 @@ def construct(cfg: ModelConfig, seed: int = 0, platform: str | None = None) -> C
                 vision_attention_impl=attention.resolve(cfg.vision.attention, platform),
                 rngs=nnx.Rngs(seed),
             )
+        if cfg.is_qwen_vl:
+            from insightv_jax.models.qwen_vl import QwenVL
+
+            return QwenVL(
+                cfg,
+                attention_impl=attention.resolve(cfg.decoder.attention, platform),
+                rngs=nnx.Rngs(seed),
+            )
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 

@@ -1,0 +1,265 @@
+"""Qwen2-VL and Qwen2.5-VL: the vision tower (`models.qwen_vision`) feeding the
+Qwen2 decoder with multimodal rotary positions (`models.mrope`).
+
+A prompt marks each image or video as `vision_start`, one placeholder token
+per merged 2x2 unit, `vision_end`. The tower turns all items of a batch,
+packed in order (images first, then videos), into one sequence of merged
+tokens; the k-th image placeholder of the batch (row-major over (B, T))
+takes the k-th image token, the k-th video placeholder the k-th video token
+(Hugging Face's `masked_scatter`). Images and videos share one tower call:
+attention never crosses a frame, so packing them together changes nothing.
+
+Everything that depends on image sizes or prompt layout is computed on the
+host by `pack_vision` and `rope_positions` (NumPy): the tower's layout, the
+placeholder -> token index, the M-RoPE ids. The patches are padded to a
+bucket (`patch_bucket`), so one compiled program serves every batch whose
+items fit it. `QwenVL.__call__` takes the Hugging Face processor's outputs as
+keyword arguments and does both halves.
+
+Shapes: B batch, T tokens, D the decoder's width, L patches (padded),
+M = L / 4 merged tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from insightv_jax.config import DecoderConfig, ModelConfig
+from insightv_jax.models.cache import KVCache
+from insightv_jax.models.decoder import Decoder
+from insightv_jax.models.mrope import get_rope_index, mm_token_types
+from insightv_jax.models.qwen_vision import (
+    QwenVisionTower,
+    VisionLayout,
+    merged_tokens,
+    num_patches,
+    pad_patches,
+    vision_layout,
+)
+from insightv_jax.parallel import constrain_sharding
+
+# ------------------------------------------------------------------ host side
+
+
+class PackedVision(NamedTuple):
+    """The images and videos of a batch as the device consumes them (a pytree
+    of arrays; `pack_vision` builds it).
+
+    `pixel_values` (L, C*T*p*p): images' then videos' patches, zero-padded to
+    the bucket. `layout`: their `VisionLayout`. `rows` (B, T) int32: the
+    tower output row whose token replaces each input token's embedding, -1
+    where the text embedding stays."""
+
+    pixel_values: np.ndarray | jax.Array
+    layout: VisionLayout
+    rows: np.ndarray | jax.Array
+
+
+def patch_bucket(n: int) -> int:
+    """Padded patch count for `n` patches: the next power of two (at least
+    64) up to 1024, then the next multiple of 1024 -- few compiled sizes for
+    small images, at most ~1k wasted patches for large ones. Every bucket is a
+    multiple of the 2x2 merge unit."""
+    if n <= 1024:
+        return max(64, 1 << max(0, n - 1).bit_length())
+    return -(-n // 1024) * 1024
+
+
+def _placeholder_rows(ids: np.ndarray, token_id: int, need: int, name: str, start: int):
+    """Tower rows start.. for the placeholders of `token_id` in row-major order;
+    their count must be `need` (the items' merged tokens)."""
+    hits = ids == token_id
+    found = int(hits.sum())
+    if found != need:
+        raise ValueError(
+            f"{found} {name} placeholder tokens in input_ids, but the {name}s given "
+            f"have {need} merged tokens"
+        )
+    return hits, start + np.cumsum(hits.reshape(-1)).reshape(ids.shape) - 1
+
+
+def pack_vision(
+    cfg: ModelConfig,
+    input_ids,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    num_slots: int | None = None,
+) -> PackedVision | None:
+    """Host side of the vision input: the batch's images (`pixel_values`
+    (patches, C*T*p*p) with `image_grid_thw` (n, 3)) and videos (likewise),
+    packed, padded to `num_slots` patches (default `patch_bucket`) and laid
+    out, with each placeholder's tower row. None when there are neither.
+
+    Placeholders and items must agree (ValueError otherwise): the image
+    placeholders of the whole batch number the images' merged tokens, the
+    video placeholders the videos'."""
+    ids = np.asarray(input_ids)
+    vcfg, tok = cfg.qwen_vision, cfg.qwen_vl
+    merge = vcfg.spatial_merge_size
+    rows = np.full(ids.shape, -1, np.int64)
+    pixels, grids, start = [], [], 0
+    items = (
+        ("image", tok.image_token_id, pixel_values, image_grid_thw),
+        ("video", tok.video_token_id, pixel_values_videos, video_grid_thw),
+    )
+    for name, token_id, px, grid in items:
+        if (px is None) != (grid is None):
+            raise ValueError(f"{name}s need both pixel values and a grid_thw (one is missing)")
+        need = 0 if grid is None else int(merged_tokens(grid, merge).sum())
+        hits, index = _placeholder_rows(ids, token_id, need, name, start)
+        rows = np.where(hits, index, rows)
+        if grid is None:
+            continue
+        px = np.asarray(px, np.float32)
+        if px.ndim != 2 or px.shape != (num_patches(grid), vcfg.patch_dim):
+            raise ValueError(
+                f"{name} pixel values of shape {px.shape} do not fit grid_thw "
+                f"(expects ({num_patches(grid)}, {vcfg.patch_dim}))"
+            )
+        pixels.append(px)
+        grids.append(np.asarray(grid, np.int64).reshape(-1, 3))
+        start += need
+    if not grids:
+        return None
+    grid = np.concatenate(grids)
+    slots = patch_bucket(num_patches(grid)) if num_slots is None else num_slots
+    return PackedVision(
+        pixel_values=pad_patches(np.concatenate(pixels), slots),
+        layout=vision_layout(grid, vcfg, slots),
+        rows=rows.astype(np.int32),
+    )
+
+
+def rope_positions(
+    cfg: ModelConfig,
+    input_ids,
+    attention_mask=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    mm_token_type_ids=None,
+) -> np.ndarray | None:
+    """M-RoPE position ids (3, B, T) of a batch (`mrope.get_rope_index`), or
+    None -- positions 0..T-1, padding included -- when it has no images or
+    videos, as Hugging Face's uncached forward does. `mm_token_type_ids`
+    default to the placeholder ids' types."""
+    if image_grid_thw is None and video_grid_thw is None:
+        return None
+    if mm_token_type_ids is None:
+        tok = cfg.qwen_vl
+        mm_token_type_ids = mm_token_types(input_ids, tok.image_token_id, tok.video_token_id)
+    vcfg = cfg.qwen_vision
+    positions, _ = get_rope_index(
+        mm_token_type_ids,
+        spatial_merge_size=vcfg.spatial_merge_size,
+        image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw,
+        attention_mask=attention_mask,
+        tokens_per_second=vcfg.tokens_per_second if cfg.kind == "qwen2_5_vl" else None,
+        second_per_grid_ts=second_per_grid_ts,
+    )
+    return positions.astype(np.int32)
+
+
+# ---------------------------------------------------------------- the model
+
+
+class QwenVL(nnx.Module):
+    """Qwen2-VL / Qwen2.5-VL: `vision` (the tower) + `decoder` (Qwen2 with
+    `mrope_section`); no projector (the tower's merger ends in the decoder's
+    width).
+
+    `attention_impl`: the decoder's attention implementation
+    (`attention.resolve`); the tower's segment attention is its own."""
+
+    def __init__(self, cfg: ModelConfig, *, attention_impl: str, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.vision = QwenVisionTower(cfg.qwen_vision, rngs=rngs)
+        self.decoder = Decoder(cfg.decoder, attention_impl=attention_impl, rngs=rngs)
+
+    @property
+    def decoder_config(self) -> DecoderConfig:
+        return self.cfg.decoder
+
+    def embed_inputs(
+        self, input_ids, pixel_values: PackedVision | None = None, image_sizes=None
+    ) -> jax.Array:
+        """Token embeddings (B, T, D) with the tower's tokens written over the
+        placeholders. `pixel_values`: the batch's `PackedVision` (the
+        `CausalLM` slot for images); `image_sizes` is LLaVA's and must be None."""
+        if image_sizes is not None:
+            raise ValueError("Qwen-VL takes no image_sizes (the grids are in PackedVision)")
+        embeds = self.decoder.embed_tokens(jnp.asarray(input_ids))
+        if pixel_values is None:
+            return embeds
+        vision = pixel_values
+        tokens = self.vision(jnp.asarray(vision.pixel_values), vision.layout)  # (M, D)
+        rows = jnp.asarray(vision.rows)
+        picked = jnp.take(tokens, jnp.clip(rows, 0, tokens.shape[0] - 1), axis=0)
+        merged = jnp.where(rows[..., None] >= 0, picked.astype(embeds.dtype), embeds)
+        return constrain_sharding(merged, "act_batch", "act_length", "act_embed")
+
+    def hidden_states(
+        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
+    ) -> jax.Array:
+        """Final-normed hidden states (B, T, D); `positions` (3, B, T) M-RoPE
+        ids (`rope_positions`), (B, T), or None (0..T-1); `pixel_values` a
+        `PackedVision` or None (see `embed_inputs`)."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        return self.decoder.hidden_from_embeds(embeds, attention_mask, positions)
+
+    def forward_cached(
+        self, inputs_embeds, cache: KVCache, attention_mask=None
+    ) -> tuple[jax.Array, KVCache]:
+        """New tokens against a KV cache (`Decoder.forward_cached`). Positions
+        continue at the cache length: exact for text-only prompts (their three
+        M-RoPE ids are equal), not yet after images (no `rope_deltas`)."""
+        return self.decoder.forward_cached(inputs_embeds, cache, attention_mask)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return self.decoder.logits(hidden)
+
+    def output_head(self) -> jax.Array:
+        return self.decoder.output_head()
+
+    def __call__(
+        self,
+        *,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        mm_token_type_ids=None,
+    ) -> jax.Array:
+        """fp32 logits (B, T, V) of the Hugging Face processor's outputs, given
+        by name (`model(**inputs)`; NumPy or anything `np.asarray` takes).
+
+        The host packs the vision input and computes the M-RoPE ids; the
+        forward runs jitted, compiled once per (B, T, patch bucket).
+        `mm_token_type_ids` default to the types of the placeholder ids."""
+        ids = np.asarray(input_ids)
+        mask = None if attention_mask is None else np.asarray(attention_mask)
+        vision = pack_vision(
+            self.cfg, ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
+        positions = rope_positions(
+            self.cfg, ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
+            None if mm_token_type_ids is None else np.asarray(mm_token_type_ids),
+        )  # fmt: skip
+        return _forward_logits(self, ids, mask, positions, vision)
+
+
+@nnx.jit
+def _forward_logits(model, input_ids, attention_mask, positions, vision):
+    return model.logits(model.hidden_states(input_ids, attention_mask, positions, vision))
