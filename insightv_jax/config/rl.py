@@ -49,6 +49,7 @@ class RLConfig:
     questions_per_round: int = 64  # prompts per round (0 = all)
     summary: str | None = None  # the summary agent's checkpoint (its start, when RL trains it)
     summary_chains: int = 2  # J-GRPO: chains per question from the current reasoning agent
+    summary_temperature: float | None = None  # J-GRPO: the answers' temperature (None: temperature)
     given_chains: str | None = None  # J-GRPO: JSONL of {id, chain} added to them (e.g. corrupted)
     eval_data: str | None = None  # held-out questions: accuracies after each round
     # a control run: each round's rewards permuted across its samples before the
@@ -59,6 +60,12 @@ class RLConfig:
     logprob_batch: int = 32  # responses per call of the log-prob pass
     format_weight: float = 0.0  # reward weight of a well-formed response
     score_weight: float = 0.0  # reward weight of the scorer's score
+
+    @property
+    def answer_temperature(self) -> float:
+        """The temperature J-GRPO samples the summary agent's answers at (and its
+        loss divides the logits by)."""
+        return self.temperature if self.summary_temperature is None else self.summary_temperature
 
     @property
     def updates_per_batch(self) -> int:
@@ -81,6 +88,8 @@ class RLConfig:
             )
         if self.beta < 0 or self.adv_eps <= 0:
             raise ConfigError(f"rl: beta={self.beta} must be >= 0 and adv_eps={self.adv_eps} > 0")
+        if self.summary_temperature is not None and self.summary_temperature <= 0:
+            raise ConfigError(f"rl.summary_temperature={self.summary_temperature} must be > 0")
         if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
             raise ConfigError(
                 f"rl: temperature={self.temperature} must be > 0 and top_p={self.top_p} in (0, 1]"

@@ -8,7 +8,7 @@ this one is ours (docs/method.md §7 says so). A summary round of `insightv rl`:
             question's chain from `rl.given_chains` when set (a JSONL of {id, chain},
             e.g. oracle chains with a deliberate error)      -> chains.jsonl
   answers   `rl.group_size` answers per (question, chain) from the summary agent
-            at `rl.temperature`, from one shared prefill per prompt, a key per
+            at `rl.summary_temperature` (default `rl.temperature`), from one shared prefill per prompt, a key per
             answer                                             -> generations.jsonl
   rewards   the judge's verdict on each answer (1/0)          -> samples.jsonl
   update    the GRPO-family step of the summary agent (train/rl/update.py) on
@@ -84,7 +84,7 @@ def sample_answer_groups(cfg: RunConfig, summarizer, items: list[dict], chains: 
     rl = cfg.rl
     G = rl.group_size
     by_id = {it["id"]: it for it in items}
-    params = SamplingParams(rl.temperature, top_p=rl.top_p,
+    params = SamplingParams(rl.answer_temperature, top_p=rl.top_p,
                             max_new_tokens=cfg.dpo.summary_max_tokens, seed=seed)  # fmt: skip
     per_call = max(1, rl.sample_batch // G)
     out = []

@@ -151,8 +151,9 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     if (out / "params").exists():
         return str(out), json.loads((rd / "update.json").read_text())
     seed = cfg.seed * 1_000_003 + int(rd.name.rsplit("_", 1)[-1])  # the round's number
-    if agent == "summary":  # the responses are answers: Dr. GRPO's constant is their limit
-        rl = dataclasses.replace(rl, max_response_tokens=cfg.dpo.summary_max_tokens)
+    if agent == "summary":  # answers: their temperature; Dr. GRPO's constant is their limit
+        rl = dataclasses.replace(rl, max_response_tokens=cfg.dpo.summary_max_tokens,
+                                 temperature=rl.answer_temperature)  # fmt: skip
         cfg = dataclasses.replace(cfg, rl=rl)
     records, stats = rl_records(items, samples, cfg.pipeline.prompts, rl, seed, agent)
     if not records:
