@@ -15,6 +15,12 @@ token — at long contexts that copy costs as much as the attention itself).
 It also keeps the rotary cos/sin of every slot's position, computed once, so a
 decode step gathers its tokens' rotations instead of evaluating sin and cos
 (XLA fuses those into every layer's q and k rotation, once per head).
+
+Multimodal rotary positions (M-RoPE, Qwen2-VL) fall behind or run ahead of
+the slot index after an image: `rope_deltas[b]` is row b's rotary position of
+its next token minus its length (zero for text-only rows and for every other
+model). The decoder rotates such rows from positions, not from the table
+(`Decoder.forward_cached`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class KVCache:
     lengths: jax.Array  # (B,) int32: filled slots per row
     rope_cos: jax.Array  # (S, H/2) fp32: cos of slot s's rotation angles (position s)
     rope_sin: jax.Array  # (S, H/2) fp32
+    rope_deltas: jax.Array  # (B,) int32: next rotary position - length (M-RoPE only)
 
     @property
     def max_length(self) -> int:
@@ -57,6 +64,7 @@ class KVCache:
             lengths=jnp.zeros((batch,), jnp.int32),
             rope_cos=cos[0, :, 0],
             rope_sin=sin[0, :, 0],
+            rope_deltas=jnp.zeros((batch,), jnp.int32),
         )
 
     def rope_at(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -73,6 +81,7 @@ class KVCache:
             k=tuple(jnp.repeat(k, n, axis=0) for k in self.k),
             v=tuple(jnp.repeat(v, n, axis=0) for v in self.v),
             lengths=jnp.repeat(self.lengths, n, axis=0),
+            rope_deltas=jnp.repeat(self.rope_deltas, n, axis=0),
         )
 
 

@@ -290,34 +290,69 @@ class Decoder(nnx.Module):
         )
 
     def forward_cached(
-        self, inputs_embeds: jax.Array, cache: KVCache, attention_mask=None
+        self,
+        inputs_embeds: jax.Array,
+        cache: KVCache,
+        attention_mask=None,
+        positions=None,
     ) -> tuple[jax.Array, KVCache]:
         """Run new tokens (B, T, D) against a KV cache; returns (normed hidden, cache).
 
-        Row b's new tokens take positions lengths[b] .. lengths[b]+T-1; with a
-        right-padded chunk, `attention_mask` (B, T) says how many are real and
-        the row's length advances by that many.
+        Row b's new tokens take slots (and causal order) lengths[b] ..
+        lengths[b]+T-1; with a right-padded chunk, `attention_mask` (B, T) says
+        how many are real and the row's length advances by that many.
+
+        Rotary positions equal the slots, except with `cfg.mrope_section` set:
+        there row b's chunk starts at rotary position lengths[b] +
+        rope_deltas[b], and `positions` may give the chunk's M-RoPE ids (3, B,
+        T) counted from that start (`mrope.get_rope_index` of the chunk alone,
+        e.g. a prompt with images); the row's delta then advances by the
+        chunk's max id + 1 - its real tokens. Without `positions` the chunk
+        is text (three equal ids).
         """
         B, T, _ = inputs_embeds.shape
         counts = jnp.full((B,), T, jnp.int32) if attention_mask is None else attention_mask.sum(-1)
-        positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+        counts = counts.astype(jnp.int32)
+        order = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         slots = jnp.arange(cache.max_length, dtype=jnp.int32)
         slot_valid = slots[None, :] < (cache.lengths + counts)[:, None]
+        rope, deltas = self._cached_rotary(cache, order, counts, attention_mask, positions)
         # Layers run in Python order (unrolled), each on its own cache buffer:
         # a scan would slice every layer's weights and cache out of the stacked
         # arrays per token (copies). Stacked blocks are sliced here too;
         # `sample.decode_transform` unstacks them once instead.
-        rope = cache.rope_at(positions)
         x, ks, vs = inputs_embeds, [], []
         for i, block in enumerate(layer_modules(self.layers, self.cfg.num_layers)):
             layer_kv = (cache.k[i], cache.v[i])
-            x, (k, v) = block.cached(x, positions, rope, slot_valid, cache.lengths, layer_kv)
+            x, (k, v) = block.cached(x, order, rope, slot_valid, cache.lengths, layer_kv)
             ks.append(k)
             vs.append(v)
         new_cache = cache.replace(
-            k=tuple(ks), v=tuple(vs), lengths=cache.lengths + counts.astype(jnp.int32)
+            k=tuple(ks), v=tuple(vs), lengths=cache.lengths + counts, rope_deltas=deltas
         )
         return self.norm(x), new_cache
+
+    def _cached_rotary(self, cache: KVCache, order, counts, attention_mask, positions):
+        """(rope cos/sin of a cached chunk, the cache's next `rope_deltas`)."""
+        if self.cfg.mrope_section is None:
+            if positions is not None:
+                raise ValueError("explicit positions need M-RoPE (decoder.mrope_section)")
+            return cache.rope_at(order), cache.rope_deltas
+        inv_freq = decoder_inv_freq(self.cfg)
+        start = cache.lengths + cache.rope_deltas  # (B,) each row's next rotary position
+        if positions is None:
+            # Text: three equal ids rotate as 1-D RoPE. Computed, not gathered
+            # from the per-slot table: a row's position may pass its last slot.
+            ids = start[:, None] + jnp.arange(order.shape[1], dtype=jnp.int32)
+            return rope_cos_sin(ids, inv_freq), cache.rope_deltas
+        positions = jnp.asarray(positions, jnp.int32)
+        if attention_mask is None:
+            real = jnp.ones(order.shape, bool)
+        else:
+            real = attention_mask.astype(bool)
+        top = jnp.max(jnp.where(real[None], positions, -1), axis=(0, 2))  # (B,); -1 if empty
+        rope = mrope_cos_sin(positions + start[None, :, None], inv_freq, self.cfg.mrope_section)
+        return rope, cache.rope_deltas + top + 1 - counts
 
     def output_head(self) -> jax.Array:
         """The (D, V) output projection in the compute dtype (the embeddings,

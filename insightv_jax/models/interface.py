@@ -46,11 +46,17 @@ class DecodingLM(Protocol):
         ...
 
     def forward_cached(
-        self, inputs_embeds: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None
+        self,
+        inputs_embeds: jax.Array,
+        cache: KVCache,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Run new tokens (B, T, D) against `cache` (a right-padded chunk:
         `attention_mask` (B, T) marks the real ones); returns (final-normed
-        hidden states (B, T, D), the cache with them appended)."""
+        hidden states (B, T, D), the cache with them appended). `positions`:
+        a multimodal-RoPE model's ids of the chunk (3, B, T), counted from
+        each row's next position (see `Decoder.forward_cached`); None for text."""
         ...
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -167,10 +167,11 @@ class LlavaModel(nnx.Module):
         return self.decoder.hidden_from_embeds(embeds, attention_mask, positions)
 
     def forward_cached(
-        self, inputs_embeds, cache: KVCache, attention_mask=None
+        self, inputs_embeds, cache: KVCache, attention_mask=None, positions=None
     ) -> tuple[jax.Array, KVCache]:
-        """New tokens' embeddings against a KV cache (see `Decoder.forward_cached`)."""
-        return self.decoder.forward_cached(inputs_embeds, cache, attention_mask)
+        """New tokens' embeddings against a KV cache (see `Decoder.forward_cached`;
+        `positions` are M-RoPE's, so always None here)."""
+        return self.decoder.forward_cached(inputs_embeds, cache, attention_mask, positions)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.decoder.logits(hidden)

@@ -16,13 +16,20 @@ bucket (`patch_bucket`), so one compiled program serves every batch whose
 items fit it. `QwenVL.__call__` takes the Hugging Face processor's outputs as
 keyword arguments and does both halves.
 
+Cached decoding (`sample.Sampler`) takes a `VisionPrompt`: the processor's
+vision outputs, laid out against each padded chunk of prompt ids by its
+`pack`, which also gives the chunk's M-RoPE ids. The KV cache carries each
+row's `rope_deltas`, so generated tokens continue after the prompt's largest
+id (`Decoder.forward_cached`).
+
 Shapes: B batch, T tokens, D the decoder's width, L patches (padded),
 M = L / 4 merged tokens.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +175,37 @@ def rope_positions(
     return positions.astype(np.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class VisionPrompt:
+    """The images and videos of a prompt chunk as the processor gives them
+    (its outputs of these names), for `Sampler.extend(vision=...)`: the
+    sampler pads the chunk's ids and calls `pack`. `QwenVL.vision_prompt`
+    builds one."""
+
+    cfg: ModelConfig
+    pixel_values: Any = None
+    image_grid_thw: Any = None
+    pixel_values_videos: Any = None
+    video_grid_thw: Any = None
+    second_per_grid_ts: Any = None
+
+    def pack(self, input_ids, attention_mask) -> tuple[PackedVision | None, np.ndarray | None]:
+        """(`embed_inputs`' `PackedVision`, M-RoPE ids (3, B, T) counted from
+        the chunk's start, as `forward_cached` takes them) for a chunk of ids
+        (B, T) whose `attention_mask` marks the real tokens (padding anywhere;
+        its ids are never read as placeholders)."""
+        mask = np.asarray(attention_mask)
+        ids = np.where(mask > 0, np.asarray(input_ids), -1)
+        vision = pack_vision(
+            self.cfg, ids, self.pixel_values, self.image_grid_thw,
+            self.pixel_values_videos, self.video_grid_thw,
+        )  # fmt: skip
+        positions = rope_positions(
+            self.cfg, ids, mask, self.image_grid_thw, self.video_grid_thw, self.second_per_grid_ts
+        )
+        return vision, positions
+
+
 # ---------------------------------------------------------------- the model
 
 
@@ -217,12 +255,29 @@ class QwenVL(nnx.Module):
         return self.decoder.hidden_from_embeds(embeds, attention_mask, positions)
 
     def forward_cached(
-        self, inputs_embeds, cache: KVCache, attention_mask=None
+        self, inputs_embeds, cache: KVCache, attention_mask=None, positions=None
     ) -> tuple[jax.Array, KVCache]:
-        """New tokens against a KV cache (`Decoder.forward_cached`). Positions
-        continue at the cache length: exact for text-only prompts (their three
-        M-RoPE ids are equal), not yet after images (no `rope_deltas`)."""
-        return self.decoder.forward_cached(inputs_embeds, cache, attention_mask)
+        """New tokens against a KV cache (`Decoder.forward_cached`): `positions`
+        the chunk's M-RoPE ids (3, B, T) counted from each row's next position
+        (`VisionPrompt.pack`), or None for text, which continues after the
+        row's largest id (the cache's `rope_deltas`)."""
+        return self.decoder.forward_cached(inputs_embeds, cache, attention_mask, positions)
+
+    def vision_prompt(
+        self,
+        *,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+    ) -> VisionPrompt:
+        """The processor's vision outputs (by name) as a `VisionPrompt` for
+        `Sampler.extend` / `Sampler.generate`."""
+        return VisionPrompt(
+            self.cfg, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+            second_per_grid_ts,
+        )  # fmt: skip
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.decoder.logits(hidden)

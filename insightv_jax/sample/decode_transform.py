@@ -33,6 +33,7 @@ from insightv_jax.models.decoder import MLP, Attention, Decoder, DecoderBlock
 from insightv_jax.models.interface import CausalLM
 from insightv_jax.models.linear import dense
 from insightv_jax.models.llava import LlavaModel
+from insightv_jax.models.qwen_vl import QwenVL
 from insightv_jax.models.stack import layer_modules
 from insightv_jax.parallel import constrain_sharding
 from insightv_jax.sample import panel_matmul
@@ -40,7 +41,7 @@ from insightv_jax.sample.panel_matmul import PackedWeight
 
 
 def for_decoding(model: CausalLM, fuse: bool | None = None, pack: bool | None = None) -> CausalLM:
-    """`model` (a `Decoder` or a `LlavaModel`) in its decode form: blocks
+    """`model` (a `Decoder`, `LlavaModel` or `QwenVL`) in its decode form: blocks
     unstacked, and with `fuse` (default: on the CPU backend) q/k/v and gate/up
     fused, with `pack` (default: where the panel kernel applies; implies
     `fuse`) weights packed for the panel kernel. Other models, and models
@@ -56,6 +57,8 @@ def for_decoding(model: CausalLM, fuse: bool | None = None, pack: bool | None = 
     decoding = form(decoder)
     if isinstance(model, LlavaModel):
         return DecodingLlava(model, decoding)
+    if isinstance(model, QwenVL):
+        return DecodingQwenVL(model, decoding)
     return decoding
 
 
@@ -267,3 +270,13 @@ class DecodingLlava(LlavaModel):
         self.decoder = decoder
         if model.cfg.kind == "llava_next":
             self.image_newline = model.image_newline
+
+
+class DecodingQwenVL(QwenVL):
+    """A `QwenVL` whose decoder is in a decode form; the vision tower is the
+    model's own."""
+
+    def __init__(self, model: QwenVL, decoder: UnstackedDecoder):
+        self.cfg = model.cfg
+        self.vision = model.vision
+        self.decoder = decoder

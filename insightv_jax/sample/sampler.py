@@ -118,10 +118,10 @@ def _stop_table(seqs: Sequence[Sequence[int]], width: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def _extend(graphdef, params, state: DecodeState, ids, mask, pixel_values, image_sizes):
+def _extend(graphdef, params, state: DecodeState, ids, mask, pixel_values, image_sizes, positions):
     model: DecodingLM = nnx.merge(graphdef, params)
     embeds = model.embed_inputs(ids, pixel_values, image_sizes)
-    hidden, cache = model.forward_cached(embeds, state.cache, mask)
+    hidden, cache = model.forward_cached(embeds, state.cache, mask, positions)
     counts = mask.sum(-1)
     last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
     logits = model.logits(last)[:, 0]
@@ -297,9 +297,19 @@ class Sampler:
         )
 
     def extend(
-        self, state: DecodeState, rows: Sequence[Sequence[int]], pixel_values=None, image_sizes=None
+        self,
+        state: DecodeState,
+        rows: Sequence[Sequence[int]],
+        pixel_values=None,
+        image_sizes=None,
+        vision=None,
     ):
-        """Append each row's tokens (possibly none) to its cache."""
+        """Append each row's tokens (possibly none) to its cache.
+
+        Images come either as LLaVA's `pixel_values` / `image_sizes`, or as
+        `vision`, an object that lays itself out against the padded chunk:
+        `vision.pack(ids, mask)` -> (the model's `pixel_values`, its rotary
+        positions of the chunk or None) -- Qwen-VL's `VisionPrompt`."""
         longest = max((len(r) for r in rows), default=0)
         lengths = np.asarray(jax.device_get(state.cache.lengths))
         need = int(max((lengths[i] + len(r) for i, r in enumerate(rows)), default=0))
@@ -308,7 +318,14 @@ class Sampler:
                 f"prompt of {need} tokens does not fit the cache of {state.cache.max_length} slots"
             )
         ids, mask = pad_rows(rows, next_pow2(longest, 8), self.pad_id)
-        return _extend(self.graphdef, self.params, state, ids, mask, pixel_values, image_sizes)
+        positions = None
+        if vision is not None:
+            if pixel_values is not None or image_sizes is not None:
+                raise InsightVError("give images either as vision= or as pixel_values, not both")
+            pixel_values, positions = vision.pack(ids, mask)
+        return _extend(
+            self.graphdef, self.params, state, ids, mask, pixel_values, image_sizes, positions
+        )
 
     def decode(
         self,
@@ -377,8 +394,10 @@ class Sampler:
         pixel_values=None,
         image_sizes=None,
         constraint=None,
+        vision=None,
     ) -> list[dict]:
-        """Prefill + decode for a batch of token-id prompts.
+        """Prefill + decode for a batch of token-id prompts (images as in
+        `extend`).
 
         Returns one dict per row: `tokens`, `logprobs`, `text` (if a tokenizer
         is set; cut after the first stop string) and `finish_reason`
@@ -388,7 +407,7 @@ class Sampler:
             raise InsightVError("every prompt needs at least one token")
         longest = max(len(p) for p in prompts)
         state = self.start(len(prompts), next_pow2(longest, 8) + params.max_new_tokens, params.seed)
-        state = self.extend(state, prompts, pixel_values, image_sizes)
+        state = self.extend(state, prompts, pixel_values, image_sizes, vision)
         _, out = self.decode(state, params, constraint=constraint)
         return self.unpack(out, params)
 
