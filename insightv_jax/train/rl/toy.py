@@ -322,6 +322,9 @@ def _rollout(toy: ToyConfig, model, data: np.ndarray, step: int, shuffle: bool):
     return pairs_rows, kept_resp[: Q * G], rewards, scored, stats
 
 
+_PROGRAMS: dict = {}  # RL programs built in this process, by configuration
+
+
 def _manager(run_dir: Path):
     import orbax.checkpoint as ocp
 
@@ -354,7 +357,12 @@ def rl_run(toy: ToyConfig, start: Path, name: str, shuffle: bool, print_fn=print
     B = toy.questions * rl.group_size
     mb = B // rl.minibatches
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch=mb))
-    program = build_program(model_cfg, cfg, mesh, updates, lambda *a: RLProgram(*a, rl=rl))
+    # the RL run and its control share one program (and its compiled steps)
+    key = repr((model_cfg, cfg.train, rl, mesh.shape, [d.id for d in mesh.devices.flat], updates))
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = build_program(model_cfg, cfg, mesh, updates,
+                                       lambda *a: RLProgram(*a, rl=rl))  # fmt: skip
+    program = _PROGRAMS[key]
     manager = _manager(run_dir)
     done = manager.latest_step()
     start_params = nnx.to_pure_dict(nnx.state(start_model, nnx.Param))
