@@ -1,0 +1,244 @@
+"""Image preprocessing for Qwen2-VL / Qwen2.5-VL, equal to transformers'
+`Qwen2VLImageProcessorPil` on the same input.
+
+Per image: convert to RGB (transparency composited on white), resize
+(bicubic) to the size `smart_resize` picks (each side a multiple of
+patch_size * merge_size, the area kept within [min_pixels, max_pixels]),
+x/255, (x - mean) / std, then cut into patch_size x patch_size patches. The
+patches come out grouped by merge unit: the merge_size x merge_size patches
+that the model's merger fuses into one token are consecutive rows, the units
+row-major over the image. A still image is repeated along time to
+`temporal_patch_size` frames, so each row is (C, T, p, p) flattened.
+
+`QwenImageProcessor.__call__` returns the Hugging Face layout that
+`models.qwen_vl.QwenVL` takes: pixel_values (total_patches, C*T*p*p) float32
+and image_grid_thw (images, 3) int64, each row (1, grid_h, grid_w).
+
+Videos are not handled here. transformers' Qwen2-VL video processor needs
+torchvision, so no video path was checked against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from insightv_jax.data.images import CLIP_MEAN, CLIP_STD, to_rgb
+from insightv_jax.errors import DataError
+
+BICUBIC = 3
+PREPROCESSOR_FILE = "preprocessor_config.json"
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+MAX_ASPECT = 200
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """(height, width) to resize to: both multiples of `factor`, close to the
+    input's aspect ratio, the area brought into [min_pixels, max_pixels].
+
+    Each side is first rounded to the nearest multiple (Python's round, ties to
+    even). If that area is too large, both sides are scaled down by the same
+    factor and floored to a multiple (at least `factor`); if too small, scaled
+    up and ceiled. Raises ValueError for an aspect ratio above 200.
+    """
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT:
+        raise ValueError(f"aspect ratio {ratio:.1f} is above {MAX_ASPECT}")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * grow / factor) * factor
+        w = math.ceil(width * grow / factor) * factor
+    return h, w
+
+
+def open_image(source, name: str = "image") -> Image.Image:
+    """A decoded PIL image from a path, bytes or PIL image; a one-line DataError
+    naming `name` if it is missing, unreadable, truncated or empty."""
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+        elif isinstance(source, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(source))
+        else:
+            img = Image.open(Path(source))
+        img.load()
+    except FileNotFoundError:
+        raise DataError(f"{name}: image file not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise DataError(f"{name}: unreadable image ({reason})") from None
+    if img.width == 0 or img.height == 0:
+        raise DataError(f"{name}: image has zero size ({img.width}x{img.height})")
+    return img
+
+
+def _config_error(path, msg: str) -> DataError:
+    return DataError(f"{path}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenImageProcessor:
+    """Qwen2-VL / Qwen2.5-VL image preprocessing (the two share it)."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    resample: int = BICUBIC
+    rescale_factor: float = 1 / 255
+    do_convert_rgb: bool = True
+
+    @property
+    def factor(self) -> int:
+        """Side multiple of a resized image: one merge unit, in pixels."""
+        return self.patch_size * self.merge_size
+
+    # ------------------------------------------------------------ config
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> QwenImageProcessor:
+        """Read a Hugging Face `preprocessor_config.json`. Pixel bounds come
+        from top-level `min_pixels` / `max_pixels` (older Qwen2-VL configs) or
+        `size: {shortest_edge, longest_edge}` (the top-level ones win)."""
+        path = Path(folder) / PREPROCESSOR_FILE
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise _config_error(path, f"cannot read image processor config ({e})") from None
+        if not isinstance(d, dict):
+            raise _config_error(path, "image processor config is not a JSON object")
+        for flag in ("do_resize", "do_rescale", "do_normalize"):
+            if d.get(flag, True) is False:
+                raise _config_error(path, f"{flag}: false is not supported")
+        size = d.get("size") or {}
+        min_px = d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+        max_px = d.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+        try:
+            proc = cls(
+                patch_size=int(d.get("patch_size", 14)),
+                temporal_patch_size=int(d.get("temporal_patch_size", 2)),
+                merge_size=int(d.get("merge_size", 2)),
+                min_pixels=int(DEFAULT_MIN_PIXELS if min_px is None else min_px),
+                max_pixels=int(DEFAULT_MAX_PIXELS if max_px is None else max_px),
+                image_mean=tuple(float(v) for v in d.get("image_mean", CLIP_MEAN)),
+                image_std=tuple(float(v) for v in d.get("image_std", CLIP_STD)),
+                resample=int(d.get("resample", BICUBIC)),
+                rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+                do_convert_rgb=bool(d.get("do_convert_rgb", True)),
+            )
+        except (TypeError, ValueError) as e:
+            raise _config_error(path, f"bad image processor field ({e})") from None
+        if min(proc.patch_size, proc.temporal_patch_size, proc.merge_size) < 1:
+            raise _config_error(path, "patch_size, temporal_patch_size, merge_size must be >= 1")
+        if not 0 < proc.min_pixels <= proc.max_pixels:
+            raise _config_error(
+                path, f"need 0 < min_pixels <= max_pixels, got {proc.min_pixels}, {proc.max_pixels}"
+            )
+        return proc
+
+    def to_dict(self) -> dict:
+        """A `preprocessor_config.json` that transformers loads too."""
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "resample": self.resample,
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": self.do_convert_rgb,
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+        }
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / PREPROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2))
+
+    # ------------------------------------------------------------ pipeline
+
+    def _pixels(self, img: Image.Image) -> np.ndarray:
+        """(H, W, C) uint8 array, RGB unless do_convert_rgb is off."""
+        if self.do_convert_rgb:
+            img = to_rgb(img)
+        arr = np.asarray(img)
+        return arr[:, :, None] if arr.ndim == 2 else arr
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def patches(self, image, name: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One image -> (patches (grid_h*grid_w, C*T*p*p) float32, (1, grid_h, grid_w))."""
+        img = open_image(image, name)
+        try:
+            h, w = self.resized_size(img.height, img.width)
+        except ValueError as e:
+            raise DataError(f"{name}: cannot resize {img.width}x{img.height} image ({e})") from None
+        arr = self._pixels(img)
+        if (h, w) != arr.shape[:2]:
+            # PIL resizes each band of the (up to 4-band) image independently.
+            band = Image.fromarray(arr if arr.shape[2] != 1 else arr[:, :, 0])
+            arr = np.asarray(band.resize((w, h), self.resample))
+            arr = arr[:, :, None] if arr.ndim == 2 else arr
+        x = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.image_mean, np.float32)
+        std = np.asarray(self.image_std, np.float32)
+        x = ((x - mean) / std).transpose(2, 0, 1)  # (C, H, W)
+
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        c = x.shape[0]
+        gh, gw = h // p, w // p
+        # (C, H, W) -> (unit row, unit col, row in unit, col in unit, C, py, px)
+        x = x.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        # the same frame repeated t times along a new time axis after C
+        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
+        return np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p), (1, gh, gw)
+
+    def __call__(self, images, names=None) -> dict[str, np.ndarray]:
+        """Hugging Face layout for a list of images (paths, bytes or PIL images)."""
+        if isinstance(images, (str, Path, bytes, Image.Image)):
+            images = [images]
+        if not images:
+            raise DataError("no images given to the Qwen image processor")
+        if names is None:
+            names = [
+                str(im) if isinstance(im, (str, Path)) else f"image {k}"
+                for k, im in enumerate(images)
+            ]
+        out = [self.patches(im, n) for im, n in zip(images, names)]
+        return {
+            "pixel_values": np.concatenate([pv for pv, _ in out], axis=0),
+            "image_grid_thw": np.asarray([g for _, g in out], dtype=np.int64),
+        }
+
+    def num_patches(self, height: int, width: int) -> int:
+        """Rows of pixel_values an image of this size gives (before merging)."""
+        h, w = self.resized_size(height, width)
+        return (h // self.patch_size) * (w // self.patch_size)
