@@ -33,9 +33,9 @@ BICUBIC = 3
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-def load_image(source, name: str = "image") -> Image.Image:
-    """An RGB PIL image from a path, bytes or PIL image; a one-line DataError
-    naming `name` if it is unreadable, truncated or empty."""
+def open_image(source, name: str = "image") -> Image.Image:
+    """A decoded PIL image (its own mode) from a path, bytes or PIL image; a one-line
+    DataError naming `name` if it is missing, unreadable, truncated or empty."""
     try:
         if isinstance(source, Image.Image):
             img = source
@@ -47,10 +47,16 @@ def load_image(source, name: str = "image") -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"{name}: image file not found") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{name}: unreadable image ({str(e).splitlines()[0][:120]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise DataError(f"{name}: unreadable image ({reason})") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{name}: image has zero size ({img.width}x{img.height})")
-    return to_rgb(img)
+    return img
+
+
+def load_image(source, name: str = "image") -> Image.Image:
+    """`open_image`, in RGB (`to_rgb`)."""
+    return to_rgb(open_image(source, name))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -21,7 +21,6 @@ torchvision, so no video path was checked against it.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from insightv_jax.data.images import CLIP_MEAN, CLIP_STD, to_rgb
+from insightv_jax.data.images import CLIP_MEAN, CLIP_STD, open_image, to_rgb
 from insightv_jax.errors import DataError
 
 BICUBIC = 3
@@ -68,27 +67,6 @@ def smart_resize(
         h = math.ceil(height * grow / factor) * factor
         w = math.ceil(width * grow / factor) * factor
     return h, w
-
-
-def open_image(source, name: str = "image") -> Image.Image:
-    """A decoded PIL image from a path, bytes or PIL image; a one-line DataError
-    naming `name` if it is missing, unreadable, truncated or empty."""
-    try:
-        if isinstance(source, Image.Image):
-            img = source
-        elif isinstance(source, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(source))
-        else:
-            img = Image.open(Path(source))
-        img.load()
-    except FileNotFoundError:
-        raise DataError(f"{name}: image file not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise DataError(f"{name}: unreadable image ({reason})") from None
-    if img.width == 0 or img.height == 0:
-        raise DataError(f"{name}: image has zero size ({img.width}x{img.height})")
-    return img
 
 
 def _config_error(path, msg: str) -> DataError:

@@ -23,8 +23,9 @@ from insightv_jax.data.prompts import write_prompts
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.configs import QWEN_VL_TYPES, model_from_hf, model_to_hf, read_hf_config
 from insightv_jax.hf.files import copy_aux_dirs
-from insightv_jax.hf.keymap import IGNORED_KEY_SUFFIXES, ParamMap, decoder_keymap
+from insightv_jax.hf.keymap import ParamMap, decoder_keymap
 from insightv_jax.hf.llava import detect_layout, ignored_key, llava_keymap
+from insightv_jax.hf.placement import check_all_used, place
 from insightv_jax.hf.safetensors_io import SafetensorsFolder, write_folder
 from insightv_jax.models.factory import abstract_model
 
@@ -46,12 +47,6 @@ def _get(tree: dict, path: tuple[str, ...]):
     for p in path:
         tree = tree[p]
     return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for p in path[:-1]:
-        tree = tree[p]
-    tree[path[-1]] = value
 
 
 def _leaf_paths(tree, prefix=()) -> set[tuple[str, ...]]:
@@ -106,39 +101,15 @@ def import_hf(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = None):
 
     used: set[str] = set()
     for pm in maps:
-        spec = _get(target, pm.path)
         n_layers = _num_layers(cfg, pm)
-        host, first_key = _host_value(tensors, pm, n_layers, spec)
-        if host.shape != spec.shape:
-            raise CheckpointError(
-                f"{tensors.key_to_file[first_key]}: tensor {first_key!r} does not fit the config "
-                f"(converted shape {host.shape}, config expects {spec.shape})"
-            )
-        host = host.astype(spec.dtype)
-        _set(
-            target,
-            pm.path,
-            jax.make_array_from_callback(spec.shape, spec.sharding, lambda i, h=host: h[i]),
-        )
+        host, first_key = _host_value(tensors, pm, n_layers, _get(target, pm.path))
+        place(target, pm.path, host, tensors.key_to_file[first_key], first_key)
         if pm.stacked:
             used.update(pm.hf_key.format(i=i) for i in range(n_layers))
         else:
             used.add(pm.hf_key)
-
-    tied_head = cfg.decoder.tie_embeddings
-    extra = [
-        k
-        for k in tensors.keys()
-        if k not in used
-        and not k.endswith(IGNORED_KEY_SUFFIXES)
-        and not (tied_head and k.endswith("lm_head.weight"))
-        and not (cfg.is_vlm and ignored_key(k, layout))
-    ]
-    if extra:
-        raise CheckpointError(
-            f"{tensors.key_to_file[extra[0]]}: tensor {extra[0]!r} is not used by the config "
-            f"({len(extra)} unused tensors; does config.json match the weights?)"
-        )
+    check_all_used(tensors, used, cfg.decoder.tie_embeddings,
+                   lambda k: cfg.is_vlm and ignored_key(k, layout))  # fmt: skip
     nnx.replace_by_pure_dict(abstract, target)
     return nnx.merge(graphdef, abstract), cfg
 

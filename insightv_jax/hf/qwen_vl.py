@@ -23,7 +23,8 @@ from jax.sharding import Mesh
 from insightv_jax.config import ModelConfig
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.configs import qwen_vl_from_hf, read_hf_config
-from insightv_jax.hf.keymap import IGNORED_KEY_SUFFIXES, decoder_keymap
+from insightv_jax.hf.keymap import decoder_keymap
+from insightv_jax.hf.placement import check_all_used, place
 from insightv_jax.hf.qwen_vision import _entries as tower_entries
 from insightv_jax.hf.qwen_vision import find_prefix
 from insightv_jax.hf.safetensors_io import SafetensorsFolder
@@ -99,33 +100,9 @@ def import_qwen_vl(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = Non
                 )
         values = [src.convert(np.asarray(tensors.read(k), np.float32)) for k in src.keys]
         host = np.stack(values) if src.stacked else values[0]
-        leaf = target
-        for p in src.path[:-1]:
-            leaf = leaf[p]
-        spec = leaf[src.path[-1]]
-        if host.shape != spec.shape:
-            raise CheckpointError(
-                f"{folder}: tensor {src.keys[0]!r} converts to shape {host.shape}, the model "
-                f"expects {spec.shape}"
-            )
-        host = host.astype(spec.dtype)
-        leaf[src.path[-1]] = jax.make_array_from_callback(
-            spec.shape, spec.sharding, lambda i, h=host: h[i]
-        )
+        place(target, src.path, host, tensors.key_to_file[src.keys[0]], src.keys[0])
         used.update(src.keys)
-    tied = cfg.decoder.tie_embeddings
-    extra = [
-        k
-        for k in tensors.keys()
-        if k not in used
-        and not k.endswith(IGNORED_KEY_SUFFIXES)
-        and not (tied and k == "lm_head.weight")
-    ]
-    if extra:
-        raise CheckpointError(
-            f"{tensors.key_to_file[extra[0]]}: tensor {extra[0]!r} is not used by the config "
-            f"({len(extra)} unused tensors; does config.json match the weights?)"
-        )
+    check_all_used(tensors, used, cfg.decoder.tie_embeddings)
     nnx.replace_by_pure_dict(abstract, target)
     return nnx.merge(graphdef, abstract), cfg
 
