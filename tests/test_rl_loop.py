@@ -81,6 +81,23 @@ def test_summary_records_are_the_answers_given_each_chain():
     assert stats["reward_mean"] == 0.5 and "multi_step_share" not in stats
 
 
+def test_bad_given_chains_and_toy_fields_are_one_line_errors(tmp_path):
+    from insightv_jax.errors import InsightVError
+    from insightv_jax.train.rl.summary import given_chains
+    from insightv_jax.train.rl.toy import toy_config
+
+    bad = tmp_path / "given.jsonl"
+    bad.write_text('{"id": "a", "chain": "x"}\n{"id": "b"}\n')
+    with pytest.raises(ConfigError, match=r"given.jsonl: record 2 has no 'chain'$"):
+        given_chains(str(bad))
+    with pytest.raises(ConfigError, match="is not a file$"):
+        given_chains(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(InsightVError, match=r"^rl-toy: steps=0 must be >= 1$"):
+        toy_config(str(tmp_path), steps=0)
+    with pytest.raises(InsightVError, match=r"start_accuracy=1.5 must be in \(0, 1\]$"):
+        toy_config(str(tmp_path), start_accuracy=1.5)
+
+
 def test_rl_without_questions_names_the_key():
     with pytest.raises(ConfigError, match="^rl.questions: no question file given$"):
         run_rl(load_config(None, ["train.init=x"]))

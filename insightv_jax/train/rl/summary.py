@@ -32,9 +32,10 @@ def given_chains(path: str | None) -> dict[str, str]:
     if not Path(path).is_file():
         raise ConfigError(f"rl.given_chains: {path} is not a file")
     out = {}
-    for row in read_jsonl(path):
+    for n, row in enumerate(read_jsonl(path), 1):
         if "id" not in row or "chain" not in row:
-            raise ConfigError(f"rl.given_chains: {path}: a row without 'id' and 'chain'")
+            missing = "id" if "id" not in row else "chain"
+            raise ConfigError(f"rl.given_chains: {path}: record {n} has no {missing!r}")
         out[str(row["id"])] = str(row["chain"]).replace("<image>", "")  # text, not a placeholder
     return out
 

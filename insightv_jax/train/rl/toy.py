@@ -165,6 +165,12 @@ def toy_config(workdir: str, overrides=(), **fields) -> ToyConfig:
         raise InsightVError(f"rl.max_response_tokens={cfg.rl.max_response_tokens}: "
                             f"the toy's answers need {ANSWER_MAX}")  # fmt: skip
     toy = ToyConfig(workdir=workdir, run=cfg, **fields)
+    for name in ("steps", "questions", "sft_batch", "sft_max_steps", "sft_check_every",
+                 "save_every", "val_limit"):  # fmt: skip
+        if getattr(toy, name) < 1:
+            raise InsightVError(f"rl-toy: {name}={getattr(toy, name)} must be >= 1")
+    if not 0.0 < toy.start_accuracy <= 1.0:
+        raise InsightVError(f"rl-toy: start_accuracy={toy.start_accuracy} must be in (0, 1]")
     if toy.questions * cfg.rl.group_size % cfg.rl.minibatches:
         raise InsightVError(
             f"{toy.questions} questions × rl.group_size={cfg.rl.group_size} do not split into "
