@@ -37,6 +37,7 @@ from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.qwen_vision import import_qwen_vision, load_qwen_vision, qwen_vision_from_hf
 from insightv_jax.models.mrope import get_rope_index, mm_token_types, mrope_cos_sin
 from insightv_jax.models.qwen_vision import (
+    VisionLayout,
     merged_tokens,
     num_patches,
     pad_patches,
@@ -138,6 +139,11 @@ def test_config_from_hf_and_validation():
         assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def _one_sample(layout: VisionLayout) -> VisionLayout:
+    """A layout as the tower takes it: a batch of one sample."""
+    return VisionLayout(*(a[None] for a in layout))
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_layout_matches_hf(family, towers):
     """Rotary ids, window order and the frame / window boundaries equal HF's."""
@@ -179,16 +185,16 @@ def test_tower_and_every_block_match_hf(family, unrolled, towers):
     px = _pixels(GRIDS)
     L, n_tokens = num_patches(GRIDS), int(merged_tokens(GRIDS, 2).sum())
     ref = _hf_forward(hf, px, GRIDS)
-    lay = vision_layout(GRIDS, cfg, BUCKET)
+    lay = _one_sample(vision_layout(GRIDS, cfg, BUCKET))
 
     @nnx.jit
     def run(m, x, layout):
         out, per_layer = m.hidden_and_layer_outputs(x, layout)
-        embed = m.embed(x)[layout.order] if m.cfg.windowed else m.embed(x)
-        return out, per_layer, embed, m.merger(per_layer[-1])
+        embed = m.embed(x)[0, layout.order[0]] if m.cfg.windowed else m.embed(x)[0]
+        return out[0], per_layer[:, 0], embed, m.merger(per_layer[-1])[0]
 
     out, per_layer, embed, window_merged = (
-        np.asarray(a) for a in run(ours, pad_patches(px, BUCKET), lay)
+        np.asarray(a) for a in run(ours, pad_patches(px, BUCKET)[None], lay)
     )
     assert len(ref.hidden_states) == cfg.depth + 1
     np.testing.assert_allclose(embed[:L], ref.hidden_states[0].numpy(), atol=TOL, rtol=0)
@@ -222,7 +228,8 @@ def test_one_compile_per_padded_size(towers):
     other = np.array([[1, 10, 6], [1, 4, 4], [3, 2, 2]])  # 88 patches
     for grids, seed in ((GRIDS, 0), (other, 1)):
         px = _pixels(grids, seed)
-        out = np.asarray(run(ours, pad_patches(px, BUCKET), vision_layout(grids, cfg, BUCKET)))
+        lay = _one_sample(vision_layout(grids, cfg, BUCKET))
+        out = np.asarray(run(ours, pad_patches(px, BUCKET)[None], lay))[0]
         n = int(merged_tokens(grids, 2).sum())
         np.testing.assert_allclose(
             out[:n], _hf_forward(hf, px, grids).pooler_output.numpy(), atol=TOL, rtol=0

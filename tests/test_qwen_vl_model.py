@@ -167,6 +167,14 @@ def test_left_padded_batch(models):
     ]
     for family in ("qwen2_vl", "qwen2_5_vl"):
         _check(models, family, _inputs(rows, [a, b], seed=4))
+    # Rows own unequal numbers of images (two, none, one): each row's tower
+    # input is its own images, padded to the largest row's.
+    rows = [
+        _item(a, IMAGE) + _text(rng, 2) + _item(b, IMAGE),
+        _text(rng, 9),
+        _text(rng, 3) + _item(b, IMAGE),
+    ]
+    _check(models, "qwen2_5_vl", _inputs(rows, [a, b, b], seed=7))
 
 
 def test_video_with_seconds_per_grid(models):
@@ -187,6 +195,11 @@ def test_keyword_only_and_placeholder_checks(models):
     grid = (1, 4, 4)
     inputs = _inputs([[1, *_item(grid, IMAGE)]], [grid, grid])  # two images, one's placeholders
     with pytest.raises(ValueError, match="image placeholder"):
+        pack_vision(ours.cfg, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
+    # Row 0's placeholders cover one and a half of the images: no row owns the rest.
+    half = [1] + [IMAGE] * 2
+    inputs = _inputs([[1, *_item(grid, IMAGE)] + half, half], [grid, grid])
+    with pytest.raises(ValueError, match="row 0: its image placeholder tokens end inside"):
         pack_vision(ours.cfg, inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
     assert [patch_bucket(n) for n in (1, 64, 65, 1024, 1025)] == [64, 64, 128, 1024, 2048]
     # hf.convert.import_hf (and so checkpoint.load_model) routes here too

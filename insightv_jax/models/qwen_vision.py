@@ -24,8 +24,13 @@ right and bottom edges), blocks in `fullatt_block_indexes` attend to whole
 frames and the others within windows, and the merged tokens are put back in
 image order after the merger.
 
-Shapes: L patches (padded), D width, N heads, H head dim, F MLP width, O the
-merger's output width (the language model's).
+The tower runs on a batch of such sequences, one per sample (B, L, ...):
+each sample's images are packed and padded to the same L, so that images
+shard with their samples over the data axes; the host builds one layout
+per sample and stacks them.
+
+Shapes: B samples, L patches (padded), D width, N heads, H head dim, F MLP
+width, O the merger's output width (the language model's).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from insightv_jax.parallel import constrain_sharding
 
 ACTIVATIONS = {**_VIT_ACTIVATIONS, "silu": jax.nn.silu}
 _NEG = -1e30  # finite "minus infinity", as in models.attention
+_ROWS = ("act_batch", "act_length")  # the leading (B, L) axes of the tower's activations
 
 # ------------------------------------------------------------------ host side
 
@@ -62,7 +68,8 @@ class VisionLayout(NamedTuple):
     rotary ids. `full_segments` / `window_segments` (L,): a slot attends to the
     slots of its own segment -- its frame, or its window of that frame.
     `restore` (L / merge unit,): output token i is merged token restore[i]
-    (image order again). Padding slots form one segment of their own."""
+    (image order again). Padding slots form one segment of their own.
+    The tower takes one layout per sample, stacked (a leading B axis)."""
 
     order: np.ndarray
     positions: np.ndarray
@@ -185,27 +192,33 @@ def pad_patches(pixel_values: np.ndarray, num_slots: int) -> np.ndarray:
 
 
 def vision_rope(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin (L, 1, H/2) fp32 of the 2-D rotary embedding at (row,
-    column) ids `positions` (L, 2): the first H/4 angles come from the row, the
-    next H/4 from the column, both over the same H/4 frequencies. Applied with
-    `rope.apply_rope` (the half-split layout Hugging Face uses here too)."""
+    """cos and sin (B, L, 1, H/2) fp32 of the 2-D rotary embedding at (row,
+    column) ids `positions` (B, L, 2): the first H/4 angles come from the row,
+    the next H/4 from the column, both over the same H/4 frequencies. Applied
+    with `rope.apply_rope` (the half-split layout Hugging Face uses here too)."""
     quarter = head_dim // 2
     inv = 1.0 / (theta ** (np.arange(0, quarter, 2, dtype=np.float32) / quarter))
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv, jnp.float32)
-    angles = angles.reshape(positions.shape[0], -1)  # (L, [row freqs, column freqs])
-    return jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    angles = angles.reshape(*positions.shape[:2], -1)  # (B, L, [row freqs, column freqs])
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
-    """Bidirectional attention of packed tokens q, k, v (L, N, H), a token
-    seeing exactly the tokens of its own segment (`segments` (L,)): Hugging
+    """Bidirectional attention of packed tokens q, k, v (B, L, N, H), a token
+    seeing exactly the tokens of its own segment (`segments` (B, L)): Hugging
     Face's `cu_seqlens` as a block-diagonal mask, with static shapes. Scores
     and softmax in fp32; every token sees itself, so no row is empty."""
     H = q.shape[-1]
-    scores = jnp.einsum("qnh,knh->nqk", q, k, preferred_element_type=jnp.float32) * H**-0.5
-    same = segments[:, None] == segments[None, :]
-    probs = jax.nn.softmax(jnp.where(same[None], scores, _NEG), axis=-1).astype(v.dtype)
-    return jnp.einsum("nqk,knh->qnh", probs, v)
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * H**-0.5
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    probs = jax.nn.softmax(jnp.where(same, scores, _NEG), axis=-1).astype(v.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+
+
+def _gather_rows(x: jax.Array, index) -> jax.Array:
+    """x (B, L, ...) with row j of sample b taken from row index[b, j]."""
+    index = jnp.asarray(index)
+    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
 
 
 class QwenVisionAttention(nnx.Module):
@@ -261,9 +274,9 @@ class QwenVisionMLP(nnx.Module):
         act = ACTIVATIONS[self.cfg.hidden_act]
         if self.gated:
             h = act(self._linear(x, "gate")) * self._linear(x, "up")
-            return self._linear(constrain_sharding(h, "act_length", "vision_mlp"), "down")
+            return self._linear(constrain_sharding(h, *_ROWS, "vision_mlp"), "down")
         h = act(self._linear(x, "fc1"))
-        return self._linear(constrain_sharding(h, "act_length", "vision_mlp"), "fc2")
+        return self._linear(constrain_sharding(h, *_ROWS, "vision_mlp"), "fc2")
 
 
 def _norm(cfg: QwenVisionConfig, dim: int):
@@ -285,7 +298,7 @@ class QwenVisionBlock(nnx.Module):
     def __call__(self, x, rope, segments):
         x = x + self.attn(self.norm1(x), rope, segments)
         x = x + self.mlp(self.norm2(x))
-        return constrain_sharding(x, "act_length", "act_embed")
+        return constrain_sharding(x, *_ROWS, "act_embed")
 
 
 class PatchMerger(nnx.Module):
@@ -303,9 +316,10 @@ class PatchMerger(nnx.Module):
         self.fc2_bias = zeros((Dout,), ("embed",), pd)
 
     def __call__(self, x):
-        """(L, D) patches -> (L / merge unit, O) tokens."""
+        """(B, L, D) patches -> (B, L / merge unit, O) tokens."""
         dt = jnp.dtype(self.cfg.dtype)
-        x = self.norm(x).reshape(x.shape[0] // self.cfg.merge_unit, -1)
+        B, L, _ = x.shape
+        x = self.norm(x).reshape(B, L // self.cfg.merge_unit, -1)
         h = jax.nn.gelu(dense(x, self.fc1[...].astype(dt)) + self.fc1_bias[...].astype(dt), False)
         return dense(h, self.fc2[...].astype(dt)) + self.fc2_bias[...].astype(dt)
 
@@ -313,9 +327,10 @@ class PatchMerger(nnx.Module):
 class QwenVisionTower(nnx.Module):
     """The whole tower: patch embedding, blocks, merger.
 
-    `tower(pixel_values, layout)` takes the packed (L, C*T*p*p) patches and
-    their `vision_layout` and returns (L / merge unit, O) tokens in image order;
-    rows past the real patches belong to padding."""
+    `tower(pixel_values, layout)` takes each sample's packed patches
+    (B, L, C*T*p*p) and their layouts (`vision_layout` of each sample,
+    stacked) and returns (B, L / merge unit, O) tokens in image order; rows
+    past a sample's real patches belong to padding."""
 
     def __init__(self, cfg: QwenVisionConfig, *, rngs: nnx.Rngs):
         cfg.validate()
@@ -328,28 +343,29 @@ class QwenVisionTower(nnx.Module):
         self.merger = PatchMerger(cfg, rngs=rngs)
 
     def embed(self, pixel_values: jax.Array) -> jax.Array:
-        """(L, C*T*p*p) -> (L, D): Hugging Face's Conv3d, whose kernel equals
-        its stride, is one matmul over each flattened patch."""
+        """(B, L, C*T*p*p) -> (B, L, D): Hugging Face's Conv3d, whose kernel
+        equals its stride, is one matmul over each flattened patch."""
         dt = jnp.dtype(self.cfg.dtype)
         x = dense(pixel_values.astype(dt), self.patch_embed[...].astype(dt))
-        return constrain_sharding(x, "act_length", "act_embed")
+        return constrain_sharding(x, *_ROWS, "act_embed")
 
     def _block_segments(self, layout: VisionLayout) -> jax.Array:
-        """(depth, L): the segment ids each block attends within."""
+        """(depth, B, L): the segment ids each block attends within."""
         cfg = self.cfg
         full = np.array(
             [not cfg.windowed or i in cfg.fullatt_block_indexes for i in range(cfg.depth)]
         )
         return jnp.where(
-            full[:, None],
+            full[:, None, None],
             jnp.asarray(layout.full_segments)[None],
             jnp.asarray(layout.window_segments)[None],
         )
 
     def _run_blocks(self, x, rope, segments, collect: bool):
-        """Blocks in order over x (L, D), block i within segments[i]: a scan
-        over the stack (one compiled body), or unrolled with `scan_layers`
-        off. Returns (x, each block's output (depth, L, D) or None)."""
+        """Blocks in order over x (B, L, D), block i within segments[i]: a
+        scan over the stack (one compiled body), or unrolled with
+        `scan_layers` off. Returns (x, each block's output (depth, B, L, D)
+        or None)."""
         cfg = self.cfg
         graphdef, state = nnx.split(self.blocks)
 
@@ -372,22 +388,22 @@ class QwenVisionTower(nnx.Module):
         cfg = self.cfg
         x = self.embed(pixel_values)
         if cfg.windowed:
-            x = jnp.take(x, jnp.asarray(layout.order), axis=0)
+            x = _gather_rows(x, layout.order)
         rope = vision_rope(jnp.asarray(layout.positions), cfg.head_dim, cfg.rope_theta)
         x, per_layer = self._run_blocks(x, rope, self._block_segments(layout), collect)
         out = self.merger(x)
         if cfg.windowed:
-            out = jnp.take(out, jnp.asarray(layout.restore), axis=0)
+            out = _gather_rows(out, layout.restore)
         return out, per_layer
 
     def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
-        """Merged tokens (L / merge unit, O) in image order (see the class)."""
+        """Merged tokens (B, L / merge unit, O) in image order (see the class)."""
         return self._forward(pixel_values, layout, collect=False)[0]
 
     def hidden_and_layer_outputs(
         self, pixel_values: jax.Array, layout: VisionLayout
     ) -> tuple[jax.Array, jax.Array]:
-        """`__call__`'s tokens, and every block's output stacked (depth, L, D)
-        in processing order (Qwen2.5-VL: window order, as Hugging Face's
-        `hidden_states`)."""
+        """`__call__`'s tokens, and every block's output stacked
+        (depth, B, L, D) in processing order (Qwen2.5-VL: window order, as
+        Hugging Face's `hidden_states`)."""
         return self._forward(pixel_values, layout, collect=True)

@@ -2,18 +2,21 @@
 Qwen2 decoder with multimodal rotary positions (`models.mrope`).
 
 A prompt marks each image or video as `vision_start`, one placeholder token
-per merged 2x2 unit, `vision_end`. The tower turns all items of a batch,
-packed in order (images first, then videos), into one sequence of merged
-tokens; the k-th image placeholder of the batch (row-major over (B, T))
+per merged 2x2 unit, `vision_end`. The processor packs a batch's items in
+order; the k-th image placeholder of the batch (row-major over (B, T))
 takes the k-th image token, the k-th video placeholder the k-th video token
-(Hugging Face's `masked_scatter`). Images and videos share one tower call:
-attention never crosses a frame, so packing them together changes nothing.
+(Hugging Face's `masked_scatter`). So each row owns the next items whose
+tokens its placeholders number, and `pack_vision` regroups them by row: one
+packed sequence per sample (its images, then its videos), all padded to one
+length, so that images travel -- and shard -- with their samples. Images
+and videos share one tower call: attention never crosses a frame, so
+packing them together changes nothing.
 
 Everything that depends on image sizes or prompt layout is computed on the
 host by `pack_vision` and `rope_positions` (NumPy): the tower's layout, the
-placeholder -> token index, the M-RoPE ids. The patches are padded to a
-bucket (`patch_bucket`), so one compiled program serves every batch whose
-items fit it. `QwenVL.__call__` takes the Hugging Face processor's outputs as
+placeholder -> token index, the M-RoPE ids. Each sample's patches are padded
+to a bucket (`patch_bucket`), so one compiled program serves every batch
+whose samples fit it. `QwenVL.__call__` takes the Hugging Face processor's outputs as
 keyword arguments and does both halves.
 
 Cached decoding (`sample.Sampler`) takes a `VisionPrompt`: the processor's
@@ -22,8 +25,8 @@ vision outputs, laid out against each padded chunk of prompt ids by its
 row's `rope_deltas`, so generated tokens continue after the prompt's largest
 id (`Decoder.forward_cached`).
 
-Shapes: B batch, T tokens, D the decoder's width, L patches (padded),
-M = L / 4 merged tokens.
+Shapes: B batch, T tokens, D the decoder's width, L patches per sample
+(padded), M = L / 4 merged tokens per sample.
 """
 
 from __future__ import annotations
@@ -54,13 +57,14 @@ from insightv_jax.parallel import constrain_sharding
 
 
 class PackedVision(NamedTuple):
-    """The images and videos of a batch as the device consumes them (a pytree
-    of arrays; `pack_vision` builds it).
+    """The images and videos of a batch as the device consumes them, one row
+    per sample (a pytree of arrays; `pack_vision` builds it).
 
-    `pixel_values` (L, C*T*p*p): images' then videos' patches, zero-padded to
-    the bucket. `layout`: their `VisionLayout`. `rows` (B, T) int32: the
-    tower output row whose token replaces each input token's embedding, -1
-    where the text embedding stays."""
+    `pixel_values` (B, L, C*T*p*p): each sample's images' then videos'
+    patches, zero-padded to L. `layout`: each sample's `VisionLayout`,
+    stacked (B, ...). `rows` (B, T) int32: the row of the sample's tower
+    output whose token replaces each input token's embedding, -1 where the
+    text embedding stays."""
 
     pixel_values: np.ndarray | jax.Array
     layout: VisionLayout
@@ -77,17 +81,27 @@ def patch_bucket(n: int) -> int:
     return -(-n // 1024) * 1024
 
 
-def _placeholder_rows(ids: np.ndarray, token_id: int, need: int, name: str, start: int):
-    """Tower rows start.. for the placeholders of `token_id` in row-major order;
-    their count must be `need` (the items' merged tokens)."""
-    hits = ids == token_id
-    found = int(hits.sum())
-    if found != need:
+def _items_per_sample(hits: np.ndarray, tokens: np.ndarray, name: str) -> np.ndarray:
+    """(B + 1,) item boundaries: sample b owns items [bounds[b], bounds[b+1]).
+    Items go to samples in order (Hugging Face's `masked_scatter` over the
+    batch), so each sample's placeholders must add up to whole items."""
+    need = hits.sum(axis=1)
+    if int(need.sum()) != int(tokens.sum()):
         raise ValueError(
-            f"{found} {name} placeholder tokens in input_ids, but the {name}s given "
-            f"have {need} merged tokens"
+            f"{int(need.sum())} {name} placeholder tokens in input_ids, but the {name}s "
+            f"given have {int(tokens.sum())} merged tokens"
         )
-    return hits, start + np.cumsum(hits.reshape(-1)).reshape(ids.shape) - 1
+    item_ends = np.concatenate([[0], np.cumsum(tokens)])
+    sample_ends = np.concatenate([[0], np.cumsum(need)])
+    bounds = np.searchsorted(item_ends, sample_ends)
+    split = item_ends[np.minimum(bounds, len(item_ends) - 1)] != sample_ends
+    if split.any():
+        b = int(np.argmax(split)) - 1
+        raise ValueError(
+            f"row {b}: its {name} placeholder tokens end inside a {name} (each row's "
+            f"placeholders must number its {name}s' merged tokens)"
+        )
+    return bounds
 
 
 def pack_vision(
@@ -100,18 +114,25 @@ def pack_vision(
     num_slots: int | None = None,
 ) -> PackedVision | None:
     """Host side of the vision input: the batch's images (`pixel_values`
-    (patches, C*T*p*p) with `image_grid_thw` (n, 3)) and videos (likewise),
-    packed, padded to `num_slots` patches (default `patch_bucket`) and laid
-    out, with each placeholder's tower row. None when there are neither.
+    (patches, C*T*p*p) with `image_grid_thw` (n, 3), as the processor packs
+    them) and videos (likewise), split by sample, each sample's packed and
+    padded to `num_slots` patches (default: `patch_bucket` of the largest
+    sample) and laid out, with each placeholder's tower row. None when there
+    are neither.
 
     Placeholders and items must agree (ValueError otherwise): the image
-    placeholders of the whole batch number the images' merged tokens, the
-    video placeholders the videos'."""
+    placeholders of each row number its images' merged tokens, the video
+    placeholders its videos'."""
     ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
     vcfg, tok = cfg.qwen_vision, cfg.qwen_vl
     merge = vcfg.spatial_merge_size
+    B = ids.shape[0]
     rows = np.full(ids.shape, -1, np.int64)
-    pixels, grids, start = [], [], 0
+    next_row = np.zeros(B, np.int64)  # each sample's next tower output row
+    sample_pixels: list[list[np.ndarray]] = [[] for _ in range(B)]
+    sample_grids: list[list[np.ndarray]] = [[] for _ in range(B)]
     items = (
         ("image", tok.image_token_id, pixel_values, image_grid_thw),
         ("video", tok.video_token_id, pixel_values_videos, video_grid_thw),
@@ -119,10 +140,16 @@ def pack_vision(
     for name, token_id, px, grid in items:
         if (px is None) != (grid is None):
             raise ValueError(f"{name}s need both pixel values and a grid_thw (one is missing)")
-        need = 0 if grid is None else int(merged_tokens(grid, merge).sum())
-        hits, index = _placeholder_rows(ids, token_id, need, name, start)
-        rows = np.where(hits, index, rows)
-        if grid is None:
+        grid = np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64)
+        grid = grid.reshape(-1, 3)
+        tokens = merged_tokens(grid, merge)
+        hits = ids == token_id
+        bounds = _items_per_sample(hits, tokens, name)
+        # Sample-local tower rows: this kind's placeholders count from next_row.
+        local = np.cumsum(hits, axis=1) - 1 + next_row[:, None]
+        rows = np.where(hits, local, rows)
+        next_row += hits.sum(axis=1)
+        if px is None:
             continue
         px = np.asarray(px, np.float32)
         if px.ndim != 2 or px.shape != (num_patches(grid), vcfg.patch_dim):
@@ -130,16 +157,19 @@ def pack_vision(
                 f"{name} pixel values of shape {px.shape} do not fit grid_thw "
                 f"(expects ({num_patches(grid)}, {vcfg.patch_dim}))"
             )
-        pixels.append(px)
-        grids.append(np.asarray(grid, np.int64).reshape(-1, 3))
-        start += need
-    if not grids:
+        patch_ends = np.concatenate([[0], np.cumsum(grid.prod(axis=1))])
+        for b in range(B):
+            lo, hi = bounds[b], bounds[b + 1]
+            sample_pixels[b].append(px[patch_ends[lo] : patch_ends[hi]])
+            sample_grids[b].append(grid[lo:hi])
+    if pixel_values is None and pixel_values_videos is None:
         return None
-    grid = np.concatenate(grids)
-    slots = patch_bucket(num_patches(grid)) if num_slots is None else num_slots
+    grids = [np.concatenate(g) for g in sample_grids]
+    slots = patch_bucket(max(num_patches(g) for g in grids)) if num_slots is None else num_slots
+    layouts = [vision_layout(g, vcfg, slots) for g in grids]
     return PackedVision(
-        pixel_values=pad_patches(np.concatenate(pixels), slots),
-        layout=vision_layout(grid, vcfg, slots),
+        pixel_values=np.stack([pad_patches(np.concatenate(p), slots) for p in sample_pixels]),
+        layout=VisionLayout(*(np.stack(field) for field in zip(*layouts))),
         rows=rows.astype(np.int32),
     )
 
@@ -239,9 +269,10 @@ class QwenVL(nnx.Module):
         if pixel_values is None:
             return embeds
         vision = pixel_values
-        tokens = self.vision(jnp.asarray(vision.pixel_values), vision.layout)  # (M, D)
+        tokens = self.vision(jnp.asarray(vision.pixel_values), vision.layout)  # (B, M, D)
         rows = jnp.asarray(vision.rows)
-        picked = jnp.take(tokens, jnp.clip(rows, 0, tokens.shape[0] - 1), axis=0)
+        index = jnp.clip(rows, 0, tokens.shape[1] - 1)[..., None]
+        picked = jnp.take_along_axis(tokens, index, axis=1)
         merged = jnp.where(rows[..., None] >= 0, picked.astype(embeds.dtype), embeds)
         return constrain_sharding(merged, "act_batch", "act_length", "act_embed")
 
