@@ -159,6 +159,44 @@ def llava_image_processor():
     )
 
 
+def llava_processor(kind: str = "llava_next", strategy: str = "default"):
+    """The transformers LlavaNextProcessor / LlavaProcessor of the tiny models: a
+    word-level tokenizer (`w1`..`w95` are ids 1..95, `<pad>` 0, `<image>`
+    `IMAGE_TOKEN`) and the tiny image processor. With `strategy` "default"
+    (CLIP) the CLS token counts and is dropped, as in the llava-hf folders."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaNextProcessor,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, IMAGE_TOKEN)}, "<image>": IMAGE_TOKEN}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        pad_token="<pad>",
+        unk_token="w1",
+        extra_special_tokens=["<image>"],
+    )
+    if kind == "llava_next":
+        cls, images = LlavaNextProcessor, llava_image_processor()
+    else:
+        cls = LlavaProcessor
+        images = CLIPImageProcessorPil(
+            size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}
+        )
+    return cls(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=10,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1 if strategy == "default" else 0,
+    )
+
+
 def random_images(sizes, seed: int = 0, mode: str = "RGB"):
     """PIL images of the given (height, width) sizes with smooth random content."""
     from PIL import Image

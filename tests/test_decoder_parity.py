@@ -34,7 +34,7 @@ def test_padded_batch_matches_transformers(tmp_path):
     mask = np.ones_like(ids)
     mask[1, 12:] = 0
     ref = torch_logits(hf, ids, mask)
-    out = np.asarray(ours(ids, attention_mask=mask))
+    out = np.asarray(ours(input_ids=ids, attention_mask=mask))  # by name, as a tokenizer's
     np.testing.assert_allclose(out[0], ref[0], atol=TOL, rtol=0)
     np.testing.assert_allclose(out[1, :12], ref[1, :12], atol=TOL, rtol=0)
     alone = np.asarray(ours(ids[1:, :12]))

@@ -88,7 +88,7 @@ def test_load_pretrained_returns_processor(hf_next, inputs, tmp_path):
     assert cfg.kind == "llava_next" and tok is None
     images = random_images([(40, 40), (30, 90)], seed=5)
     np.testing.assert_allclose(proc(images)["pixel_values"], pv, atol=1e-6)
-    ours = np.asarray(model(ids, pv, sizes, mask))
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes))
     ref = torch_llava_logits(hf, ids, pv, sizes, mask)
     np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=1e-4, rtol=0)
 
@@ -140,7 +140,7 @@ def test_original_llava_next_format(hf_next, inputs, tmp_path):
     assert cfg.kind == "llava_next" and cfg.llava.feature_layer == -2
     assert cfg.llava.image_grid_pinpoints == tuple(map(tuple, PINPOINTS))
     assert cfg.vision.num_layers == 2 and cfg.vision.image_size == 20
-    ours = np.asarray(model(ids, pv, sizes, mask))
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes))
     ref = torch_llava_logits(hf, ids, pv, sizes, mask)
     np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=1e-4, rtol=0)
     grids = parse_pinpoints("(1x1),...,(3x3)", 336)
@@ -181,14 +181,14 @@ def test_image_token_mismatch_names_the_sample(hf_next, inputs):
     more = ids.copy()
     more[1, -1] = cfg.llava.image_token_id
     with pytest.raises(DataError, match="sample 1: .* image tokens") as e:
-        model(more, pv, sizes, mask)
+        model(input_ids=more, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
     assert "\n" not in str(e.value)
     fewer = ids.copy()
     fewer[0, np.flatnonzero(ids[0] == cfg.llava.image_token_id)[0]] = 5
     with pytest.raises(DataError, match="sample 0: "):
-        model(fewer, pv, sizes, mask)
+        model(input_ids=fewer, attention_mask=mask, pixel_values=pv, image_sizes=sizes)
     with pytest.raises(DataError, match="sample 0: image tokens in input_ids but no pixel_values"):
-        model(ids)
+        model(input_ids=ids)
     from insightv_jax.models.llava import check_image_tokens
 
     spv, ssizes = to_sample_layout(ids, pv, sizes, cfg)

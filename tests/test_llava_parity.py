@@ -8,6 +8,7 @@ from flax import nnx
 from hf_models import (
     build_llava,
     llava_image_processor,
+    llava_processor,
     random_images,
     save,
     token_row,
@@ -98,7 +99,7 @@ def test_llava_next_logits_padded_batch_mixed_sizes(next_pair, batch):
     hf, model, _ = next_pair
     ids, mask, pv, sizes = batch
     ref = torch_llava_logits(hf, ids, pv, sizes, mask)
-    ours = np.asarray(model(ids, pv, sizes, mask))
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes))
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=ATOL, rtol=0)
 
@@ -110,7 +111,9 @@ def test_llava_next_logits_single_image(size, next_pair):
     n = vision_grid.num_image_tokens(size, cfg)
     ids = np.array([token_row([n], 30)[0]])  # one length: one compiled shape
     ref = torch_llava_logits(hf, ids, out["pixel_values"], out["image_sizes"])
-    ours = np.asarray(model(ids, out["pixel_values"], out["image_sizes"]))
+    ours = np.asarray(
+        model(input_ids=ids, pixel_values=out["pixel_values"], image_sizes=out["image_sizes"])
+    )
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
 
 
@@ -123,7 +126,7 @@ def test_llava_siglip_logits_two_images_per_sample(siglip_pair):
     rows = [token_row([n], length), token_row([n, n], length)]
     ids, mask = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
     ref = torch_llava_logits(hf, ids, px, mask=mask)
-    ours = np.asarray(model(ids, px, None, mask))
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask, pixel_values=px))
     np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=ATOL, rtol=0)
 
 
@@ -131,5 +134,41 @@ def test_text_only_rows_need_no_images(next_pair):
     hf, model, _ = next_pair
     ids = np.array([[5, 6, 7, 8, 9]])
     np.testing.assert_allclose(
-        np.asarray(model(ids)), torch_llava_logits(hf, ids), atol=ATOL, rtol=0
+        np.asarray(model(input_ids=ids)), torch_llava_logits(hf, ids), atol=ATOL, rtol=0
     )
+
+
+def test_processor_outputs_by_name(next_pair, siglip_pair):
+    """`model(**processor(images=..., text=..., return_tensors="np"))` with the
+    transformers LlavaNextProcessor / LlavaProcessor equals transformers' logits;
+    the call is keyword-only and a key the model does not take is a TypeError."""
+    hf, model, _ = next_pair
+    text = ["w5 <image> w6 w7", "w5 <image> w6 <image> w7 w8"]
+    processor = llava_processor("llava_next")
+    inputs = processor(
+        images=random_images(SIZES, seed=6), text=text, padding=True, return_tensors="np"
+    )
+    assert sorted(inputs) == ["attention_mask", "image_sizes", "input_ids", "pixel_values"]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert not mask.all()  # right-padded
+    ref = torch_llava_logits(hf, ids, inputs["pixel_values"], inputs["image_sizes"], mask)
+    ours = np.asarray(model(**inputs))
+    np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=ATOL, rtol=0)
+    with pytest.raises(TypeError):
+        model(ids, inputs["pixel_values"], inputs["image_sizes"], mask)
+    typed = processor(
+        images=random_images(SIZES[:1]),
+        text=text[:1],
+        return_tensors="np",
+        return_mm_token_type_ids=True,  # only on request: the model does not take it
+    )
+    with pytest.raises(TypeError, match="mm_token_type_ids"):
+        model(**typed)
+
+    hf, model, _ = siglip_pair
+    inputs = llava_processor("llava", "full")(
+        images=random_images([(20, 20)]), text=["w5 <image> w6 w7"], return_tensors="np"
+    )
+    assert sorted(inputs) == ["attention_mask", "input_ids", "pixel_values"]
+    ref = torch_llava_logits(hf, inputs["input_ids"], inputs["pixel_values"])
+    np.testing.assert_allclose(np.asarray(model(**inputs)), ref, atol=ATOL, rtol=0)

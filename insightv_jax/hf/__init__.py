@@ -17,6 +17,12 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
     `tokenizer` is a `transformers` tokenizer (None if the checkpoint has none);
     `processor` is our `data.images.ImageProcessor` (same pixels as the
     transformers LLaVA-NeXT processor; None for text-only models).
+
+    A LLaVA model takes its inputs by name only: `model(input_ids=...,
+    attention_mask=..., **processor(images))`, or the transformers
+    processor's outputs as they are, `model(**hf_processor(images=...,
+    text=..., return_tensors="np"))`; a text model is `model(input_ids,
+    attention_mask=None)`. Both return fp32 logits (B, T, V).
     """
     # imported on use: this __init__ runs before every hf.* module, and checkpoint
     # imports hf.convert (at import time the two would wait on each other)

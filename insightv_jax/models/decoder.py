@@ -366,7 +366,9 @@ class Decoder(nnx.Module):
         return constrain_sharding(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
 
     def __call__(self, input_ids, attention_mask=None, positions=None, inputs_embeds=None):
-        """Logits (B, T, V) in fp32 for token ids (or precomputed embeddings)."""
+        """Logits (B, T, V) in fp32 for token ids (or precomputed embeddings).
+        `input_ids` and `attention_mask` go by position or by name
+        (`model(input_ids=..., attention_mask=...)`, a tokenizer's outputs)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         return self.logits(self.hidden_from_embeds(inputs_embeds, attention_mask, positions))

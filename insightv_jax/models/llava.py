@@ -179,9 +179,26 @@ class LlavaModel(nnx.Module):
     def output_head(self) -> jax.Array:
         return self.decoder.output_head()
 
-    def __call__(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None):
-        """fp32 logits (B, T, V) for host inputs in the Hugging Face processor layout
-        (token counts are checked on the host, the forward runs jitted)."""
+    def __call__(
+        self, *, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, **unexpected
+    ):
+        """fp32 logits (B, T, V) of the Hugging Face processor's outputs, given
+        by name: `model(**processor(images=..., text=..., return_tensors="np"))`
+        (NumPy or anything `np.asarray` takes).
+
+        The keys are those `LlavaProcessor` returns (`input_ids`,
+        `attention_mask`, `pixel_values` (images, 3, H, W)) and
+        `LlavaNextProcessor` returns (also `image_sizes`; `pixel_values`
+        (images, tiles, 3, H, W)); `ImageProcessor` (`hf.load_pretrained`)
+        gives `pixel_values` and `image_sizes` for both kinds. Any other key
+        (say `mm_token_type_ids`, which these processors return only when asked
+        to with `return_mm_token_type_ids=True`) is a TypeError naming it. Token
+        counts are checked on the host, the forward runs jitted."""
+        if unexpected:
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected input(s) {', '.join(sorted(unexpected))}"
+                ": it takes input_ids, attention_mask, pixel_values and image_sizes"
+            )
         input_ids = np.asarray(input_ids)
         if pixel_values is not None:
             pixel_values, image_sizes = to_sample_layout(
