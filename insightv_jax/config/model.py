@@ -145,11 +145,17 @@ class LlavaConfig:
 class QwenVLConfig:
     """How Qwen2-VL / Qwen2.5-VL prompts mark images and videos: each item is
     `vision_start`, then one placeholder id per merged token, then `vision_end`
-    (the defaults are the Qwen2 tokenizer's ids)."""
+    (the defaults are the Qwen2 tokenizer's ids). `min_pixels` / `max_pixels`
+    bound the area the image processor resizes an image to (its
+    `preprocessor_config.json`; Hugging Face's defaults): they fix how many
+    tokens an image becomes, so training data and prompts depend on them."""
 
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
 
 
 QWEN_VL_KINDS = ("qwen2_vl", "qwen2_5_vl")
@@ -176,6 +182,11 @@ class ModelConfig:
     def is_qwen_vl(self) -> bool:
         """A Qwen2-VL / Qwen2.5-VL kind (`models.qwen_vl`)."""
         return self.kind in QWEN_VL_KINDS
+
+    @property
+    def takes_images(self) -> bool:
+        """Any vision-language kind (LLaVA or Qwen-VL)."""
+        return self.is_vlm or self.is_qwen_vl
 
     def validate(self) -> None:
         self.decoder.validate()
@@ -217,6 +228,11 @@ class ModelConfig:
             )
         if self.decoder.mrope_section is None:
             raise ConfigError(f"model.kind={self.kind!r} needs model.decoder.mrope_section")
+        if not 0 < self.qwen_vl.min_pixels <= self.qwen_vl.max_pixels:
+            raise ConfigError(
+                f"model.qwen_vl: need 0 < min_pixels <= max_pixels, got "
+                f"{self.qwen_vl.min_pixels}, {self.qwen_vl.max_pixels}"
+            )
         if self.qwen_vision.out_hidden_size != self.decoder.hidden_size:
             raise ConfigError(
                 f"model.qwen_vision.out_hidden_size={self.qwen_vision.out_hidden_size} must equal "

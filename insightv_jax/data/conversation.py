@@ -94,14 +94,46 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _content_ids(tokenizer, text: str, image_counts: list[int], image_id: int) -> list[int]:
-    """Tokenize content, expanding each `<image>` into its count of image ids."""
+@dataclasses.dataclass(frozen=True)
+class ImageSpan:
+    """How an image sits in the token stream: `start`, then one `token` per
+    image feature the model writes there, then `end` (special tokens; ""
+    for none). LLaVA: `<image>` alone; Qwen-VL: `<|vision_start|>`, its
+    `<|image_pad|>` placeholders, `<|vision_end|>`."""
+
+    token: str = IMAGE_TOKEN
+    start: str = ""
+    end: str = ""
+    others: tuple[str, ...] = ()  # the model's other vision tokens (a tokenizer needs them)
+
+    @property
+    def specials(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.start, self.token, self.end, *self.others) if t)
+
+
+LLAVA_IMAGE = ImageSpan()
+QWEN_VL_IMAGE = ImageSpan(
+    "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", others=("<|video_pad|>",)
+)
+
+
+def image_span_for(model_cfg) -> ImageSpan:
+    """The `ImageSpan` of a model config (LLaVA's for every kind but Qwen-VL)."""
+    return QWEN_VL_IMAGE if getattr(model_cfg, "is_qwen_vl", False) else LLAVA_IMAGE
+
+
+def _content_ids(tokenizer, text: str, image_counts: list[int], span: ImageSpan) -> list[int]:
+    """Tokenize content, expanding each `<image>` into its span: start, its
+    count of image ids, end."""
+    image_id = tokenizer.convert_tokens_to_ids(span.token)
+    start = [tokenizer.convert_tokens_to_ids(span.start)] if span.start else []
+    end = [tokenizer.convert_tokens_to_ids(span.end)] if span.end else []
     parts = text.split(IMAGE_TOKEN)
     ids = encode_text(tokenizer, parts[0])
     for part in parts[1:]:
         if not image_counts:
             raise DataError("more <image> placeholders than images")
-        ids += [image_id] * image_counts.pop(0) + encode_text(tokenizer, part)
+        ids += start + [image_id] * image_counts.pop(0) + end + encode_text(tokenizer, part)
     return ids
 
 
@@ -116,11 +148,18 @@ def _turns(conversation, template: Template):
 
 
 def render(
-    conversation, tokenizer, template: str = "llama3", num_image_tokens=0, *, name: str = "sample"
+    conversation,
+    tokenizer,
+    template: str = "llama3",
+    num_image_tokens=0,
+    *,
+    name: str = "sample",
+    image_span: ImageSpan = LLAVA_IMAGE,
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels equal the ids on assistant content and its
     end-of-turn token, -100 elsewhere. `num_image_tokens` is an int (every image)
-    or a list (per image, in order); `name` prefixes error messages."""
+    or a list (per image, in order), each `<image>` becoming its `image_span`;
+    `name` prefixes error messages."""
     t = get_template(template)
     turns = _turns(conversation, t)
     n_images = sum(str(x.get("content", "")).count(IMAGE_TOKEN) for x in turns)
@@ -131,13 +170,12 @@ def render(
     )
     if len(counts) != n_images:
         raise DataError(f"{name}: {n_images} <image> placeholders but {len(counts)} images")
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     ids = encode_text(tokenizer, t.bos)
     labels = [IGNORE] * len(ids)
     try:
         for turn in turns:
             head = encode_text(tokenizer, t.turn_prefix[turn["role"]])
-            body = _content_ids(tokenizer, str(turn.get("content", "")), counts, image_id)
+            body = _content_ids(tokenizer, str(turn.get("content", "")), counts, image_span)
             body += encode_text(tokenizer, t.eos)
             tail = encode_text(tokenizer, t.turn_suffix)
             ids += head + body + tail
@@ -149,10 +187,16 @@ def render(
     return ids, labels
 
 
-def render_prompt(conversation, tokenizer, template: str = "llama3", num_image_tokens=0):
+def render_prompt(
+    conversation,
+    tokenizer,
+    template: str = "llama3",
+    num_image_tokens=0,
+    image_span: ImageSpan = LLAVA_IMAGE,
+):
     """Ids of a conversation (ending with a user turn) plus the assistant header:
     the generation prompt, token-identical to the prefix `render` produces."""
-    ids, _ = render(conversation, tokenizer, template, num_image_tokens)
+    ids, _ = render(conversation, tokenizer, template, num_image_tokens, image_span=image_span)
     return ids + encode_text(tokenizer, get_template(template).turn_prefix["assistant"])
 
 
@@ -190,17 +234,22 @@ def _jinja_turn(role: str, content_expr: str, t: Template) -> str:
 
 
 def build_tokenizer(
-    corpus_lines, out_dir: str | Path, template: str = "minimal", vocab_size: int = 512
+    corpus_lines,
+    out_dir: str | Path,
+    template: str = "minimal",
+    vocab_size: int = 512,
+    image_span: ImageSpan = LLAVA_IMAGE,
 ):
     """Train a byte-level BPE tokenizer on `corpus_lines`, with the template's
-    special tokens, `<image>`, `<pad>` and the think tokens (non-special, so
-    decoding keeps them), plus a chat template; save it to `out_dir` and return
-    the `transformers` tokenizer loaded back from there."""
+    special tokens, `<image>`, `<pad>`, the image span's tokens and the think
+    tokens (non-special, so decoding keeps them), plus a chat template; save it
+    to `out_dir` and return the `transformers` tokenizer loaded back from there."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     t = get_template(template)
     specials = [*t.specials, IMAGE_TOKEN, PAD_TOKEN]
+    specials += [x for x in image_span.specials if x not in specials]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -219,7 +268,14 @@ def build_tokenizer(
         pad_token=PAD_TOKEN,
         chat_template=chat_template_jinja(template),
     )
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    fast.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                IMAGE_TOKEN,
+                *(x for x in image_span.specials if x != IMAGE_TOKEN),
+            ]
+        }
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))

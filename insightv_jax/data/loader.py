@@ -74,10 +74,17 @@ def _stack_padded(arrays: list[np.ndarray], shape: tuple[int, ...], value, dtype
 
 
 class Collate:
-    """Pads a list of transformed examples into one batch (picklable)."""
+    """Pads a list of transformed examples into one batch (picklable).
 
-    def __init__(self, buckets: tuple[int, ...], pad_id: int = 0, batch_size: int | None = None):
+    `images`: how a model other than LLaVA lays out its examples' images once
+    the rows are padded, `(examples, input_ids, attention_mask) -> arrays`
+    (the transform's `batch_images`; `data.transforms.QwenBatchImages`)."""
+
+    def __init__(
+        self, buckets: tuple[int, ...], pad_id: int = 0, batch_size: int | None = None, images=None
+    ):
         self.buckets, self.pad_id, self.batch_size = tuple(buckets), pad_id, batch_size
+        self.images = images
 
     def __call__(self, examples: list[dict], min_length: int = 0) -> dict[str, np.ndarray]:
         longest = max(min_length, *(len(e["input_ids"]) for e in examples))
@@ -90,7 +97,11 @@ class Collate:
                 [np.ones(len(i), np.int32) for i in ids], (length,), 0, np.int32
             ),
         }
-        if "pixel_values" in examples[0]:
+        image_keys = ("pixel_values", "image_sizes", "image_grid_thw")
+        if self.images is not None:
+            batch.update(self.images(examples, batch["input_ids"], batch["attention_mask"]))
+            examples = [{k: v for k, v in e.items() if k not in image_keys} for e in examples]
+        elif "pixel_values" in examples[0]:
             pix = [e["pixel_values"] for e in examples]
             shape = tuple(max(p.shape[d] for p in pix) for d in range(pix[0].ndim))
             batch["pixel_values"] = _stack_padded(pix, shape, 0.0, np.float32)
@@ -199,7 +210,7 @@ def build_dataset(
     `group_by_length` > 0 (with per-record `lengths`): batches of similar length,
     fixed once by `length_grouped_batches`, in a fresh order each epoch."""
     shard = shard or shard_options()
-    batch_fn = collate or Collate(buckets, pad_id)
+    batch_fn = collate or Collate(buckets, pad_id, images=getattr(transform, "batch_images", None))
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
     if group_by_length > 0:
         if lengths is None or len(lengths) != len(source):

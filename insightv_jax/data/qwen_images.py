@@ -96,6 +96,20 @@ class QwenImageProcessor:
     # ------------------------------------------------------------ config
 
     @classmethod
+    def for_model(cls, cfg) -> QwenImageProcessor:
+        """The processor a Qwen-VL `ModelConfig` was trained with: its tower's
+        patch, time and merge sizes, `qwen_vl`'s pixel bounds, CLIP's mean and
+        std (every Qwen2-VL / Qwen2.5-VL checkpoint's)."""
+        v = cfg.qwen_vision
+        return cls(
+            patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size,
+            merge_size=v.spatial_merge_size,
+            min_pixels=cfg.qwen_vl.min_pixels,
+            max_pixels=cfg.qwen_vl.max_pixels,
+        )
+
+    @classmethod
     def from_pretrained(cls, folder: str | Path) -> QwenImageProcessor:
         """Read a Hugging Face `preprocessor_config.json`. Pixel bounds come
         from top-level `min_pixels` / `max_pixels` (older Qwen2-VL configs) or
@@ -220,3 +234,7 @@ class QwenImageProcessor:
         """Rows of pixel_values an image of this size gives (before merging)."""
         h, w = self.resized_size(height, width)
         return (h // self.patch_size) * (w // self.patch_size)
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Placeholder tokens an image of this size takes (one per merge unit)."""
+        return self.num_patches(height, width) // self.merge_size**2

@@ -5,6 +5,11 @@ It renders the conversation with the model's chat template
 `<image>` to the number of image tokens the model consumes for that image's
 size, and preprocesses images exactly like the Hugging Face processor. It is
 picklable (grain workers): the tokenizer and processor load lazily from paths.
+
+Qwen-VL examples carry their images as the processor packs them
+(`pixel_values` (patches, C*T*p*p), `image_grid_thw` (n, 3)); `QwenBatchImages`
+lays a batch of them out for the model (`models.qwen_vl.batch_arrays`) once
+the token rows are padded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from insightv_jax.config import ModelConfig
 from insightv_jax.data import conversation as conv
 from insightv_jax.data.images import ImageProcessor, pack_samples
+from insightv_jax.data.qwen_images import QwenImageProcessor
 from insightv_jax.data.validate import Limits, load_image_size
 from insightv_jax.errors import DataError
 from insightv_jax.vision_grid import num_image_tokens
@@ -48,8 +54,33 @@ def record_images(rec: dict) -> list:
     return [img] if isinstance(img, str) else list(img)
 
 
+class QwenBatchImages:
+    """The image arrays of a padded batch of Qwen-VL examples: every
+    example's patches and grids in order, laid out per row with the M-RoPE
+    ids (`models.qwen_vl.batch_arrays`). `Collate` calls it (picklable)."""
+
+    def __init__(self, model_cfg: ModelConfig):
+        self.cfg = model_cfg
+
+    def __call__(self, examples: list[dict], input_ids, attention_mask) -> dict[str, np.ndarray]:
+        from insightv_jax.models.qwen_vl import batch_arrays
+
+        with_images = [e for e in examples if "image_grid_thw" in e]
+        if not with_images:
+            return {}
+        return batch_arrays(
+            self.cfg,
+            input_ids,
+            attention_mask,
+            pixel_values=np.concatenate([e["pixel_values"] for e in with_images]),
+            image_grid_thw=np.concatenate([e["image_grid_thw"] for e in with_images]),
+        )
+
+
 class ChatTransform:
-    """`record -> {input_ids, labels[, pixel_values (I, tiles, 3, H, W), image_sizes (I, 2)]}`."""
+    """`record -> {input_ids, labels[, images]}`: LLaVA images as
+    `pixel_values` (I, tiles, 3, H, W) and `image_sizes` (I, 2); Qwen-VL's as
+    `pixel_values` (patches, C*T*p*p) and `image_grid_thw` (n, 3)."""
 
     def __init__(
         self, tokenizer_dir: str | Path, template: str, model_cfg: ModelConfig, root: str | Path
@@ -60,6 +91,9 @@ class ChatTransform:
         self.root = Path(root)
         self._tok = self._proc = None
         self._image_tokens: dict[tuple[int, int], int] = {}
+        self.image_span = conv.image_span_for(model_cfg)
+        # the batch side of the images (Collate): Qwen-VL lays them out per row
+        self.batch_images = QwenBatchImages(model_cfg) if model_cfg.is_qwen_vl else None
 
     def __getstate__(self):
         return {**self.__dict__, "_tok": None, "_proc": None}
@@ -73,33 +107,50 @@ class ChatTransform:
     @property
     def processor(self):
         if self._proc is None:
-            self._proc = ImageProcessor.for_model(self.cfg)
+            if self.cfg.is_qwen_vl:
+                self._proc = QwenImageProcessor.for_model(self.cfg)
+            else:
+                self._proc = ImageProcessor.for_model(self.cfg)
         return self._proc
 
     def image_tokens(self, size: tuple[int, int]) -> int:
+        """Image features an image of `size` (height, width) becomes (the
+        placeholders between a Qwen-VL image's start and end tokens)."""
         size = tuple(int(x) for x in size)
         if size not in self._image_tokens:  # validation asks for every record
-            self._image_tokens[size] = num_image_tokens(size, self.cfg)
+            if self.cfg.is_qwen_vl:
+                self._image_tokens[size] = self.processor.num_tokens(*size)
+            else:
+                self._image_tokens[size] = num_image_tokens(size, self.cfg)
         return self._image_tokens[size]
+
+    def _render(self, rec: dict, counts: list[int]):
+        return conv.render(
+            to_messages(rec["conversations"]), self.tokenizer, self.template, counts,
+            name=f"record {rec.get('id')}", image_span=self.image_span,
+        )  # fmt: skip
 
     def __call__(self, rec: dict) -> dict[str, np.ndarray]:
         name = f"record {rec.get('id')}"
         images = record_images(rec)
         out: dict[str, np.ndarray] = {}
         counts: list[int] = []
+        named = [
+            (self.root / p if isinstance(p, str) else p, f"{name} image {k}")
+            for k, p in enumerate(images)
+        ]
         if self.cfg.is_vlm:
-            named = [
-                (self.root / p if isinstance(p, str) else p, f"{name} image {k}")
-                for k, p in enumerate(images)
-            ]
             pv, sizes = pack_samples([named], self.processor, self.cfg)
             out["pixel_values"], out["image_sizes"] = pv[0], sizes[0]
             counts = [self.image_tokens(s) for s in sizes[0][: len(images)]]
+        elif self.cfg.is_qwen_vl:
+            if images:
+                out.update(self.processor([p for p, _ in named], [n for _, n in named]))
+                merge = self.processor.merge_size**2
+                counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
         elif images:
             raise DataError(f"{name}: has an image but the model is text-only")
-        ids, labels = conv.render(
-            to_messages(rec["conversations"]), self.tokenizer, self.template, counts, name=name
-        )
+        ids, labels = self._render(rec, counts)
         out["input_ids"] = np.asarray(ids, np.int32)
         out["labels"] = np.asarray(labels, np.int32)
         return out
@@ -108,13 +159,12 @@ class ChatTransform:
         """The token count `__call__` gives `rec` (image sizes as validation
         measured them): what length-grouped batching sorts by."""
         counts = []
-        if self.cfg.is_vlm:
+        if self.cfg.takes_images:
             for p in record_images(rec):
                 is_path = isinstance(p, (str, Path))
                 size = load_image_size(self.root / p) if is_path else np.asarray(p).shape[:2]
                 counts.append(self.image_tokens(size))
-        ids, _ = conv.render(to_messages(rec["conversations"]), self.tokenizer, self.template,
-                             counts, name=f"record {rec.get('id')}")  # fmt: skip
+        ids, _ = self._render(rec, counts)
         return len(ids)
 
     def limits(self, max_length: int) -> Limits:
@@ -126,12 +176,13 @@ class ChatTransform:
             return len(conv.encode_text(tok, text))
 
         def count_conversation(conversation: list[dict], image_counts: list[int]) -> int:
-            ids, _ = conv.render(to_messages(conversation), tok, self.template, list(image_counts))
+            ids, _ = conv.render(to_messages(conversation), tok, self.template,
+                                 list(image_counts), image_span=self.image_span)  # fmt: skip
             return len(ids)
 
         return Limits(
             max_length=max_length,
-            image_tokens=self.image_tokens if self.cfg.is_vlm else 0,
+            image_tokens=self.image_tokens if self.cfg.takes_images else 0,
             count_tokens=count_tokens,
             turn_overhead=4,
             count_conversation=count_conversation,

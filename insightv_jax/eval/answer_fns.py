@@ -20,7 +20,6 @@ def _images(items: Sequence[EvalItem]) -> list[list]:
 
 def _generate(sampler, items: Sequence[EvalItem], params) -> list[str]:
     """One chat turn per item (`<image>\\n` + prompt) through Sampler.generate."""
-    from insightv_jax.sample.prompting import stack_prompts
     from insightv_jax.sample.reasoning import IMAGE_MARKER, encoder_of
 
     enc = encoder_of(sampler)
@@ -33,8 +32,7 @@ def _generate(sampler, items: Sequence[EvalItem], params) -> list[str]:
     ]  # fmt: skip
     ends = tuple(enc.end_of_turn())
     params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + ends)
-    pv, sizes = stack_prompts(encoded)
-    outs = sampler.generate([e.ids for e in encoded], params, pv, sizes)
+    outs = sampler.generate([e.ids for e in encoded], params, **enc.images(encoded))
     texts = []
     for o in outs:
         toks = o["tokens"][:-1] if o["tokens"] and o["tokens"][-1] in ends else o["tokens"]

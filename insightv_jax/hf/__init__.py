@@ -16,7 +16,10 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
 
     `tokenizer` is a `transformers` tokenizer (None if the checkpoint has none);
     `processor` is our `data.images.ImageProcessor` (same pixels as the
-    transformers LLaVA-NeXT processor; None for text-only models).
+    transformers LLaVA-NeXT processor), for Qwen-VL our
+    `data.qwen_images.QwenImageProcessor` of the model config (whose pixel
+    bounds the import read from `preprocessor_config.json`); None for
+    text-only models.
 
     A LLaVA model takes its inputs by name only: `model(input_ids=...,
     attention_mask=..., **processor(images))`, or the transformers
@@ -34,7 +37,11 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
         from insightv_jax.data.conversation import load_tokenizer
 
         tokenizer = load_tokenizer(tok_dir)
-    if proc_dir is not None and (Path(proc_dir) / "preprocessor_config.json").is_file():
+    if cfg.is_qwen_vl:
+        from insightv_jax.data.qwen_images import QwenImageProcessor
+
+        processor = QwenImageProcessor.for_model(cfg)
+    elif proc_dir is not None and (Path(proc_dir) / "preprocessor_config.json").is_file():
         from insightv_jax.data.images import ImageProcessor
 
         processor = ImageProcessor.from_pretrained(proc_dir)

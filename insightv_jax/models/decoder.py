@@ -289,6 +289,11 @@ class Decoder(nnx.Module):
             self.embed_inputs(input_ids, pixel_values, image_sizes), attention_mask, positions
         )
 
+    @staticmethod
+    def batch_inputs(batch: dict) -> dict:
+        """`hidden_states`' extra arguments from a training batch: none (text)."""
+        return {}
+
     def forward_cached(
         self,
         inputs_embeds: jax.Array,

@@ -11,7 +11,7 @@ Two protocols, each what its callers actually use:
               the output projection, so that losses can apply the head in
               chunks (`train.losses`).
 
-`Decoder` (text) and `LlavaModel` (vision-language) are both CausalLMs.
+`Decoder` (text), `LlavaModel` and `QwenVL` (vision-language) are CausalLMs.
 Names: `hidden_states` is always "final-normed hidden states (B, T, D) of a
 batch of token ids"; `forward_cached` is always "new tokens against a cache".
 """
@@ -78,6 +78,12 @@ class CausalLM(DecodingLM, Protocol):
     ) -> jax.Array:
         """Final-normed hidden states (B, T, D) of a training batch (images
         in the per-sample layout); positions default to 0..T-1."""
+        ...
+
+    def batch_inputs(self, batch: dict) -> dict:
+        """The keyword arguments of `hidden_states` beyond ids and mask that a
+        training batch (a flat dict of batch-major arrays) carries for this
+        model: its images, and for a multimodal-RoPE model the positions."""
         ...
 
     def output_head(self) -> jax.Array:

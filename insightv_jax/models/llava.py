@@ -166,6 +166,14 @@ class LlavaModel(nnx.Module):
         embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         return self.decoder.hidden_from_embeds(embeds, attention_mask, positions)
 
+    @staticmethod
+    def batch_inputs(batch: dict) -> dict:
+        """`hidden_states`' image arguments from a training batch (its
+        per-sample `pixel_values` / `image_sizes`; {} for a text batch)."""
+        if "pixel_values" not in batch:
+            return {}
+        return {"pixel_values": batch["pixel_values"], "image_sizes": batch.get("image_sizes")}
+
     def forward_cached(
         self, inputs_embeds, cache: KVCache, attention_mask=None, positions=None
     ) -> tuple[jax.Array, KVCache]:

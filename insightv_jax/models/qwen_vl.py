@@ -205,6 +205,53 @@ def rope_positions(
     return positions.astype(np.int32)
 
 
+# Training batches carry the vision input flat and batch-major: a dict of
+# arrays, each split over the data axes by its first dimension like the token
+# rows (the loader, the micro-batch split and DPO's pair layout treat every
+# key alike). `positions` are the M-RoPE ids as (B, 3, T).
+VISION_KEYS = (
+    "pixel_values", "vision_order", "vision_positions", "vision_full_segments",
+    "vision_window_segments", "vision_restore", "vision_rows",
+)  # fmt: skip
+BATCH_KEYS = (*VISION_KEYS, "positions")
+
+
+def batch_arrays(
+    cfg: ModelConfig,
+    input_ids,
+    attention_mask,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    num_slots: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The `BATCH_KEYS` arrays of a padded batch of token rows and the
+    processor's outputs for its images and videos (in row order); {} when
+    there are none (text rows take positions 0..T-1)."""
+    ids = np.asarray(input_ids)
+    mask = np.asarray(attention_mask)
+    vision = pack_vision(
+        cfg, np.where(mask > 0, ids, -1), pixel_values, image_grid_thw,
+        pixel_values_videos, video_grid_thw, num_slots,
+    )  # fmt: skip
+    if vision is None:
+        return {}
+    positions = rope_positions(cfg, ids, mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
+    lay = vision.layout
+    return {
+        "pixel_values": vision.pixel_values,
+        "vision_order": lay.order,
+        "vision_positions": lay.positions,
+        "vision_full_segments": lay.full_segments,
+        "vision_window_segments": lay.window_segments,
+        "vision_restore": lay.restore,
+        "vision_rows": vision.rows,
+        "positions": np.ascontiguousarray(positions.transpose(1, 0, 2)),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionPrompt:
     """The images and videos of a prompt chunk as the processor gives them
@@ -284,6 +331,22 @@ class QwenVL(nnx.Module):
         `PackedVision` or None (see `embed_inputs`)."""
         embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         return self.decoder.hidden_from_embeds(embeds, attention_mask, positions)
+
+    @staticmethod
+    def batch_inputs(batch: dict) -> dict:
+        """`hidden_states`' keyword arguments from a training batch
+        (`batch_arrays`' keys): the `PackedVision` and the M-RoPE ids back in
+        the (3, B, T) order; {} for a batch without images."""
+        if "vision_rows" not in batch:
+            return {}
+        layout = VisionLayout(
+            batch["vision_order"], batch["vision_positions"], batch["vision_full_segments"],
+            batch["vision_window_segments"], batch["vision_restore"],
+        )  # fmt: skip
+        return {
+            "positions": jnp.moveaxis(jnp.asarray(batch["positions"]), 1, 0),
+            "pixel_values": PackedVision(batch["pixel_values"], layout, batch["vision_rows"]),
+        }
 
     def forward_cached(
         self, inputs_embeds, cache: KVCache, attention_mask=None, positions=None

@@ -32,7 +32,6 @@ from insightv_jax.pipeline.backend_common import (
 )
 from insightv_jax.sample.constrain import StepConstraint
 from insightv_jax.sample.infer import load_agent
-from insightv_jax.sample.prompting import stack_prompts
 from insightv_jax.sample.reasoning import progressive_generate
 from insightv_jax.sample.sampler import SamplingParams
 
@@ -71,8 +70,8 @@ def _timed(sampler, stats: Stats):
 
 
 def _images(sampler, query: dict) -> list:
-    is_vlm = getattr(getattr(sampler.encoder, "model_cfg", None), "is_vlm", False)
-    return [query["image_path"]] if is_vlm and query.get("image_path") else []
+    takes_images = getattr(getattr(sampler.encoder, "model_cfg", None), "takes_images", False)
+    return [query["image_path"]] if takes_images and query.get("image_path") else []
 
 
 class LocalGenerator:
@@ -142,8 +141,9 @@ class _LocalText:
                 enc.prompt([{"role": "user", "content": ("<image>\n" if ims else "") + text}], ims)
                 for text, ims in rows[start : start + CHUNK]
             ]
-            pv, sizes = stack_prompts(encoded)
-            got = self.sampler.generate([e.ids for e in encoded], self.params, pv, sizes)
+            got = self.sampler.generate(
+                [e.ids for e in encoded], self.params, **enc.images(encoded)
+            )
             out += [g["text"] for g in got]
         return out
 

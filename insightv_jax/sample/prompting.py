@@ -4,7 +4,12 @@ With one of our chat templates (llama3, chatml, minimal — detected from the
 tokenizer's special tokens) prompts are rendered by `data.conversation`, token
 for token as in training. Any other tokenizer falls back to its own Hugging
 Face chat template. `<image>` placeholders expand to as many image tokens as
-the model consumes for each image's size.
+the model consumes for each image's size (Qwen-VL: between its vision start
+and end tokens).
+
+A batch of encoded prompts gives its images to `Sampler.extend` / `generate`
+as keyword arguments (`PromptEncoder.images`): LLaVA's per-sample
+`pixel_values` / `image_sizes`, or Qwen-VL's `vision` (a `VisionPrompt`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ def detect_template(tokenizer) -> str | None:
 
 @dataclasses.dataclass
 class EncodedPrompt:
+    """A prompt's ids and images: LLaVA's `pixel_values` (I, tiles, 3, H, W)
+    with `image_sizes` (I, 2), or Qwen-VL's `pixel_values` (patches, C*T*p*p)
+    with `image_grid_thw` (I, 3)."""
+
     ids: list[int]
-    pixel_values: np.ndarray | None = None  # (I, tiles, 3, H, W)
-    image_sizes: np.ndarray | None = None  # (I, 2)
+    pixel_values: np.ndarray | None = None
+    image_sizes: np.ndarray | None = None
+    image_grid_thw: np.ndarray | None = None
 
 
 class PromptEncoder:
@@ -45,17 +55,24 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.template = template or detect_template(tokenizer)
         self.processor = processor
-        self.model_cfg = model_cfg if getattr(model_cfg, "is_vlm", False) else None
+        self.model_cfg = model_cfg if getattr(model_cfg, "takes_images", False) else None
+        self.image_span = conv.image_span_for(model_cfg)
 
     def _enc(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
     def image_inputs(self, images, name: str = "prompt"):
-        """(pixel_values (I, tiles, 3, H, W), image_sizes (I, 2), tokens per image)."""
+        """(pixel_values, image_sizes or Qwen-VL's image_grid_thw, tokens per
+        image); see `EncodedPrompt`."""
         if not images:
             return None, None, []
         if self.model_cfg is None or self.processor is None:
             raise DataError(f"{name}: this model is text-only and cannot take images")
+        if self.model_cfg.is_qwen_vl:
+            out = self.processor(list(images), [f"{name} image {k}" for k in range(len(images))])
+            merge = self.processor.merge_size**2
+            counts = [int(g.prod()) // merge for g in out["image_grid_thw"]]
+            return out["pixel_values"], out["image_grid_thw"], counts
         named = [(im, f"{name} image {k}") for k, im in enumerate(images)]
         pv, sizes = pack_samples([named], self.processor, self.model_cfg)
         counts = [
@@ -71,21 +88,46 @@ class PromptEncoder:
         if placeholders != len(counts):
             raise DataError(f"{name}: {placeholders} <image> placeholders but {len(counts)} images")
         if self.template is not None:
-            ids = conv.render_prompt(messages, self.tokenizer, self.template, counts)
+            ids = conv.render_prompt(messages, self.tokenizer, self.template, counts,
+                                     self.image_span)  # fmt: skip
         else:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
             )
             ids = self._expand(text, counts)
+        if self.model_cfg is not None and self.model_cfg.is_qwen_vl:
+            return EncodedPrompt(ids, pv, image_grid_thw=sizes)
         return EncodedPrompt(ids, pv, sizes)
 
     def _expand(self, text: str, counts: list[int]) -> list[int]:
+        span = self.image_span
+        image_id = self.tokenizer.convert_tokens_to_ids(span.token)
+        start = [self.tokenizer.convert_tokens_to_ids(span.start)] if span.start else []
+        end = [self.tokenizer.convert_tokens_to_ids(span.end)] if span.end else []
         parts = text.split(conv.IMAGE_TOKEN)
-        image_id = self.tokenizer.convert_tokens_to_ids(conv.IMAGE_TOKEN)
         ids = self._enc(parts[0])
         for part, n in zip(parts[1:], counts):
-            ids += [image_id] * n + self._enc(part)
+            ids += start + [image_id] * n + end + self._enc(part)
         return ids
+
+    def images(self, encoded: list[EncodedPrompt]) -> dict:
+        """The images of a batch of prompts (rows in order) as keyword
+        arguments of `Sampler.extend` / `Sampler.generate`; {} for none."""
+        if self.model_cfg is not None and self.model_cfg.is_qwen_vl:
+            from insightv_jax.models.qwen_vl import VisionPrompt
+
+            rows = [e for e in encoded if e.image_grid_thw is not None]
+            if not rows:
+                return {}
+            return {
+                "vision": VisionPrompt(
+                    self.model_cfg,
+                    pixel_values=np.concatenate([e.pixel_values for e in rows]),
+                    image_grid_thw=np.concatenate([e.image_grid_thw for e in rows]),
+                )
+            }
+        pv, sizes = stack_prompts(encoded)
+        return {} if pv is None else {"pixel_values": pv, "image_sizes": sizes}
 
     def glue(self, user_text: str) -> list[int]:
         """Tokens between the end of an assistant turn's content and the start

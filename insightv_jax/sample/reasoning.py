@@ -24,7 +24,7 @@ import numpy as np
 
 from insightv_jax.data.prompts import DEFAULT_PROMPTS, Prompts, reasoning_question, summary_question
 from insightv_jax.sample.constrain import StepConstraint
-from insightv_jax.sample.prompting import EncodedPrompt, PromptEncoder, stack_prompts
+from insightv_jax.sample.prompting import EncodedPrompt, PromptEncoder
 from insightv_jax.sample.sampler import Sampler, SamplingParams, next_pow2, row_keys
 
 IMAGE_MARKER = "<image>"
@@ -91,10 +91,9 @@ def progressive_generate(
         max(step_tokens, final_tokens) + max(len(glue_next), len(glue_final))
     )
     history: list[list[int]] = [list(encoded[b // N].ids) for b in range(B)]  # for re-encoding
-    pixels = stack_prompts(encoded)
     if reuse_cache:
         state = sampler.start(Q, budget, params.seed)
-        state = sampler.extend(state, [e.ids for e in encoded], *pixels)
+        state = sampler.extend(state, [e.ids for e in encoded], **enc.images(encoded))
         state = state.repeat_rows(N)
     phase = np.zeros(B, np.int32)  # 0: steps, 1: final answer due, 2: done
     samples = [ChainSample([], None, 0, 0.0, []) for _ in range(B)]
@@ -104,7 +103,9 @@ def progressive_generate(
             break
         if not reuse_cache:  # the baseline: encode the whole dialogue again
             state = sampler.start(B, budget, params.seed + turn)
-            state = sampler.extend(state, history, *_repeat_images(pixels, N))
+            state = sampler.extend(
+                state, history, **enc.images([encoded[b // N] for b in range(B)])
+            )
         starts = np.where(phase == 1, constraint.start_final, constraint.start_step)
         steps = final_tokens if (phase[active] == 1).all() else step_tokens
         state, out = sampler.decode(
@@ -149,13 +150,6 @@ def progressive_generate(
         if reuse_cache and any(chunks):
             state = sampler.extend(state, chunks)
     return [samples[q * N : (q + 1) * N] for q in range(Q)]
-
-
-def _repeat_images(pixels, n):
-    pv, sizes = pixels
-    if pv is None:
-        return None, None
-    return np.repeat(pv, n, axis=0), np.repeat(sizes, n, axis=0)
 
 
 # ------------------------------------------------------------- two agents
@@ -224,7 +218,7 @@ def sample_groups(
     state = sampler.start(
         len(ids), next_pow2(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
     )
-    state = sampler.extend(state, ids, *stack_prompts(encoded))
+    state = sampler.extend(state, ids, **encoder_of(sampler).images(encoded))
     state = state.repeat_rows(num_samples)
     if keys is not None:
         rows = np.asarray(keys, np.int64)[:, None] * num_samples + np.arange(num_samples)
@@ -345,12 +339,11 @@ def generate_encoded(
     enc = encoder_of(sampler)
     ends = tuple(enc.end_of_turn())
     params = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids) + ends)
-    pv, sizes = stack_prompts(encoded)
     ids = [e.ids for e in encoded]
     state = sampler.start(
         len(ids), next_pow2(max(len(i) for i in ids), 8) + params.max_new_tokens, params.seed
     )
-    state = sampler.extend(state, ids, pv, sizes)
+    state = sampler.extend(state, ids, **enc.images(encoded))
     _, out = sampler.decode(state, params)
     results = sampler.unpack(out, params)
     for r in results:  # drop the end-of-turn token from the text

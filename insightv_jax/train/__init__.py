@@ -125,10 +125,12 @@ def data_batches(cfg, tokenizer_dir: Path | None):
 def _processor_dir(cfg) -> Path:
     """A processor/ folder for a VLM trained from a preset (written next to the run)."""
     from insightv_jax.data.images import ImageProcessor
+    from insightv_jax.data.qwen_images import QwenImageProcessor
 
     folder = Path(cfg.train.workdir + ".processor")
     if not (folder / "preprocessor_config.json").is_file():
-        ImageProcessor.for_model(cfg.model).save_pretrained(folder)
+        kind = QwenImageProcessor if cfg.model.is_qwen_vl else ImageProcessor
+        kind.for_model(cfg.model).save_pretrained(folder)
     return folder
 
 
@@ -145,7 +147,7 @@ def run_sft(cfg) -> None:
         tok, proc = aux_dirs(cfg.train.init)
     if cfg.train.tokenizer:
         tok = Path(cfg.train.tokenizer)
-    if cfg.model.is_vlm and proc is None:
+    if cfg.model.takes_images and proc is None:
         proc = _processor_dir(cfg)
     batches, per_epoch = sft_batches(cfg, tok, proc)
     total = cfg.train.steps or cfg.train.epochs * per_epoch

@@ -25,11 +25,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from insightv_jax.config import TrainConfig
 from insightv_jax.models.interface import CausalLM
+from insightv_jax.models.qwen_vl import BATCH_KEYS as QWEN_VL_BATCH_KEYS
 from insightv_jax.parallel import logical_to_spec
 from insightv_jax.train.losses import IGNORE, fused_ce_sum, shift_labels
 from insightv_jax.train.optim import lr_schedule, make_optimizer, merge, split_trainable
 
-BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes")
+# The model inputs of a training batch: LLaVA's images per sample, Qwen-VL's
+# laid out per row with their M-RoPE positions (`models.qwen_vl.BATCH_KEYS`).
+BATCH_KEYS = tuple(
+    dict.fromkeys(("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes",
+                   *QWEN_VL_BATCH_KEYS))
+)  # fmt: skip
 
 
 def _dict_path(path) -> tuple[str, ...]:
@@ -192,13 +198,7 @@ class SFTProgram:
     @staticmethod
     def _hidden(model: CausalLM, mb: dict) -> jax.Array:
         """The model's final hidden states for a batch dict (images optional)."""
-        return model.hidden_states(
-            mb["input_ids"],
-            mb["attention_mask"],
-            None,
-            mb.get("pixel_values"),
-            mb.get("image_sizes"),
-        )
+        return model.hidden_states(mb["input_ids"], mb["attention_mask"], **model.batch_inputs(mb))
 
     def _loss_sum(self, trainable, frozen, mb):
         model = self._model(trainable, frozen)
