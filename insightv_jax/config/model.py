@@ -150,6 +150,9 @@ class QwenVLConfig:
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
+    # The model never reads it (items end where their placeholders do); it is
+    # kept so that an export writes the checkpoint's own id back.
+    vision_end_token_id: int = 151653
 
 
 QWEN_VL_KINDS = ("qwen2_vl", "qwen2_5_vl")

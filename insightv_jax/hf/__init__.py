@@ -16,7 +16,8 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
 
     `tokenizer` is a `transformers` tokenizer (None if the checkpoint has none);
     `processor` is our `data.images.ImageProcessor` (same pixels as the
-    transformers LLaVA-NeXT processor; None for text-only models).
+    transformers LLaVA-NeXT processor), for Qwen2-VL / Qwen2.5-VL our
+    `data.qwen_images.QwenImageProcessor`; None for text-only models.
     """
     # imported on use: this __init__ runs before every hf.* module, and checkpoint
     # imports hf.convert (at import time the two would wait on each other)
@@ -29,9 +30,12 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
 
         tokenizer = load_tokenizer(tok_dir)
     if proc_dir is not None and (Path(proc_dir) / "preprocessor_config.json").is_file():
-        from insightv_jax.data.images import ImageProcessor
+        if cfg.is_qwen_vl:  # its config reuses `size` with other meanings
+            from insightv_jax.data.qwen_images import QwenImageProcessor as Processor
+        else:
+            from insightv_jax.data.images import ImageProcessor as Processor
 
-        processor = ImageProcessor.from_pretrained(proc_dir)
+        processor = Processor.from_pretrained(proc_dir)
     return model, tokenizer, processor, cfg
 
 

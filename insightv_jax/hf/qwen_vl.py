@@ -6,7 +6,8 @@ Weights: `save_pretrained` (4.x and 5.x alike) writes `model.layers.…`,
 `model.embed_tokens`, `model.norm`, `visual.…` and `lm_head.weight`
 (absent when tied); transformers 5.x's in-memory `state_dict()` has
 `model.language_model.…` and `model.visual.…`. Both are read; the layout is
-detected from the embedding and patch embedding keys.
+detected from the embedding and patch embedding keys. The export
+(`hf.convert.export_hf`) writes the saved layout.
 """
 
 from __future__ import annotations
