@@ -3,7 +3,8 @@ LLaVA / LLaVA-NeXT in the transformers layout, and the original LLaVA-NeXT
 repository format (`mm_*` fields; the Insight-V agents).
 
 Decoders: reads both the transformers-5 layout (`rope_parameters`) and the older one
-(`rope_theta` + `rope_scaling`); writes the transformers-5 layout.
+(`rope_theta` + `rope_scaling`); writes the transformers-5 layout. Qwen2-VL /
+Qwen2.5-VL: both directions, written as transformers 5.x saves them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from insightv_jax.config import (
 )
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.llava import LAYOUTS
-from insightv_jax.hf.qwen_vision import qwen_vision_from_hf
+from insightv_jax.hf.qwen_vision import qwen_vision_from_hf, qwen_vision_to_hf
 from insightv_jax.vision_grid import tokens_per_tile
 
 DECODER_TYPES = ("llama", "qwen2")
@@ -150,7 +151,10 @@ def decoder_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderCon
 def decoder_to_hf(cfg: DecoderConfig, dtype: str | None = None) -> dict[str, Any]:
     """A LlamaConfig / Qwen2Config dict for `cfg`."""
     if cfg.mrope_section is not None:
-        raise CheckpointError("a decoder with mrope_section (Qwen-VL) cannot be exported yet")
+        raise CheckpointError(
+            "a decoder with mrope_section exports only as part of a Qwen-VL model "
+            "(kind qwen2_vl / qwen2_5_vl)"
+        )
     if cfg.family == "qwen2" and (not cfg.qkv_bias or cfg.o_bias):
         raise CheckpointError("a qwen2 decoder needs qkv_bias=true and o_bias=false to export")
     if cfg.family == "llama" and cfg.qkv_bias != cfg.o_bias:
@@ -340,12 +344,15 @@ def qwen_vl_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfi
     text["tie_word_embeddings"] = bool(
         full.get("tie_word_embeddings") or text.get("tie_word_embeddings")
     )
-    text.setdefault("dtype", full.get("dtype"))
+    # transformers leaves the text config's dtype None; the model's is at the top
+    text["dtype"] = text.get("dtype") or full.get("dtype")
     decoder = decoder_from_hf(text, f"{where} text_config")
     ids = {
         key: _number(full, key, int, where)
-        for key in ("image_token_id", "video_token_id", "vision_start_token_id")
-    }
+        for key in (
+            "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+        )
+    }  # fmt: skip
     try:
         cfg = ModelConfig(
             kind=kind,
@@ -357,6 +364,43 @@ def qwen_vl_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfi
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
     return cfg
+
+
+_QWEN_VL_ARCHITECTURES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+
+def qwen_vl_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A Qwen2VLConfig / Qwen2_5_VLConfig dict for `cfg`, laid out as
+    transformers 5.x saves one (the language model under `text_config` with
+    `rope_parameters.mrope_section`, tying at the top level);
+    `qwen_vl_from_hf` reads it back into `cfg`. The one `dtype` written is
+    the decoder's (the tower reads it back as its own too)."""
+    dec = cfg.decoder
+    if dec.rope_scaling is not None:
+        raise CheckpointError("a Qwen-VL decoder with rope_scaling cannot be exported")
+    if dec.resolved_head_dim != dec.hidden_size // dec.num_heads:
+        # transformers' Qwen-VL attention derives head_dim; it has no such field
+        raise CheckpointError(
+            f"decoder.head_dim={dec.resolved_head_dim} cannot be exported: Qwen-VL's is "
+            f"hidden_size / num_heads = {dec.hidden_size // dec.num_heads}"
+        )
+    text = decoder_to_hf(dataclasses.replace(dec, mrope_section=None))
+    for key in ("architectures", "head_dim", "tie_word_embeddings", "dtype"):
+        text.pop(key)  # no head_dim (above); the rest live at the top level
+    text["model_type"] = f"{cfg.kind}_text"
+    text["rope_parameters"]["mrope_section"] = list(dec.mrope_section)
+    return {
+        "architectures": [_QWEN_VL_ARCHITECTURES[cfg.kind]],
+        "model_type": cfg.kind,
+        **dataclasses.asdict(cfg.qwen_vl),
+        "tie_word_embeddings": dec.tie_embeddings,
+        "text_config": text,
+        "vision_config": qwen_vision_to_hf(cfg.qwen_vision),
+        "dtype": dec.param_dtype,
+    }
 
 
 # ------------------------------------------------- original LLaVA-NeXT format
@@ -476,8 +520,11 @@ def model_from_hf(d: dict[str, Any], where: str = "config.json", tensors=None) -
 
 
 def model_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face config.json dict of any exportable ModelConfig."""
     if cfg.kind == "causal_lm":
         return decoder_to_hf(cfg.decoder)
     if cfg.is_vlm:
         return llava_to_hf(cfg)
+    if cfg.is_qwen_vl:
+        return qwen_vl_to_hf(cfg)
     raise CheckpointError(f"model kind {cfg.kind!r} cannot be exported to Hugging Face")

@@ -3,11 +3,13 @@
 Import reads one HF tensor at a time, converts it to our layout and places it
 straight into its target sharding (each device receives only its slice).
 Export streams parameters back out as safetensors in the hub's key layout, with
-`config.json`, `generation_config.json` and the tokenizer files.
+`config.json`, `generation_config.json` and the tokenizer files (Qwen-VL: and
+the image processor's `preprocessor_config.json`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,20 +22,33 @@ from jax.sharding import Mesh
 from insightv_jax.config import ModelConfig
 from insightv_jax.data.conversation import load_tokenizer
 from insightv_jax.data.prompts import write_prompts
+from insightv_jax.data.qwen_images import PREPROCESSOR_FILE, QwenImageProcessor
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.configs import QWEN_VL_TYPES, model_from_hf, model_to_hf, read_hf_config
 from insightv_jax.hf.files import copy_aux_dirs
 from insightv_jax.hf.keymap import ParamMap, decoder_keymap
 from insightv_jax.hf.llava import detect_layout, ignored_key, llava_keymap
 from insightv_jax.hf.placement import check_all_used, place
+from insightv_jax.hf.qwen_vision import qwen_vision_tensors
 from insightv_jax.hf.safetensors_io import SafetensorsFolder, write_folder
 from insightv_jax.models.factory import abstract_model
 
+# Where `save_pretrained` puts a Qwen-VL's vision tower (4.x and 5.x alike).
+QWEN_VL_VISION_PREFIX = "visual."
+
 
 def keymap_for(cfg: ModelConfig, layout: str = "hub") -> list[ParamMap]:
-    """The key map of a model config (VLMs: in one of `hf.llava.LAYOUTS`)."""
+    """The key map of a model config (VLMs: in one of `hf.llava.LAYOUTS`). For
+    Qwen-VL it is the decoder's part only, keyed as `save_pretrained` writes it
+    (`model.layers.…`, `lm_head.weight`); the tower's fused qkv needs more than
+    a ParamMap and comes from `hf.qwen_vision`'s own table."""
     if cfg.kind == "causal_lm":
         return decoder_keymap(cfg.decoder)
+    if cfg.is_qwen_vl:
+        return [
+            dataclasses.replace(pm, path=("decoder", *pm.path))
+            for pm in decoder_keymap(cfg.decoder)
+        ]
     if cfg.is_vlm:
         return llava_keymap(cfg, layout)
     raise CheckpointError(f"no Hugging Face key map for model kind {cfg.kind!r}")
@@ -132,6 +147,10 @@ def hf_tensors(model: nnx.Module, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
                 yield pm.hf_key.format(i=i), pm.to_hf(value[i])
         else:
             yield pm.hf_key, pm.to_hf(value)
+    if cfg.is_qwen_vl:
+        yield from qwen_vision_tensors(
+            state["vision"], cfg.qwen_vision, QWEN_VL_VISION_PREFIX, _to_host
+        )
 
 
 def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
@@ -156,11 +175,18 @@ def export_hf(
     prompts=None,
 ) -> None:
     """Write a `save_pretrained`-style folder into `out` (which must exist), with the
-    agent's training `prompts` (data.prompts.Prompts) as `prompts.json` when given."""
+    agent's training `prompts` (data.prompts.Prompts) as `prompts.json` when given.
+
+    A Qwen-VL export without an image processor config of its own gets the
+    model config's (`data.qwen_images.QwenImageProcessor.for_model`), which
+    `Qwen2VLImageProcessorPil.from_pretrained` loads; the combined
+    `Qwen2VLProcessor` / `AutoProcessor` also needs torchvision and a tokenizer,
+    and was not checked."""
     out = Path(out)
     hf_cfg = model_to_hf(cfg)
     special = _special_ids(tokenizer_dir)
-    hf_cfg.update(special)
+    # transformers 5.x keeps a Qwen-VL's token ids in its text config
+    (hf_cfg["text_config"] if cfg.is_qwen_vl else hf_cfg).update(special)
     if jax.process_index() == 0:
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         gen = {
@@ -181,6 +207,8 @@ def export_hf(
                 for f in d.iterdir():
                     f.rename(out / f.name)
                 d.rmdir()
+        if cfg.is_qwen_vl and not (out / PREPROCESSOR_FILE).is_file():
+            QwenImageProcessor.for_model(cfg).save_pretrained(out)
     else:
         for _ in tensors:  # take part in the collective gathers
             pass

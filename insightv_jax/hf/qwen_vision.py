@@ -1,22 +1,24 @@
-"""Qwen2-VL / Qwen2.5-VL vision towers from Hugging Face: the config mapping and
-the weight import from a state dict.
+"""Qwen2-VL / Qwen2.5-VL vision towers and Hugging Face: the config mapping,
+the weight import from a state dict and the export back (`qwen_vision_tensors`),
+both directions from one table of tensors (`_entries`).
 
 Key layouts: a standalone `Qwen2VisionTransformerPretrainedModel` has no
-prefix (`blocks.0.attn.qkv.weight`), a `*ForConditionalGeneration` in
-transformers 5.x has `model.visual.`, hub checkpoints saved by 4.x have
-`visual.`; `import_qwen_vision` finds the prefix from the patch embedding.
+prefix (`blocks.0.attn.qkv.weight`), a `*ForConditionalGeneration`'s
+in-memory state dict in transformers 5.x has `model.visual.`, and its saved
+files (4.x and 5.x alike) have `visual.`; `import_qwen_vision` finds the
+prefix from the patch embedding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from insightv_jax.config.base import ConfigError
+from insightv_jax.config.base import DTYPES, ConfigError
 from insightv_jax.config.qwen_vision import QwenVisionConfig
 from insightv_jax.errors import CheckpointError
 from insightv_jax.models.qwen_vision import QwenVisionTower
@@ -48,6 +50,8 @@ def qwen_vision_from_hf(d: Mapping[str, Any], where: str = "config.json") -> Qwe
         return default
 
     rope = v.get("rope_parameters") or {}
+    # a full model's dtype is at its top level (transformers leaves the sub-config's None)
+    dtype = str(v.get("dtype") or d.get("dtype") or "float32")
     common = dict(
         family=family,
         depth=int(get("depth", "num_hidden_layers")),
@@ -58,6 +62,7 @@ def qwen_vision_from_hf(d: Mapping[str, Any], where: str = "config.json") -> Qwe
         spatial_merge_size=int(get("spatial_merge_size", default=2)),
         hidden_act=get("hidden_act", default="quick_gelu" if family == "qwen2_vl" else "silu"),
         rope_theta=float(rope.get("rope_theta", 10000.0)),
+        param_dtype=dtype if dtype in DTYPES else "float32",
     )
     if family == "qwen2_vl":
         embed = int(get("embed_dim"))
@@ -84,52 +89,93 @@ def qwen_vision_from_hf(d: Mapping[str, Any], where: str = "config.json") -> Qwe
     return cfg
 
 
+def qwen_vision_to_hf(cfg: QwenVisionConfig) -> dict[str, Any]:
+    """The Hugging Face `vision_config` of `cfg` (Qwen2-VL's field names for
+    that family), which `qwen_vision_from_hf` reads back into `cfg`."""
+    if cfg.norm_eps != 1e-6:
+        raise CheckpointError(
+            f"qwen_vision.norm_eps={cfg.norm_eps} cannot be exported (Hugging Face fixes 1e-6)"
+        )
+    common = dict(
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        in_channels=cfg.in_channels,
+        patch_size=cfg.patch_size,
+        temporal_patch_size=cfg.temporal_patch_size,
+        spatial_merge_size=cfg.spatial_merge_size,
+        hidden_act=cfg.hidden_act,
+        rope_parameters={"rope_type": "axial", "rope_theta": cfg.rope_theta},
+    )
+    if cfg.family == "qwen2_vl":
+        # Qwen2-VL gives the MLP width as an integer ratio of the tower's width
+        if cfg.intermediate_size % cfg.hidden_size:
+            raise CheckpointError(
+                f"qwen_vision.intermediate_size={cfg.intermediate_size} is not a multiple of "
+                f"hidden_size={cfg.hidden_size} (Qwen2-VL's mlp_ratio is an integer)"
+            )
+        return dict(
+            model_type="qwen2_vl_vision",
+            embed_dim=cfg.hidden_size,
+            hidden_size=cfg.out_hidden_size,
+            mlp_ratio=cfg.intermediate_size // cfg.hidden_size,
+            **common,
+        )
+    return dict(
+        model_type="qwen2_5_vl_vision",
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        out_hidden_size=cfg.out_hidden_size,
+        window_size=cfg.window_size,
+        fullatt_block_indexes=list(cfg.fullatt_block_indexes),
+        tokens_per_second=cfg.tokens_per_second,
+        **common,
+    )
+
+
 class _Entry(NamedTuple):
     path: tuple[str, ...]  # into the tower's parameters
     key: str  # HF key after the prefix; "{i}" for the block index
     convert: Callable[[np.ndarray], np.ndarray]  # HF layout -> ours
+    to_hf: Callable[[np.ndarray], np.ndarray]  # ours -> HF layout (the inverse)
     hf_shape: tuple[int, ...]  # what the config says the HF tensor must be
 
 
+def _same(x: np.ndarray) -> np.ndarray:
+    return x
+
+
 def _entries(cfg: QwenVisionConfig) -> list[_Entry]:
+    """The tower's tensors, both directions. Entries that share a key (HF's
+    fused qkv) each convert their rows of it; exported, their `to_hf` outputs
+    are concatenated along axis 0 in table order."""
     D, N, H, F = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
     M, Dout = D * cfg.merge_unit, cfg.out_hidden_size
     C, T, P = cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size
-    t = lambda w: w.T  # torch Linear (out, in) -> ours (in, out)
+    t = (lambda w: w.T, lambda w: w.T)  # torch Linear (out, in) <-> ours (in, out)
+    same = (_same, _same)
 
-    def qkv(part: int, bias: bool):
-        # HF's fused qkv rows are [q; k; v], each (N*H) head-major.
-        if bias:
-            return lambda b: b[part * D : (part + 1) * D].reshape(N, H)
-        return lambda w: w[part * D : (part + 1) * D].reshape(N, H, D).transpose(2, 0, 1)
+    def qkv(part: int):
+        # HF's fused qkv rows are [q; k; v], each (N*H) head-major; ours are
+        # (D, N, H) kernels and (N, H) biases.
+        rows = slice(part * D, (part + 1) * D)
+        weight = (
+            lambda w: w[rows].reshape(N, H, D).transpose(2, 0, 1),
+            lambda w: w.transpose(1, 2, 0).reshape(N * H, D),
+        )
+        bias = (lambda b: b[rows].reshape(N, H), lambda b: b.reshape(N * H))
+        return weight, bias
 
-    out = [
-        _Entry(("patch_embed",), _PATCH_KEY, lambda w: w.reshape(D, -1).T, (D, C, T, P, P)),
-    ]
+    patch = (lambda w: w.reshape(D, -1).T, lambda w: w.T.reshape(D, C, T, P, P))
+    out = [_Entry(("patch_embed",), _PATCH_KEY, *patch, (D, C, T, P, P))]
     blk = "blocks.{i}."
     for part, name in enumerate("qkv"):
-        out.append(
-            _Entry(
-                ("blocks", "attn", f"{name}_proj"),
-                blk + "attn.qkv.weight",
-                qkv(part, False),
-                (3 * D, D),
-            )
-        )
-        out.append(
-            _Entry(
-                ("blocks", "attn", f"{name}_bias"), blk + "attn.qkv.bias", qkv(part, True), (3 * D,)
-            )
-        )
-    out.append(
-        _Entry(
-            ("blocks", "attn", "o_proj"),
-            blk + "attn.proj.weight",
-            lambda w: w.T.reshape(N, H, D),
-            (D, D),
-        )
-    )
-    out.append(_Entry(("blocks", "attn", "o_bias"), blk + "attn.proj.bias", lambda b: b, (D,)))
+        weight, bias = qkv(part)
+        attn = ("blocks", "attn")
+        out.append(_Entry((*attn, f"{name}_proj"), blk + "attn.qkv.weight", *weight, (3 * D, D)))
+        out.append(_Entry((*attn, f"{name}_bias"), blk + "attn.qkv.bias", *bias, (3 * D,)))
+    o_proj = (lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T)
+    out.append(_Entry(("blocks", "attn", "o_proj"), blk + "attn.proj.weight", *o_proj, (D, D)))
+    out.append(_Entry(("blocks", "attn", "o_bias"), blk + "attn.proj.bias", *same, (D,)))
     if cfg.family == "qwen2_5_vl":
         mlp = (
             ("gate", "gate_proj", (F, D)),
@@ -139,26 +185,23 @@ def _entries(cfg: QwenVisionConfig) -> list[_Entry]:
     else:
         mlp = (("fc1", "fc1", (F, D)), ("fc2", "fc2", (D, F)))
     for ours, theirs, shape in mlp:
-        out.append(_Entry(("blocks", "mlp", f"{ours}_proj"), f"{blk}mlp.{theirs}.weight", t, shape))
-        out.append(
-            _Entry(
-                ("blocks", "mlp", f"{ours}_bias"), f"{blk}mlp.{theirs}.bias", lambda b: b, shape[:1]
-            )
-        )
+        key = f"{blk}mlp.{theirs}."
+        out.append(_Entry(("blocks", "mlp", f"{ours}_proj"), key + "weight", *t, shape))
+        out.append(_Entry(("blocks", "mlp", f"{ours}_bias"), key + "bias", *same, shape[:1]))
     norms = [
         (("blocks", "norm1"), blk + "norm1"),
         (("blocks", "norm2"), blk + "norm2"),
         (("merger", "norm"), "merger.ln_q"),
     ]
     for path, key in norms:
-        out.append(_Entry((*path, "weight"), key + ".weight", lambda w: w, (D,)))
+        out.append(_Entry((*path, "weight"), key + ".weight", *same, (D,)))
         if cfg.family == "qwen2_vl":  # LayerNorm; Qwen2.5-VL's RMSNorm has no bias
-            out.append(_Entry((*path, "bias"), key + ".bias", lambda b: b, (D,)))
+            out.append(_Entry((*path, "bias"), key + ".bias", *same, (D,)))
     out += [
-        _Entry(("merger", "fc1"), "merger.mlp.0.weight", t, (M, M)),
-        _Entry(("merger", "fc1_bias"), "merger.mlp.0.bias", lambda b: b, (M,)),
-        _Entry(("merger", "fc2"), "merger.mlp.2.weight", t, (Dout, M)),
-        _Entry(("merger", "fc2_bias"), "merger.mlp.2.bias", lambda b: b, (Dout,)),
+        _Entry(("merger", "fc1"), "merger.mlp.0.weight", *t, (M, M)),
+        _Entry(("merger", "fc1_bias"), "merger.mlp.0.bias", *same, (M,)),
+        _Entry(("merger", "fc2"), "merger.mlp.2.weight", *t, (Dout, M)),
+        _Entry(("merger", "fc2_bias"), "merger.mlp.2.bias", *same, (Dout,)),
     ]
     return out
 
@@ -210,6 +253,30 @@ def _fill(params: dict, cfg: QwenVisionConfig, state_dict: Mapping[str, Any], pr
             f"state dict: tensor {extra[0]!r} is not used by the config "
             f"({len(extra)} unused under prefix {prefix!r})"
         )
+
+
+def qwen_vision_tensors(
+    params: Mapping[str, Any],
+    cfg: QwenVisionConfig,
+    prefix: str = "",
+    to_host: Callable[[Any], np.ndarray] = np.asarray,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF key, numpy array) for every tensor of a tower, in Hugging Face's
+    layout under `prefix` (`visual.` in a saved `*ForConditionalGeneration`).
+
+    `params` is the tower's pure parameter dict; `to_host` brings one of its
+    arrays to numpy (the export passes one that gathers across hosts). Each
+    array is fetched once, and only the arrays of one HF key at a time (a
+    block stack; the fused qkv's three stacks together)."""
+    by_key: dict[str, list[_Entry]] = {}  # the fused qkv's entries share one key
+    for e in _entries(cfg):
+        by_key.setdefault(e.key, []).append(e)
+    for key, group in by_key.items():
+        values = [to_host(_get(params, e.path)) for e in group]
+        stacked = "{i}" in key
+        for i in range(cfg.depth if stacked else 1):
+            parts = [e.to_hf(v[i] if stacked else v) for e, v in zip(group, values)]
+            yield prefix + key.format(i=i), parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def import_qwen_vision(

@@ -6,11 +6,13 @@ Weights: `save_pretrained` (4.x and 5.x alike) writes `model.layers.…`,
 `model.embed_tokens`, `model.norm`, `visual.…` and `lm_head.weight`
 (absent when tied); transformers 5.x's in-memory `state_dict()` has
 `model.language_model.…` and `model.visual.…`. Both are read; the layout is
-detected from the embedding and patch embedding keys.
+detected from the embedding and patch embedding keys. The export
+(`hf.convert.export_hf`) writes the saved layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from insightv_jax.config import ModelConfig
+from insightv_jax.data.qwen_images import PREPROCESSOR_FILE, QwenImageProcessor
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.configs import qwen_vl_from_hf, read_hf_config
 from insightv_jax.hf.keymap import decoder_keymap
@@ -77,6 +80,17 @@ def _sources(cfg: ModelConfig, target: dict, keys) -> list[_Source]:
     return out
 
 
+def with_processor_pixels(cfg: ModelConfig, folder: Path) -> ModelConfig:
+    """`cfg` with the pixel bounds of the folder's `preprocessor_config.json`
+    (when it has one): they decide how many tokens an image becomes, so the
+    model config carries them from here on."""
+    if not (folder / PREPROCESSOR_FILE).is_file():
+        return cfg
+    proc = QwenImageProcessor.from_pretrained(folder)
+    pixels = dict(min_pixels=proc.min_pixels, max_pixels=proc.max_pixels)
+    return dataclasses.replace(cfg, qwen_vl=dataclasses.replace(cfg.qwen_vl, **pixels))
+
+
 def import_qwen_vl(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = None):
     """Load a Hugging Face Qwen2-VL / Qwen2.5-VL folder, sharded on `mesh`.
     Returns (model, cfg). Every tensor's shape is checked against the config
@@ -84,7 +98,9 @@ def import_qwen_vl(folder: str | Path, mesh: Mesh, cfg: ModelConfig | None = Non
     CheckpointError naming it (tied checkpoints may still carry lm_head)."""
     folder = Path(folder)
     if cfg is None:
-        cfg = qwen_vl_from_hf(read_hf_config(folder), str(folder / "config.json"))
+        cfg = with_processor_pixels(
+            qwen_vl_from_hf(read_hf_config(folder), str(folder / "config.json")), folder
+        )
     tensors = SafetensorsFolder(folder)
     graphdef, abstract = abstract_model(cfg, mesh)
     target = nnx.to_pure_dict(abstract)
