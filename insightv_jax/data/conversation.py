@@ -122,6 +122,27 @@ def image_span_for(model_cfg) -> ImageSpan:
     return QWEN_VL_IMAGE if getattr(model_cfg, "is_qwen_vl", False) else LLAVA_IMAGE
 
 
+def check_image_span(tokenizer, model_cfg, where: str = "tokenizer") -> None:
+    """A Qwen-VL model finds its images by token id: the tokenizer's vision
+    tokens must have `model.qwen_vl`'s ids (a DataError naming the first that
+    differs; nothing to check for other models)."""
+    if not getattr(model_cfg, "is_qwen_vl", False):
+        return
+    q = model_cfg.qwen_vl
+    want = {
+        QWEN_VL_IMAGE.token: q.image_token_id,
+        QWEN_VL_IMAGE.start: q.vision_start_token_id,
+        QWEN_VL_IMAGE.end: q.vision_end_token_id,
+    }
+    for token, expected in want.items():
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != expected:
+            raise DataError(
+                f"{where}: token {token} has id {got}, but the model's config expects "
+                f"{expected} (model.qwen_vl): tokenizer and model do not belong together"
+            )
+
+
 def _content_ids(tokenizer, text: str, image_counts: list[int], span: ImageSpan) -> list[int]:
     """Tokenize content, expanding each `<image>` into its span: start, its
     count of image ids, end."""

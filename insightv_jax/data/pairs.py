@@ -186,17 +186,23 @@ class PairTransform:
 
 
 class PairCollate:
-    """Pads chosen and rejected to one common bucket length."""
+    """Pads chosen and rejected to one common bucket length (`images`: as
+    `Collate`'s)."""
 
-    def __init__(self, buckets: tuple[int, ...], pad_id: int = 0):
-        self.buckets, self.pad_id = tuple(buckets), pad_id
+    def __init__(self, buckets: tuple[int, ...], pad_id: int = 0, images=None):
+        self.buckets, self.pad_id, self.images = tuple(buckets), pad_id, images
 
     def __call__(self, examples: list[dict], min_length: int = 0) -> dict:
         longest = max(
             min_length, *(len(e[s]["input_ids"]) for e in examples for s in ("chosen", "rejected"))
         )
+        images = self.images
+        if images is not None:  # both sides' images padded alike, so that they stack
+            images = images.padded_alike([e[s] for e in examples for s in ("chosen", "rejected")])
         common = Collate(
-            tuple(b for b in self.buckets if b >= longest) or self.buckets, self.pad_id
+            tuple(b for b in self.buckets if b >= longest) or self.buckets,
+            self.pad_id,
+            images=images,
         )
         batch = {s: common([e[s] for e in examples]) for s in ("chosen", "rejected")}
         batch["scores"] = np.stack([e["scores"] for e in examples])
@@ -222,7 +228,7 @@ def pair_loader(
         PairTransform(transform, truncate),
         batch_size=batch_size,
         buckets=buckets,
-        collate=PairCollate(buckets, pad_id),
+        collate=PairCollate(buckets, pad_id, getattr(transform, "batch_images", None)),
         check=check_pair,
         **kw,
     )

@@ -59,8 +59,16 @@ class QwenBatchImages:
     example's patches and grids in order, laid out per row with the M-RoPE
     ids (`models.qwen_vl.batch_arrays`). `Collate` calls it (picklable)."""
 
-    def __init__(self, model_cfg: ModelConfig):
-        self.cfg = model_cfg
+    def __init__(self, model_cfg: ModelConfig, num_slots: int | None = None):
+        self.cfg, self.num_slots = model_cfg, num_slots
+
+    def padded_alike(self, examples: list[dict]) -> QwenBatchImages:
+        """The same, padding every row to the patch bucket of the largest of
+        `examples` (DPO's chosen and rejected sides stack into one array)."""
+        from insightv_jax.models.qwen_vl import patch_bucket
+
+        patches = [len(e["pixel_values"]) for e in examples if "image_grid_thw" in e]
+        return QwenBatchImages(self.cfg, patch_bucket(max(patches)) if patches else None)
 
     def __call__(self, examples: list[dict], input_ids, attention_mask) -> dict[str, np.ndarray]:
         from insightv_jax.models.qwen_vl import batch_arrays
@@ -74,6 +82,7 @@ class QwenBatchImages:
             attention_mask,
             pixel_values=np.concatenate([e["pixel_values"] for e in with_images]),
             image_grid_thw=np.concatenate([e["image_grid_thw"] for e in with_images]),
+            num_slots=self.num_slots,
         )
 
 
@@ -101,7 +110,9 @@ class ChatTransform:
     @property
     def tokenizer(self):
         if self._tok is None:
-            self._tok = conv.load_tokenizer(self.tokenizer_dir)
+            tok = conv.load_tokenizer(self.tokenizer_dir)
+            conv.check_image_span(tok, self.cfg, self.tokenizer_dir)
+            self._tok = tok
         return self._tok
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from insightv_jax.config import ConfigError, deep_merge, read_yaml
+from insightv_jax.config import ConfigError, deep_merge, read_with_includes
 
 STAGES = ("synth", "tokenizer", "base", "data", "agents", "chains", "summary", "dpo", "rl",
           "eval", "export")  # fmt: skip
@@ -32,7 +32,8 @@ def preset_path(preset: str) -> Path:
 def load_preset(preset: str, overrides: dict | None = None) -> dict:
     """The preset as a dict (relative config paths resolved), `overrides` merged in."""
     path = preset_path(preset)
-    spec = deep_merge(read_yaml(path), overrides or {})  # bad YAML: a one-line ConfigError
+    # bad YAML: a one-line ConfigError; `include:` extends another preset
+    spec = deep_merge(read_with_includes(path), overrides or {})
     for key in ("sft_config", "suite", "pipeline", "eval", "base"):
         if key not in spec:
             raise ConfigError(f"{path}: demo preset has no '{key}' section")

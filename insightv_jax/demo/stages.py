@@ -111,7 +111,8 @@ class Demo(SFTJobs, EvalStages):
 
     def stage_tokenizer(self) -> dict:
         """Train the BPE on questions, answers, terse teacher chains and the prompts."""
-        from insightv_jax.data.conversation import build_tokenizer
+        from insightv_jax.config.model import QWEN_VL_KINDS
+        from insightv_jax.data.conversation import LLAVA_IMAGE, QWEN_VL_IMAGE, build_tokenizer
         from insightv_jax.data.prompts import reasoning_question, summary_question
         from insightv_jax.data.synthetic.teacher import OracleTeacher
         from insightv_jax.pipeline.backend_common import thoughts
@@ -131,9 +132,11 @@ class Demo(SFTJobs, EvalStages):
                     lines.append(reasoning_question(rec["question"]))  # DPO pairs' wording
                     lines.append(f"{chain}\n<output>{rec['answer']}</output>")
                     lines.append(summary_question(rec["question"], chain, prompts))
+        kind = (read_with_includes(self.spec["sft_config"]).get("model") or {}).get("kind")
         tok = build_tokenizer(
             lines, self.ws / "tokenizer", template="minimal",
             vocab_size=int(self.spec["tokenizer"]["vocab_size"]),
+            image_span=QWEN_VL_IMAGE if kind in QWEN_VL_KINDS else LLAVA_IMAGE,
         )  # fmt: skip
         return {"vocab": len(tok), "lines": len(lines)}
 

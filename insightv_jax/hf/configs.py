@@ -395,7 +395,8 @@ def qwen_vl_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {
         "architectures": [_QWEN_VL_ARCHITECTURES[cfg.kind]],
         "model_type": cfg.kind,
-        **dataclasses.asdict(cfg.qwen_vl),
+        # the token ids; the pixel bounds go to preprocessor_config.json
+        **{k: v for k, v in dataclasses.asdict(cfg.qwen_vl).items() if k.endswith("_token_id")},
         "tie_word_embeddings": dec.tie_embeddings,
         "text_config": text,
         "vision_config": qwen_vision_to_hf(cfg.qwen_vision),

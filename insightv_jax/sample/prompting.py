@@ -57,6 +57,7 @@ class PromptEncoder:
         self.processor = processor
         self.model_cfg = model_cfg if getattr(model_cfg, "takes_images", False) else None
         self.image_span = conv.image_span_for(model_cfg)
+        conv.check_image_span(tokenizer, self.model_cfg)
 
     def _enc(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []

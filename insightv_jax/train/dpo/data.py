@@ -74,7 +74,7 @@ class PairData:
 
         examples = examples + [examples[-1]] * (size - len(examples))
         try:
-            batch = PairCollate(self.buckets, self.pad_id)(examples)
+            batch = PairCollate(self.buckets, self.pad_id, self.transform.batch_images)(examples)
         except DataError as e:
             ids = ", ".join(str(r.get("id")) for r in records)
             raise DataError(f"records {ids}: {e} (raise data.buckets)") from None
