@@ -5,6 +5,8 @@ Nothing is allocated: parameters, optimizer state and the batch are
 `jax.ShapeDtypeStruct`s carrying their shardings; XLA's memory analysis of the
 compiled step gives per-device argument, output and temporary bytes. The CPU
 backend's figures are an estimate, so a hand calculation is printed beside them.
+Images are planned at their largest, one per sample: LLaVA's at the largest
+anyres grid, Qwen-VL's at `qwen_vl.max_pixels` (`qwen_patch_budget`).
 
 Run as `python -m insightv_jax.train.plan --devices N --config C [k=v ...]`; the
 CLI starts it in a subprocess whose XLA_FLAGS create N fake CPU devices.
@@ -50,12 +52,14 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def hand_estimate(cfg, program, seq_len: int) -> dict:
+def hand_estimate(cfg, program, seq_len: int, vision_patches: int | None = None) -> dict:
     """Per-device bytes by hand: params, optimizer state, gradient accumulator,
-    remat-saved layer inputs, one layer's recomputation, one loss chunk."""
+    remat-saved layer inputs, one layer's recomputation, one loss chunk, and
+    (Qwen-VL, `vision_patches` per sample) one vision block."""
     import jax.numpy as jnp
 
-    d = program_model_cfg(cfg).decoder
+    model_cfg = program_model_cfg(cfg)
+    d = model_cfg.decoder
     mesh = program.mesh
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = max(1, cfg.train.global_batch // cfg.train.micro_batches // batch_ways)
@@ -87,6 +91,17 @@ def hand_estimate(cfg, program, seq_len: int) -> dict:
         "layer_recompute": int(layer),
         "loss_chunk": int(loss),
     }
+    if vision_patches:
+        # The tower's segment attention forms whole (L, L) score matrices per
+        # head, windowed blocks included: at thousands of patches they dominate
+        # a block. Frozen, the tower runs forward only, one block at a time.
+        v, P = model_cfg.qwen_vision, vision_patches
+        vact = jnp.dtype(v.dtype).itemsize
+        tower = rows * P * (6 * v.hidden_size + 3 * v.intermediate_size / tensor) * vact
+        tower += rows * v.num_heads / tensor * P * P * (4 + vact)  # fp32 scores, probabilities
+        if "vision" in cfg.train.trainable:  # remat keeps each block's input
+            tower += v.depth * rows * P * v.hidden_size * vact
+        out["vision_block"] = int(tower)
     out["total"] = sum(out.values())
     return out
 
@@ -103,27 +118,34 @@ def program_model_cfg(cfg):
     return effective_model_config(cfg)
 
 
-def plan(cfg, devices: int | None = None) -> dict:
-    """Lower + compile the step of `cfg` on the current (fake) devices; a report dict."""
+def qwen_patch_budget(model_cfg, seq_len: int) -> int:
+    """Patches per sample (L) of the plan's Qwen-VL batch: one image at
+    `qwen_vl.max_pixels` -- the most patches the image processor makes of
+    one image -- cut to the `seq_len` image tokens a sample can hold, and
+    padded to its `patch_bucket`, as the loader pads a batch's images."""
+    from insightv_jax.models.qwen_vl import patch_bucket
+
+    v = model_cfg.qwen_vision
+    side = v.patch_size * v.spatial_merge_size  # pixels per merged token's side
+    tokens = min(model_cfg.qwen_vl.max_pixels // side**2, seq_len)
+    return patch_bucket(max(tokens, 1) * v.merge_unit)
+
+
+def abstract_batch(model_cfg, mesh, B: int, T: int) -> dict:
+    """The SFT step's batch as `jax.ShapeDtypeStruct`s split over the batch
+    axes: token rows, plus one image per sample at its largest size -- LLaVA's
+    largest anyres grid, or Qwen-VL's `qwen_patch_budget` patches laid out
+    as `models.qwen_vl.batch_arrays` lays them out."""
     import jax
     import jax.numpy as jnp
 
-    from insightv_jax.parallel import make_mesh
-    from insightv_jax.train.metrics import train_flops_per_token
     from insightv_jax.train.steps import batch_sharding
-    from insightv_jax.train.trainer import build_program
 
-    n = devices or len(jax.devices())
-    mesh = make_mesh(cfg.mesh, jax.devices()[:n])
-    model_cfg = program_model_cfg(cfg)
-    t0 = time.time()
-    program = build_program(model_cfg, cfg, mesh, max(cfg.train.steps, 1000))
-    B, T = cfg.train.global_batch, cfg.train.seq_len
-    batch = {
-        k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh, (B, T)))
-        for k in ("input_ids", "attention_mask", "labels")
-    }
-    if model_cfg.is_vlm:  # one image per sample at the largest anyres grid
+    def struct(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape))
+
+    batch = {k: struct((B, T), jnp.int32) for k in ("input_ids", "attention_mask", "labels")}
+    if model_cfg.is_vlm:
         from insightv_jax.vision_grid import max_tiles
 
         n_img, S, t = (
@@ -131,15 +153,53 @@ def plan(cfg, devices: int | None = None) -> dict:
             max_tiles(model_cfg),
             model_cfg.vision.image_size,
         )
-        pv_shape, sz_shape = (B, n_img, S, 3, t, t), (B, n_img, 2)
-        batch["pixel_values"] = jax.ShapeDtypeStruct(
-            pv_shape, jnp.float32, sharding=batch_sharding(mesh, pv_shape)
+        batch["pixel_values"] = struct((B, n_img, S, 3, t, t), jnp.float32)
+        batch["image_sizes"] = struct((B, n_img, 2), jnp.int32)
+    elif model_cfg.is_qwen_vl:
+        v = model_cfg.qwen_vision
+        L = qwen_patch_budget(model_cfg, T)
+        batch.update(
+            pixel_values=struct((B, L, v.patch_dim), jnp.float32),
+            vision_order=struct((B, L), jnp.int32),
+            vision_positions=struct((B, L, 2), jnp.int32),
+            vision_full_segments=struct((B, L), jnp.int32),
+            vision_window_segments=struct((B, L), jnp.int32),
+            vision_restore=struct((B, L // v.merge_unit), jnp.int32),
+            vision_rows=struct((B, T), jnp.int32),
+            positions=struct((B, 3, T), jnp.int32),
         )
-        batch["image_sizes"] = jax.ShapeDtypeStruct(
-            sz_shape, jnp.int32, sharding=batch_sharding(mesh, sz_shape)
-        )
+    return batch
+
+
+def compile_step(cfg, devices: int | None = None):
+    """Lower + compile the whole SFT step of `cfg` on the first `devices` of
+    the current (fake) devices against abstract state and the
+    `abstract_batch`: (program, abstract batch, compiled step, seconds). The
+    compiled step also runs: on a state from `program.init_state` and a real
+    batch of the same shapes, sharded alike."""
+    import jax
+
+    from insightv_jax.parallel import make_mesh
+    from insightv_jax.train.trainer import build_program
+
+    n = devices or len(jax.devices())
+    mesh = make_mesh(cfg.mesh, jax.devices()[:n])
+    model_cfg = program_model_cfg(cfg)
+    t0 = time.time()
+    program = build_program(model_cfg, cfg, mesh, max(cfg.train.steps, 1000))
+    batch = abstract_batch(model_cfg, mesh, cfg.train.global_batch, cfg.train.seq_len)
     compiled = program.lower(batch).compile()
-    seconds = time.time() - t0
+    return program, batch, compiled, time.time() - t0
+
+
+def step_report(cfg, program, batch: dict, compiled, seconds: float) -> dict:
+    """The report dict of a `compile_step`: XLA's per-device memory analysis,
+    the hand estimate, parameter counts and model FLOPs."""
+    from insightv_jax.train.metrics import train_flops_per_token
+
+    model_cfg = program_model_cfg(cfg)
+    B, T = cfg.train.global_batch, cfg.train.seq_len
+    patches = batch["pixel_values"].shape[1] if model_cfg.is_qwen_vl else None
     ma = compiled.memory_analysis()
     xla = {
         "arguments": int(ma.argument_size_in_bytes),
@@ -153,18 +213,25 @@ def plan(cfg, devices: int | None = None) -> dict:
     n_frozen = sum(math.prod(x.shape) for x in _leaves(program.abstract_state["frozen"]))
     flops = train_flops_per_token(model_cfg, T, cfg.train.trainable) * B * T
     return {
-        "mesh": dict(mesh.shape),
-        "devices": n,
+        "mesh": dict(program.mesh.shape),
+        "devices": program.mesh.size,
         "global_batch": B,
         "seq_len": T,
         "micro_batches": cfg.train.micro_batches,
+        # Qwen-VL: patches per sample of the planned batch (None: another kind)
+        "vision_patches": patches,
         "trainable_params": n_params,
         "frozen_params": n_frozen,
         "compile_seconds": round(seconds, 1),
         "xla_per_device": xla,
-        "hand_per_device": hand_estimate(cfg, program, T),
+        "hand_per_device": hand_estimate(cfg, program, T, patches),
         "model_flops_per_step": flops,
     }
+
+
+def plan(cfg, devices: int | None = None) -> dict:
+    """Lower + compile the step of `cfg` on the current (fake) devices; a report dict."""
+    return step_report(cfg, *compile_step(cfg, devices))
 
 
 def format_report(r: dict) -> str:
@@ -172,6 +239,7 @@ def format_report(r: dict) -> str:
     lines = [
         f"mesh {r['mesh']} ({r['devices']} devices), batch {r['global_batch']}×{r['seq_len']} "
         f"tokens in {r['micro_batches']} micro-batches; compiled in {r['compile_seconds']}s",
+        *([f"images: {r['vision_patches']} patches per sample"] if r["vision_patches"] else []),
         f"parameters: {r['trainable_params'] / 1e9:.3f}B trainable, "
         f"{r['frozen_params'] / 1e9:.3f}B frozen",
         "per device, XLA memory analysis (CPU backend estimate):",
