@@ -24,8 +24,16 @@ PART_OF_PREFIX: dict[str, str] = {
 }
 
 
+# Qwen-VL's 2x2 patch merger sits inside its tower but is the projector of the
+# recipes (Qwen's own fine-tuning trains it with the LLM and freezes the ViT).
+PART_OF_SUBTREE: dict[tuple[str, str], str] = {("vision", "merger"): "projector"}
+
+
 def param_part(path: tuple[str, ...]) -> str:
     """'vision', 'projector' or 'llm' for a parameter path like ('layers', 'attn', 'q_proj')."""
+    head = tuple(str(k) for k in path[:2])
+    if head in PART_OF_SUBTREE:
+        return PART_OF_SUBTREE[head]
     for key in path[:1]:
         if str(key) in PART_OF_PREFIX:
             return PART_OF_PREFIX[str(key)]
