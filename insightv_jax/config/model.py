@@ -228,6 +228,11 @@ class ModelConfig:
             )
         if self.decoder.mrope_section is None:
             raise ConfigError(f"model.kind={self.kind!r} needs model.decoder.mrope_section")
+        if self.decoder.family != "qwen2":
+            raise ConfigError(
+                f"model.kind={self.kind!r} has a Qwen2 decoder: set model.decoder.family: qwen2 "
+                f"(got {self.decoder.family!r})"
+            )
         if not 0 < self.qwen_vl.min_pixels <= self.qwen_vl.max_pixels:
             raise ConfigError(
                 f"model.qwen_vl: need 0 < min_pixels <= max_pixels, got "
