@@ -105,7 +105,9 @@ def _prefill(ours, sampler, rows, grids, pixels):
     return sampler.extend(state, rows, vision=vision)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Qwen2.5-VL only: the cached path is the same decoder and the same tower call for both
+# families, and Qwen2-VL's tower is exact in test_qwen_vision / test_qwen_vl_model.
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
 def test_greedy_equals_transformers(models, family):
     hf, ours, sampler = models[family]
     for name in ("one image", "two images", "batch"):

@@ -69,12 +69,12 @@ def test_sft_learns_and_the_run_samples_with_images(suite, tmp_path, capsys):
     run = tmp_path / "run"
     code = cli.main([
         "sft", "--config", SFT_CONFIG, f"train.data={suite / 'd' / 'train.json'}",
-        f"train.tokenizer={suite / 'tok'}", f"train.workdir={run}", "train.steps=30",
-        "train.global_batch=16", "train.log_every=10", "train.checkpoint_every=0",
+        f"train.tokenizer={suite / 'tok'}", f"train.workdir={run}", "train.steps=16",
+        "train.global_batch=16", "train.log_every=8", "train.checkpoint_every=0",
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2
 
     from insightv_jax.sample.infer import load_agent
     from insightv_jax.sample.reasoning import encoder_of, generate_encoded
