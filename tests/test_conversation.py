@@ -6,6 +6,7 @@ import pytest
 from insightv_jax.data.conversation import (
     IGNORE,
     IMAGE_TOKEN,
+    QWEN_VL_IMAGE,
     THINK_TOKENS,
     add_think_tokens,
     build_tokenizer,
@@ -23,6 +24,15 @@ CORPUS = [
 CONV = [
     {"role": "user", "content": f"{IMAGE_TOKEN}how many red squares ?"},
     {"role": "assistant", "content": "<thoughts>red squares 2</thoughts><output>answer 2</output>"},
+]
+
+# CONV as chat clients and `pipeline("image-text-to-text")` send it: typed parts
+TYPED = [
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "how many red squares ?"}],
+    },
+    CONV[1],
 ]
 
 
@@ -43,15 +53,36 @@ def test_labels_cover_only_assistant_turns(tok):
     text = tokenizer.decode(supervised)
     assert text == CONV[1]["content"] + tokenizer.eos_token
     assert all(lab in (IGNORE, i) for i, lab in zip(ids, labels))
-    # The same text as the HF chat template, and the prompt is a prefix of the render.
-    rendered = tokenizer.apply_chat_template(CONV, tokenize=False)
+    # The same text as the HF chat template (with the typed parts pipelines send
+    # too), the same ids once its <image> is expanded, and the prompt is a prefix
+    # of the render.
     expanded = tokenizer.decode(ids).replace(IMAGE_TOKEN * 16, IMAGE_TOKEN)
-    assert expanded == rendered
+    for conversation in (CONV, TYPED):
+        rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+        assert rendered == expanded
+    again = rendered.replace(IMAGE_TOKEN, IMAGE_TOKEN * 16)
+    assert tokenizer(again, add_special_tokens=False)["input_ids"] == ids
     prompt = render_prompt(CONV[:1], tokenizer, template, 16)
     assert ids[: len(prompt)] == prompt
     if template == "minimal":
         assert len(ids) <= 64
         assert image_id == 5  # configs/models/tiny.yaml relies on it
+
+
+@pytest.mark.parametrize("template", ["minimal", "chatml"])
+def test_qwen_vl_template_renders_the_vision_span(template, tmp_path):
+    """With Qwen-VL's image span, an image (typed part or `<image>` in a
+    string) renders as Qwen's `<|vision_start|><|image_pad|><|vision_end|>`,
+    which its processor expands to the image's count of `<|image_pad|>`: then
+    the ids are render's."""
+    tokenizer = build_tokenizer(CORPUS, tmp_path, template, 300, image_span=QWEN_VL_IMAGE)
+    ids, _ = render(CONV, tokenizer, template, 16, image_span=QWEN_VL_IMAGE)
+    pad = QWEN_VL_IMAGE.token
+    for conversation in (CONV, TYPED):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1
+        again = tokenizer(text.replace(pad, pad * 16), add_special_tokens=False)["input_ids"]
+        assert again == ids
 
 
 def test_think_tokens_survive_decoding(tok):

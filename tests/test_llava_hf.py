@@ -11,6 +11,7 @@ from hf_models import (
     PINPOINTS,
     build_llava,
     llava_image_processor,
+    llava_processor,
     random_images,
     save,
     token_row,
@@ -52,7 +53,7 @@ def _keys(folder):
 
 @pytest.mark.parametrize("kind", ["llava_next", "llava"])
 def test_roundtrip_through_cli(kind, hf_next, inputs, tmp_path):
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     ids, mask, pv, sizes = inputs
     if kind == "llava_next":
@@ -64,6 +65,8 @@ def test_roundtrip_through_cli(kind, hf_next, inputs, tmp_path):
         ids = np.array([token_row([4], 12)[0], token_row([4], 12)[0]])
         mask = None
     assert cli.main(["convert", "hf2jax", "--src", str(src), "--out", str(tmp_path / "ck")]) == 0
+    reference = llava_processor(kind)
+    reference.tokenizer.save_pretrained(str(tmp_path / "ck" / "tokenizer"))
     assert (
         cli.main(
             ["convert", "jax2hf", "--src", str(tmp_path / "ck"), "--out", str(tmp_path / "back")]
@@ -77,6 +80,16 @@ def test_roundtrip_through_cli(kind, hf_next, inputs, tmp_path):
         torch_llava_logits(back, ids, pv, sizes, mask), ref, atol=1e-5, rtol=0
     )
     assert _keys(tmp_path / "back") == _keys(src)
+
+    # AutoProcessor reads the export's processor_config.json (patch size, CLS
+    # token, anyres grids) into the processor these models were built for
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "back"))
+    assert type(processor) is type(reference)
+    images = random_images([(40, 40), (30, 90)], seed=5)
+    text = "w5 <image> w6 <image> w7"
+    got, want = (p(images=images, text=text, return_tensors="np") for p in (processor, reference))
+    assert got["input_ids"].tolist() == want["input_ids"].tolist()
+    np.testing.assert_allclose(got["pixel_values"], want["pixel_values"], atol=1e-6, rtol=0)
 
 
 def test_load_pretrained_returns_processor(hf_next, inputs, tmp_path):

@@ -58,6 +58,12 @@ def test_roundtrip_through_cli(family, tmp_path):
     got = ours([img])
     np.testing.assert_array_equal(got["image_grid_thw"], theirs["image_grid_thw"])
     np.testing.assert_allclose(got["pixel_values"], theirs["pixel_values"], atol=1e-5, rtol=0)
+    # and the processor config naming the combined processor, which needs torchvision
+    # and was not run (test_hf_processor checks its parts)
+    proc = json.loads((back / "processor_config.json").read_text())
+    assert proc["processor_class"] == {"qwen2_vl": "Qwen2VLProcessor",
+                                       "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]  # fmt: skip
+    assert proc["image_processor"] == ours.to_dict()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

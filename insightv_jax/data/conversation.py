@@ -224,9 +224,45 @@ def render_prompt(
 # ------------------------------------------------------------- tokenizer
 
 
-def chat_template_jinja(template: str) -> str:
-    """A Hugging Face chat template producing the same text as `render`."""
+def detect_template(tokenizer) -> str | None:
+    """Which of our templates a tokenizer was built for (None: use its own)."""
+    vocab = tokenizer.get_vocab()
+    if "<|start_header_id|>" in vocab:
+        return "llama3"
+    if "<|im_start|>" in vocab:
+        return "chatml"
+    if "<u>" in vocab and "<a>" in vocab:
+        return "minimal"
+    return None
+
+
+def chat_template_jinja(template: str, image_span: ImageSpan = LLAVA_IMAGE) -> str:
+    """A Hugging Face chat template producing the same text as `render`.
+
+    Message content is a plain string (ours: `<image>` marks an image) or a
+    list of typed parts, as `pipeline("image-text-to-text")` and OpenAI-style
+    chat clients send them: `{"type": "text", "text": ...}` renders its text,
+    `{"type": "image"}` (or `"image_url"`) the model's image placeholder, which
+    the Hugging Face processor then expands to the image's token count.
+    LLaVA's placeholder is `<image>`; Qwen-VL's is `<|vision_start|><|image_pad|>
+    <|vision_end|>` (as in Qwen's own template), and a string's `<image>` is
+    rewritten to it, so for either model the template's text is `render`'s
+    with each image's run of image tokens collapsed to one."""
     t = get_template(template)
+    placeholder = image_span.start + image_span.token + image_span.end
+    text = "c"
+    if placeholder != IMAGE_TOKEN:
+        text = f"c | replace({IMAGE_TOKEN!r}, {placeholder!r})"
+    # One line, no whitespace between tags: the template's text is exactly render's.
+    content = (
+        "{% macro render_content(c) %}"
+        "{% if c is string %}{{ " + text + " }}"
+        "{% else %}{% for part in c %}"
+        "{% if part['type'] == 'text' %}{{ part['text'] }}"
+        "{% elif part['type'] in ('image', 'image_url') %}" + placeholder + "{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{% endmacro %}"
+    )
     system = ""
     if t.default_system:
         system = (
@@ -235,11 +271,11 @@ def chat_template_jinja(template: str) -> str:
             + "{% endif %}"
         )
     return (
-        f"{t.bos}{system}"
+        f"{content}{t.bos}{system}"
         "{% for message in messages %}"
         + "".join(
             f"{{% if message['role'] == '{r}' %}}"
-            + _jinja_turn(r, "message['content']", t)
+            + _jinja_turn(r, "render_content(message['content'])", t)
             + "{% endif %}"
             for r in ("system", "user", "assistant")
         )
@@ -287,7 +323,7 @@ def build_tokenizer(
         bos_token=t.bos or None,
         eos_token=t.eos,
         pad_token=PAD_TOKEN,
-        chat_template=chat_template_jinja(template),
+        chat_template=chat_template_jinja(template, image_span),
     )
     fast.add_special_tokens(
         {

@@ -387,7 +387,9 @@ def qwen_vl_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             f"decoder.head_dim={dec.resolved_head_dim} cannot be exported: Qwen-VL's is "
             f"hidden_size / num_heads = {dec.hidden_size // dec.num_heads}"
         )
-    text = decoder_to_hf(dataclasses.replace(dec, mrope_section=None))
+    # a Qwen-VL's language model is a Qwen2 one, whatever `decoder.family` a
+    # preset left at its default (the family only names the export's layout)
+    text = decoder_to_hf(dataclasses.replace(dec, mrope_section=None, family="qwen2"))
     for key in ("architectures", "head_dim", "tie_word_embeddings", "dtype"):
         text.pop(key)  # no head_dim (above); the rest live at the top level
     text["model_type"] = f"{cfg.kind}_text"

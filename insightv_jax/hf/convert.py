@@ -3,8 +3,8 @@
 Import reads one HF tensor at a time, converts it to our layout and places it
 straight into its target sharding (each device receives only its slice).
 Export streams parameters back out as safetensors in the hub's key layout, with
-`config.json`, `generation_config.json` and the tokenizer files (Qwen-VL: and
-the image processor's `preprocessor_config.json`).
+`config.json`, the tokenizer files and what `AutoProcessor`, `pipeline` and
+`generate` read (`hf.processor`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from jax.sharding import Mesh
 from insightv_jax.config import ModelConfig
 from insightv_jax.data.conversation import load_tokenizer
 from insightv_jax.data.prompts import write_prompts
-from insightv_jax.data.qwen_images import PREPROCESSOR_FILE, QwenImageProcessor
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.configs import QWEN_VL_TYPES, model_from_hf, model_to_hf, read_hf_config
 from insightv_jax.hf.files import copy_aux_dirs
 from insightv_jax.hf.keymap import ParamMap, decoder_keymap
 from insightv_jax.hf.llava import detect_layout, ignored_key, llava_keymap
 from insightv_jax.hf.placement import check_all_used, place
+from insightv_jax.hf.processor import special_ids, write_processor_files
 from insightv_jax.hf.qwen_vision import qwen_vision_tensors
 from insightv_jax.hf.safetensors_io import SafetensorsFolder, write_folder
 from insightv_jax.models.factory import abstract_model
@@ -153,18 +153,6 @@ def hf_tensors(model: nnx.Module, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
         )
 
 
-def _special_ids(tokenizer_dir: Path | None) -> dict[str, int]:
-    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
-        return {}
-    tok = load_tokenizer(tokenizer_dir)
-    ids = {
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
-    return {k: v for k, v in ids.items() if v is not None}
-
-
 def export_hf(
     model: nnx.Module,
     cfg: ModelConfig,
@@ -175,26 +163,25 @@ def export_hf(
     prompts=None,
 ) -> None:
     """Write a `save_pretrained`-style folder into `out` (which must exist), with the
-    agent's training `prompts` (data.prompts.Prompts) as `prompts.json` when given.
+    agent's training `prompts` (data.prompts.Prompts) as `prompts.json` when given,
+    and what `AutoProcessor`, `pipeline` and `generate` read besides the weights
+    (`hf.processor.write_processor_files`: processor and image processor configs,
+    chat template, generation config).
 
-    A Qwen-VL export without an image processor config of its own gets the
-    model config's (`data.qwen_images.QwenImageProcessor.for_model`), which
-    `Qwen2VLImageProcessorPil.from_pretrained` loads; the combined
-    `Qwen2VLProcessor` / `AutoProcessor` also needs torchvision and a tokenizer,
-    and was not checked."""
+    transformers' combined Qwen-VL processor (`Qwen2VLProcessor` /
+    `AutoProcessor`) needs torchvision for its video processor, which these
+    machines cannot install: its image processor (`Qwen2VLImageProcessorPil`),
+    tokenizer and chat template are checked, the combined processor is not."""
     out = Path(out)
     hf_cfg = model_to_hf(cfg)
-    special = _special_ids(tokenizer_dir)
+    tokenizer = None
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        tokenizer = load_tokenizer(tokenizer_dir)
+    special = special_ids(tokenizer)
     # transformers 5.x keeps a Qwen-VL's token ids in its text config
     (hf_cfg["text_config"] if cfg.is_qwen_vl else hf_cfg).update(special)
     if jax.process_index() == 0:
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        gen = {
-            k: v
-            for k, v in special.items()
-            if k in ("bos_token_id", "eos_token_id", "pad_token_id")
-        }
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if prompts is not None:
             write_prompts(out, prompts)
     tensors = hf_tensors(model, cfg)
@@ -207,8 +194,7 @@ def export_hf(
                 for f in d.iterdir():
                     f.rename(out / f.name)
                 d.rmdir()
-        if cfg.is_qwen_vl and not (out / PREPROCESSOR_FILE).is_file():
-            QwenImageProcessor.for_model(cfg).save_pretrained(out)
+        write_processor_files(out, cfg, tokenizer)
     else:
         for _ in tensors:  # take part in the collective gathers
             pass

@@ -19,21 +19,10 @@ import dataclasses
 import numpy as np
 
 from insightv_jax.data import conversation as conv
+from insightv_jax.data.conversation import detect_template
 from insightv_jax.data.images import pack_samples
 from insightv_jax.errors import DataError
 from insightv_jax.vision_grid import num_image_tokens
-
-
-def detect_template(tokenizer) -> str | None:
-    """Which of our templates a tokenizer was built for (None: use its own)."""
-    vocab = tokenizer.get_vocab()
-    if "<|start_header_id|>" in vocab:
-        return "llama3"
-    if "<|im_start|>" in vocab:
-        return "chatml"
-    if "<u>" in vocab and "<a>" in vocab:
-        return "minimal"
-    return None
 
 
 @dataclasses.dataclass

@@ -80,10 +80,9 @@ def data_batches(cfg, tokenizer_dir: Path | None):
     template; each process reads its own shard (global_batch / processes rows)."""
     import jax
 
-    from insightv_jax.data.conversation import load_tokenizer
+    from insightv_jax.data.conversation import detect_template, load_tokenizer
     from insightv_jax.data.loader import loader_from_config
     from insightv_jax.data.transforms import ChatTransform
-    from insightv_jax.sample.prompting import detect_template
 
     t = cfg.train
     if tokenizer_dir is None:

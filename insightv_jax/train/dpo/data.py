@@ -28,9 +28,8 @@ class PairData:
 
     @classmethod
     def for_checkpoint(cls, cfg: RunConfig, model_cfg, tokenizer_dir: Path, root: Path):
-        from insightv_jax.data.conversation import load_tokenizer
+        from insightv_jax.data.conversation import detect_template, load_tokenizer
         from insightv_jax.data.transforms import ChatTransform
-        from insightv_jax.sample.prompting import detect_template
 
         tok = load_tokenizer(tokenizer_dir)
         template = detect_template(tok)
