@@ -45,3 +45,31 @@ def eight_devices():
     devices = jax.devices()
     assert len(devices) == 8, "tests expect 8 fake CPU devices (see conftest.py)"
     return devices
+
+
+@pytest.fixture(scope="session")
+def micro_llava_agent(tmp_path_factory):
+    """(data root, run dir): the tiny LLaVA preset trained by `insightv sft` for
+    30 steps on 64 synthetic questions (mesh data 4 x fsdp 2), once a session
+    for the tests that need a trained agent with our tokenizer."""
+    from insightv_jax import cli
+    from insightv_jax.data import conversation as conv
+    from insightv_jax.data.sources import open_source
+    from insightv_jax.data.synthetic.writer import write_llava
+
+    root = tmp_path_factory.mktemp("micro_llava_agent")
+    write_llava(root / "d", 64, seed=0)
+    records = open_source(root / "d" / "train.json").records
+    corpus = [t["value"] for r in records for t in r["conversations"]]
+    conv.build_tokenizer(corpus * 2, root / "tok", template="minimal", vocab_size=508)
+    run = root / "run"
+    args = [
+        "sft", "--config", "configs/sft/tiny-synthetic.yaml",
+        f"train.data={root / 'd' / 'train.json'}", f"train.tokenizer={root / 'tok'}",
+        f"train.workdir={run}", "train.steps=30", "train.global_batch=16",
+        "train.log_every=10", "train.checkpoint_every=0", "mesh.fsdp=2", "mesh.data=4",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:  # no MFU: its matmul benchmark takes seconds
+        mp.setattr("insightv_jax.train.trainer.measure_matmul_peak", lambda *a, **k: 0.0)
+        assert cli.main(args) == 0
+    return root, run

@@ -20,7 +20,6 @@ from PIL import Image
 from insightv_jax import cli
 from insightv_jax.data import conversation as conv
 from insightv_jax.data.sources import open_source
-from insightv_jax.data.synthetic.writer import write_llava
 
 NEW_TOKENS = 8
 
@@ -35,26 +34,14 @@ def _messages(question: str, typed: bool) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    """(run dir, its HF export, three (question, image path) test rows)."""
-    root = tmp_path_factory.mktemp("agent")
-    write_llava(root / "d", 64, seed=0)
-    records = open_source(root / "d" / "train.json").records
-    corpus = [t["value"] for r in records for t in r["conversations"]]
-    conv.build_tokenizer(corpus * 2, root / "tok", template="minimal", vocab_size=508)
-    run, export = root / "run", root / "hf"
-    args = [
-        "sft", "--config", "configs/sft/tiny-synthetic.yaml",
-        f"train.data={root / 'd' / 'train.json'}", f"train.tokenizer={root / 'tok'}",
-        f"train.workdir={run}", "train.steps=30", "train.global_batch=16",
-        "train.log_every=10", "train.checkpoint_every=0", "mesh.fsdp=2", "mesh.data=4",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:  # no MFU: its matmul benchmark takes ~10 s here
-        mp.setattr("insightv_jax.train.trainer.measure_matmul_peak", lambda *a, **k: 0.0)
-        assert cli.main(args) == 0
+def agent(micro_llava_agent, tmp_path_factory):
+    """(run dir, its HF export, three (question, image path) test rows): the
+    session's trained micro LLaVA agent (conftest), exported."""
+    root, run = micro_llava_agent
+    export = tmp_path_factory.mktemp("agent") / "hf"
     assert cli.main(["convert", "jax2hf", "--src", str(run), "--out", str(export)]) == 0
-    rows = [(r["question"], root / "d" / r["image"]) for r in records[:3]]
-    return run, export, rows
+    records = open_source(root / "d" / "train.json").records
+    return run, export, [(r["question"], root / "d" / r["image"]) for r in records[:3]]
 
 
 def test_export_writes_what_auto_processor_reads(agent):

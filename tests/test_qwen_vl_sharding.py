@@ -168,7 +168,8 @@ def test_planned_sft_step_runs_sharded(reference, eight_devices):
     # train, the rest of the tower not
     merger = 64 + 256 * 256 + 256 + 256 * 128 + 128
     assert (report["trainable_params"], report["frozen_params"]) == (
-        460_160 + merger, 191_680 - merger
+        460_160 + merger,
+        191_680 - merger,
     )
     xla, hand = report["xla_per_device"], report["hand_per_device"]
     assert xla["arguments"] >= hand["params"] + hand["optimizer"] > 0 and hand["vision_block"] > 0
