@@ -153,3 +153,27 @@ def test_bad_files(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(DataError, match="cannot resize"):
         QwenImageProcessor()([Image.new("RGB", (1000, 3))])
+
+
+def test_video_frames_into_temporal_patches():
+    """A still image is a video of its frame repeated along time: the same
+    patches and grid. An odd frame count repeats the last frame; frames of
+    different sizes are refused. (transformers' video processor needs
+    torchvision, which cannot run here: no reference for videos.)"""
+    bounds = dict(min_pixels=56 * 56, max_pixels=224 * 224)
+    proc = QwenImageProcessor(**bounds, video_min_pixels=56 * 56, video_max_pixels=224 * 224)
+    frames = [photo(120, 200, seed=s) for s in range(3)]
+    still = proc.video([frames[0], frames[0]], fps=2.0)
+    image = proc([frames[0]])
+    np.testing.assert_array_equal(still["pixel_values_videos"], image["pixel_values"])
+    np.testing.assert_array_equal(still["video_grid_thw"], image["image_grid_thw"])
+    assert still["second_per_grid_ts"].tolist() == [1.0]
+
+    three = proc.video(frames, fps=4.0)
+    t, h, w = three["video_grid_thw"][0]
+    assert (t, three["second_per_grid_ts"][0]) == (2, 0.5)
+    last = proc.video([frames[2], frames[2]])["pixel_values_videos"]
+    np.testing.assert_array_equal(three["pixel_values_videos"][h * w :], last)
+    with pytest.raises(DataError, match="frames of different sizes") as e:
+        proc.video([frames[0], photo(64, 64)], name="clip.mp4")
+    assert "clip.mp4" in str(e.value) and "\n" not in str(e.value)

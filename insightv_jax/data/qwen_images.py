@@ -14,8 +14,15 @@ row-major over the image. A still image is repeated along time to
 `models.qwen_vl.QwenVL` takes: pixel_values (total_patches, C*T*p*p) float32
 and image_grid_thw (images, 3) int64, each row (1, grid_h, grid_w).
 
-Videos are not handled here. transformers' Qwen2-VL video processor needs
-torchvision, so no video path was checked against it.
+`QwenImageProcessor.video` lays out one video's (already sampled) frames the
+same way: frames resized alike, padded to a multiple of `temporal_patch_size`
+by repeating the last, each pair of frames one temporal patch, giving
+pixel_values_videos, video_grid_thw (1, 3) and second_per_grid_ts
+(temporal_patch_size / fps, as Qwen2.5-VL's processor). transformers' video
+processor needs torchvision, which these machines cannot run, so this path
+was not checked against it (it resizes frames with PIL's bicubic as the image
+path does; torchvision's resize can differ by rounding). A still image is
+exactly a video of its frame repeated `temporal_patch_size` times (tested).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ BICUBIC = 3
 PREPROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # transformers' Qwen2VLVideoProcessor defaults
+VIDEO_MAX_PIXELS = 768 * 28 * 28
 MAX_ASPECT = 200
 
 
@@ -87,6 +96,8 @@ class QwenImageProcessor:
     resample: int = BICUBIC
     rescale_factor: float = 1 / 255
     do_convert_rgb: bool = True
+    video_min_pixels: int = VIDEO_MIN_PIXELS
+    video_max_pixels: int = VIDEO_MAX_PIXELS
 
     @property
     def factor(self) -> int:
@@ -186,13 +197,9 @@ class QwenImageProcessor:
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
-    def patches(self, image, name: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
-        """One image -> (patches (grid_h*grid_w, C*T*p*p) float32, (1, grid_h, grid_w))."""
-        img = open_image(image, name)
-        try:
-            h, w = self.resized_size(img.height, img.width)
-        except ValueError as e:
-            raise DataError(f"{name}: cannot resize {img.width}x{img.height} image ({e})") from None
+    def _frame(self, img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        """One image resized to `size` (h, w), rescaled and normalised: (C, H, W) fp32."""
+        h, w = size
         arr = self._pixels(img)
         if (h, w) != arr.shape[:2]:
             # PIL resizes each band of the (up to 4-band) image independently.
@@ -202,16 +209,59 @@ class QwenImageProcessor:
         x = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
         mean = np.asarray(self.image_mean, np.float32)
         std = np.asarray(self.image_std, np.float32)
-        x = ((x - mean) / std).transpose(2, 0, 1)  # (C, H, W)
+        return ((x - mean) / std).transpose(2, 0, 1)
 
+    def _patchify(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """(F, C, H, W) frames, F a multiple of temporal_patch_size ->
+        (patches (grid_t*grid_h*grid_w, C*T*p*p), (grid_t, grid_h, grid_w)):
+        merge units row-major per temporal patch, each unit's patches
+        consecutive, each row (C, T, p, p) flattened."""
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
-        c = x.shape[0]
-        gh, gw = h // p, w // p
-        # (C, H, W) -> (unit row, unit col, row in unit, col in unit, C, py, px)
-        x = x.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
-        # the same frame repeated t times along a new time axis after C
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
-        return np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p), (1, gh, gw)
+        F, c, h, w = frames.shape
+        gt, gh, gw = F // t, h // p, w // p
+        x = frames.reshape(gt, t, c, gh // m, m, p, gw // m, m, p)
+        # -> (time, unit row, unit col, row in unit, col in unit, C, T, py, px)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return np.ascontiguousarray(x).reshape(gt * gh * gw, c * t * p * p), (gt, gh, gw)
+
+    def patches(self, image, name: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
+        """One image -> (patches (grid_h*grid_w, C*T*p*p) float32, (1, grid_h, grid_w)):
+        the frame repeated along time to one temporal patch."""
+        img = open_image(image, name)
+        try:
+            size = self.resized_size(img.height, img.width)
+        except ValueError as e:
+            raise DataError(f"{name}: cannot resize {img.width}x{img.height} image ({e})") from None
+        x = self._frame(img, size)
+        return self._patchify(np.broadcast_to(x[None], (self.temporal_patch_size, *x.shape)))
+
+    def video(self, frames, fps: float = 2.0, name: str = "video") -> dict[str, np.ndarray]:
+        """One video's sampled frames (images of one size) in the Hugging Face
+        layout: pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts
+        (1,) = temporal_patch_size / fps (`fps`: of the sampled frames)."""
+        imgs = [open_image(f, f"{name} frame {k}") for k, f in enumerate(frames)]
+        if not imgs:
+            raise DataError(f"{name}: no frames")
+        if len({im.size for im in imgs}) > 1:
+            raise DataError(f"{name}: frames of different sizes {sorted({im.size for im in imgs})}")
+        if not fps > 0:
+            raise DataError(f"{name}: fps must be positive, got {fps}")
+        try:
+            size = smart_resize(imgs[0].height, imgs[0].width, self.factor,
+                                self.video_min_pixels, self.video_max_pixels)  # fmt: skip
+        except ValueError as e:
+            raise DataError(
+                f"{name}: cannot resize {imgs[0].width}x{imgs[0].height} ({e})"
+            ) from None
+        x = np.stack([self._frame(im, size) for im in imgs])
+        if pad := -len(imgs) % self.temporal_patch_size:  # repeat the last frame
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+        patches, grid = self._patchify(x)
+        return {
+            "pixel_values_videos": patches,
+            "video_grid_thw": np.asarray([grid], dtype=np.int64),
+            "second_per_grid_ts": np.asarray([self.temporal_patch_size / fps], np.float32),
+        }
 
     def __call__(self, images, names=None) -> dict[str, np.ndarray]:
         """Hugging Face layout for a list of images (paths, bytes or PIL images)."""
