@@ -20,7 +20,7 @@ from insightv_jax.data.sources import open_source
 from insightv_jax.data.synthetic.writer import write_llava
 from insightv_jax.data.transforms import ChatTransform
 from insightv_jax.errors import DataError
-from insightv_jax.models.factory import construct
+from insightv_jax.models.factory import batch_images, construct
 
 SFT_CONFIG = "configs/sft/tiny-qwen2_5_vl-synthetic.yaml"
 
@@ -43,7 +43,7 @@ def test_training_batch_gives_the_processor_path_logits(suite):
     `model(**processor outputs)` on every real token."""
     cfg = load_config(SFT_CONFIG).model
     model = construct(cfg, seed=3)
-    transform = ChatTransform(suite / "tok", "minimal", cfg, suite / "d")
+    transform = ChatTransform(suite / "tok", "minimal", cfg, suite / "d", batch_images(cfg))
     records = open_source(suite / "d" / "train.json").records[:3]
     text_only = {"id": "t", "conversations": [{"from": "human", "value": "hello?"},
                                               {"from": "gpt", "value": "3"}]}  # fmt: skip
@@ -109,7 +109,7 @@ def test_pair_sides_with_images_of_different_sizes_stack(suite, tmp_path):
 
     Image.new("RGB", (120, 40), "white").save(tmp_path / "wide.png")
     cfg = load_config(SFT_CONFIG).model
-    transform = ChatTransform(suite / "tok", "minimal", cfg, suite / "d")
+    transform = ChatTransform(suite / "tok", "minimal", cfg, suite / "d", batch_images(cfg))
     rec = open_source(suite / "d" / "train.json").records[0]
     wide = {**rec, "image": str(tmp_path / "wide.png")}
     sides = {"chosen": transform(rec), "rejected": transform(wide), "scores": np.zeros(2)}

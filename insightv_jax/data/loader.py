@@ -78,7 +78,7 @@ class Collate:
 
     `images`: how a model other than LLaVA lays out its examples' images once
     the rows are padded, `(examples, input_ids, attention_mask) -> arrays`
-    (the transform's `batch_images`; `data.transforms.QwenBatchImages`)."""
+    (the transform's `batch_images`; Qwen-VL's `models.qwen_vl.BatchImages`)."""
 
     def __init__(
         self, buckets: tuple[int, ...], pad_id: int = 0, batch_size: int | None = None, images=None

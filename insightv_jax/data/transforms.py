@@ -7,9 +7,10 @@ size, and preprocesses images exactly like the Hugging Face processor. It is
 picklable (grain workers): the tokenizer and processor load lazily from paths.
 
 Qwen-VL examples carry their images as the processor packs them
-(`pixel_values` (patches, C*T*p*p), `image_grid_thw` (n, 3)); `QwenBatchImages`
-lays a batch of them out for the model (`models.qwen_vl.batch_arrays`) once
-the token rows are padded.
+(`pixel_values` (patches, C*T*p*p), `image_grid_thw` (n, 3)); the transform's
+`batch_images` (`models.qwen_vl.BatchImages`, given by whoever builds the
+transform: `models.factory.batch_images`) lays a batch of them out for the
+model once the token rows are padded.
 """
 
 from __future__ import annotations
@@ -54,45 +55,18 @@ def record_images(rec: dict) -> list:
     return [img] if isinstance(img, str) else list(img)
 
 
-class QwenBatchImages:
-    """The image arrays of a padded batch of Qwen-VL examples: every
-    example's patches and grids in order, laid out per row with the M-RoPE
-    ids (`models.qwen_vl.batch_arrays`). `Collate` calls it (picklable)."""
-
-    def __init__(self, model_cfg: ModelConfig, num_slots: int | None = None):
-        self.cfg, self.num_slots = model_cfg, num_slots
-
-    def padded_alike(self, examples: list[dict]) -> QwenBatchImages:
-        """The same, padding every row to the patch bucket of the largest of
-        `examples` (DPO's chosen and rejected sides stack into one array)."""
-        from insightv_jax.models.qwen_vl import patch_bucket
-
-        patches = [len(e["pixel_values"]) for e in examples if "image_grid_thw" in e]
-        return QwenBatchImages(self.cfg, patch_bucket(max(patches)) if patches else None)
-
-    def __call__(self, examples: list[dict], input_ids, attention_mask) -> dict[str, np.ndarray]:
-        from insightv_jax.models.qwen_vl import batch_arrays
-
-        with_images = [e for e in examples if "image_grid_thw" in e]
-        if not with_images:
-            return {}
-        return batch_arrays(
-            self.cfg,
-            input_ids,
-            attention_mask,
-            pixel_values=np.concatenate([e["pixel_values"] for e in with_images]),
-            image_grid_thw=np.concatenate([e["image_grid_thw"] for e in with_images]),
-            num_slots=self.num_slots,
-        )
-
-
 class ChatTransform:
     """`record -> {input_ids, labels[, images]}`: LLaVA images as
     `pixel_values` (I, tiles, 3, H, W) and `image_sizes` (I, 2); Qwen-VL's as
     `pixel_values` (patches, C*T*p*p) and `image_grid_thw` (n, 3)."""
 
     def __init__(
-        self, tokenizer_dir: str | Path, template: str, model_cfg: ModelConfig, root: str | Path
+        self,
+        tokenizer_dir: str | Path,
+        template: str,
+        model_cfg: ModelConfig,
+        root: str | Path,
+        batch_images=None,
     ):
         self.tokenizer_dir = str(tokenizer_dir)
         self.template = template
@@ -101,8 +75,9 @@ class ChatTransform:
         self._tok = self._proc = None
         self._image_tokens: dict[tuple[int, int], int] = {}
         self.image_span = conv.image_span_for(model_cfg)
-        # the batch side of the images (Collate): Qwen-VL lays them out per row
-        self.batch_images = QwenBatchImages(model_cfg) if model_cfg.is_qwen_vl else None
+        # the batch side of the images (Collate's `images`): Qwen-VL lays them
+        # out per row; None stacks LLaVA's per-sample arrays
+        self.batch_images = batch_images
 
     def __getstate__(self):
         return {**self.__dict__, "_tok": None, "_proc": None}

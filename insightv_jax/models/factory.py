@@ -73,3 +73,14 @@ def init_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> nnx.Module:
     with jax.set_mesh(mesh):
         state = jax.jit(make, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def batch_images(cfg: ModelConfig):
+    """How the training loader lays out this model's images once a batch's
+    rows are padded (the `images` of `data.loader.Collate`): Qwen-VL's
+    `qwen_vl.BatchImages`; None for LLaVA's per-sample stacking."""
+    if cfg.is_qwen_vl:
+        from insightv_jax.models.qwen_vl import BatchImages
+
+        return BatchImages(cfg)
+    return None

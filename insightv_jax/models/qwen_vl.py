@@ -252,6 +252,35 @@ def batch_arrays(
     }
 
 
+class BatchImages:
+    """The image arrays of a padded batch of Qwen-VL training examples (the
+    training transform's `pixel_values` / `image_grid_thw` per example):
+    every example's patches and grids in order, laid out per row with the
+    M-RoPE ids (`batch_arrays`). The loader's `Collate` calls it (picklable)."""
+
+    def __init__(self, model_cfg: ModelConfig, num_slots: int | None = None):
+        self.cfg, self.num_slots = model_cfg, num_slots
+
+    def padded_alike(self, examples: list[dict]) -> BatchImages:
+        """The same, padding every row to the patch bucket of the largest of
+        `examples` (DPO's chosen and rejected sides stack into one array)."""
+        patches = [len(e["pixel_values"]) for e in examples if "image_grid_thw" in e]
+        return BatchImages(self.cfg, patch_bucket(max(patches)) if patches else None)
+
+    def __call__(self, examples: list[dict], input_ids, attention_mask) -> dict[str, np.ndarray]:
+        with_images = [e for e in examples if "image_grid_thw" in e]
+        if not with_images:
+            return {}
+        return batch_arrays(
+            self.cfg,
+            input_ids,
+            attention_mask,
+            pixel_values=np.concatenate([e["pixel_values"] for e in with_images]),
+            image_grid_thw=np.concatenate([e["image_grid_thw"] for e in with_images]),
+            num_slots=self.num_slots,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionPrompt:
     """The images and videos of a prompt chunk as the processor gives them

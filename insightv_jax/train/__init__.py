@@ -83,6 +83,7 @@ def data_batches(cfg, tokenizer_dir: Path | None):
     from insightv_jax.data.conversation import detect_template, load_tokenizer
     from insightv_jax.data.loader import loader_from_config
     from insightv_jax.data.transforms import ChatTransform
+    from insightv_jax.models.factory import batch_images
 
     t = cfg.train
     if tokenizer_dir is None:
@@ -95,7 +96,7 @@ def data_batches(cfg, tokenizer_dir: Path | None):
             f"{tokenizer_dir}: tokenizer uses none of the llama3/chatml/minimal templates"
         )
     root = cfg.data.image_root or str(Path(t.data).parent)
-    transform = ChatTransform(tokenizer_dir, template, cfg.model, root)
+    transform = ChatTransform(tokenizer_dir, template, cfg.model, root, batch_images(cfg.model))
     if t.global_batch % jax.process_count():
         raise InsightVError(
             f"train.global_batch={t.global_batch} does not split over {jax.process_count()} processes"

@@ -30,13 +30,14 @@ class PairData:
     def for_checkpoint(cls, cfg: RunConfig, model_cfg, tokenizer_dir: Path, root: Path):
         from insightv_jax.data.conversation import detect_template, load_tokenizer
         from insightv_jax.data.transforms import ChatTransform
+        from insightv_jax.models.factory import batch_images
 
         tok = load_tokenizer(tokenizer_dir)
         template = detect_template(tok)
         if template is None:
             raise ConfigError(f"{tokenizer_dir}: no known chat template (llama3/chatml/minimal)")
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        transform = ChatTransform(tokenizer_dir, template, model_cfg, root)
+        transform = ChatTransform(tokenizer_dir, template, model_cfg, root, batch_images(model_cfg))
         return cls(
             transform, tuple(cfg.data.buckets), int(pad), Path(root),
             truncate=cfg.dpo.truncate_at_divergence,
@@ -73,7 +74,8 @@ class PairData:
 
         examples = examples + [examples[-1]] * (size - len(examples))
         try:
-            batch = PairCollate(self.buckets, self.pad_id, self.transform.batch_images)(examples)
+            images = getattr(self.transform, "batch_images", None)
+            batch = PairCollate(self.buckets, self.pad_id, images)(examples)
         except DataError as e:
             ids = ", ".join(str(r.get("id")) for r in records)
             raise DataError(f"records {ids}: {e} (raise data.buckets)") from None

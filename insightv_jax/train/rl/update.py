@@ -124,7 +124,9 @@ def _batches(examples, data, size: int):
     the last is padded with copies whose advantage is 0."""
     from insightv_jax.data.loader import Collate
 
-    collate = Collate(data.buckets, data.pad_id, images=data.transform.batch_images)
+    collate = Collate(
+        data.buckets, data.pad_id, images=getattr(data.transform, "batch_images", None)
+    )
     longest = max(len(e["input_ids"]) for e in examples)
     for i in range(0, len(examples), size):
         chunk = examples[i : i + size]
