@@ -27,10 +27,13 @@ lint: $(STAMP_TEST)
 	$(BIN)/ruff check insightv_jax tests
 	$(BIN)/ruff format --check insightv_jax tests
 
-# mimalloc preloaded as `insightv` does (insightv_jax/allocator.py): fewer page faults per XLA step
+# mimalloc preloaded as `insightv` does (insightv_jax/allocator.py): fewer page faults per XLA step.
+# Two pytest workers (one per core of CI's machine), a test file's tests on one worker (their
+# module fixtures are built once); PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 pytest: $(STAMP_TEST)
 	LD_PRELOAD="$$($(BIN)/python -m insightv_jax.allocator) $$LD_PRELOAD" \
-		$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+		$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test: lint pytest
 

@@ -83,6 +83,9 @@ def test_qwen_vl_template_renders_the_vision_span(template, tmp_path):
         assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1
         again = tokenizer(text.replace(pad, pad * 16), add_special_tokens=False)["input_ids"]
         assert again == ids
+    video = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+    text = tokenizer.apply_chat_template(video, tokenize=False)
+    assert "<|vision_start|><|video_pad|><|vision_end|>hi" in text  # as Qwen's own template
 
 
 def test_think_tokens_survive_decoding(tok):

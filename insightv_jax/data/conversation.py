@@ -104,16 +104,16 @@ class ImageSpan:
     token: str = IMAGE_TOKEN
     start: str = ""
     end: str = ""
-    others: tuple[str, ...] = ()  # the model's other vision tokens (a tokenizer needs them)
+    video_token: str = ""  # a video's placeholder between the same start and end, if any
 
     @property
     def specials(self) -> tuple[str, ...]:
-        return tuple(t for t in (self.start, self.token, self.end, *self.others) if t)
+        return tuple(t for t in (self.start, self.token, self.end, self.video_token) if t)
 
 
 LLAVA_IMAGE = ImageSpan()
 QWEN_VL_IMAGE = ImageSpan(
-    "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", others=("<|video_pad|>",)
+    "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", video_token="<|video_pad|>"
 )
 
 
@@ -243,13 +243,18 @@ def chat_template_jinja(template: str, image_span: ImageSpan = LLAVA_IMAGE) -> s
     list of typed parts, as `pipeline("image-text-to-text")` and OpenAI-style
     chat clients send them: `{"type": "text", "text": ...}` renders its text,
     `{"type": "image"}` (or `"image_url"`) the model's image placeholder, which
-    the Hugging Face processor then expands to the image's token count.
+    the Hugging Face processor then expands to the image's token count (and
+    for Qwen-VL `{"type": "video"}` its video placeholder).
     LLaVA's placeholder is `<image>`; Qwen-VL's is `<|vision_start|><|image_pad|>
     <|vision_end|>` (as in Qwen's own template), and a string's `<image>` is
     rewritten to it, so for either model the template's text is `render`'s
     with each image's run of image tokens collapsed to one."""
     t = get_template(template)
     placeholder = image_span.start + image_span.token + image_span.end
+    video = ""  # Qwen-VL: a typed video part, as Qwen's own template renders it
+    if image_span.video_token:
+        video_placeholder = image_span.start + image_span.video_token + image_span.end
+        video = "{% elif part['type'] in ('video', 'video_url') %}" + video_placeholder
     text = "c"
     if placeholder != IMAGE_TOKEN:
         text = f"c | replace({IMAGE_TOKEN!r}, {placeholder!r})"
@@ -259,7 +264,7 @@ def chat_template_jinja(template: str, image_span: ImageSpan = LLAVA_IMAGE) -> s
         "{% if c is string %}{{ " + text + " }}"
         "{% else %}{% for part in c %}"
         "{% if part['type'] == 'text' %}{{ part['text'] }}"
-        "{% elif part['type'] in ('image', 'image_url') %}" + placeholder + "{% endif %}"
+        "{% elif part['type'] in ('image', 'image_url') %}" + placeholder + video + "{% endif %}"
         "{% endfor %}{% endif %}"
         "{% endmacro %}"
     )
