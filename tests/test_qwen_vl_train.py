@@ -65,8 +65,10 @@ def test_training_batch_gives_the_processor_path_logits(suite):
     assert float(np.abs(got - want)[real].max()) <= 1e-5
 
 
-def test_sft_learns_and_the_run_samples_with_images(suite, tmp_path, capsys):
+def test_sft_learns_and_the_run_samples_with_images(suite, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
+    # no MFU: its matmul benchmark takes seconds
+    monkeypatch.setattr("insightv_jax.train.trainer.measure_matmul_peak", lambda *a, **k: 0.0)
     code = cli.main([
         "sft", "--config", SFT_CONFIG, f"train.data={suite / 'd' / 'train.json'}",
         f"train.tokenizer={suite / 'tok'}", f"train.workdir={run}", "train.steps=16",
