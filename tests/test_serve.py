@@ -5,7 +5,7 @@ two-agent, bad requests, a concurrent load, limits, the API key and shutdown."""
 from __future__ import annotations
 
 import base64
-import io
+import dataclasses
 import json
 import os
 import signal
@@ -208,13 +208,20 @@ def test_step_schema_is_constrained_decoding(served):
         )  # fmt: skip
 
 
-def test_two_agent_equals_insightv_infer(served):
-    from insightv_jax.sample.infer import InferSettings, infer
+def test_two_agent_equals_infer(served):
+    """The served two-agent answer and chain are `insightv infer --decoding greedy`'s:
+    `two_agent_answer` in the agents' trained wording (the run's prompts.json)."""
+    from insightv_jax.checkpoint import agent_prompts
+    from insightv_jax.sample.infer import InferSettings
+    from insightv_jax.sample.reasoning import two_agent_answer
 
     question, image = served.rows[5]
-    settings = InferSettings.for_decoding("greedy", reason_max_tokens=48, summary_max_tokens=24)
-    rows = [{"id": "q", "question": question, "image": str(image)}]
-    ref = infer(served.run, served.run, rows, settings, progress=io.StringIO())[0]
+    greedy = InferSettings.for_decoding("greedy")
+    reason = SamplingParams(temperature=greedy.reason_temperature, top_p=greedy.top_p,
+                            max_new_tokens=48)  # fmt: skip
+    answer = dataclasses.replace(reason, temperature=greedy.summary_temperature, max_new_tokens=24)
+    ref = two_agent_answer(served.sampler, served.sampler, [question], reason, answer,
+                           agent_prompts(None, served.run, served.run), [[str(image)]])[0]  # fmt: skip
     for stream in (False, True):
         kw = dict(model="two-agent", messages=[image_message(question, image)], temperature=0,
                   max_tokens=24)  # fmt: skip
@@ -285,9 +292,9 @@ def test_bad_requests_are_4xx_with_a_message_and_serving_goes_on(served, tmp_pat
 
 
 def test_concurrent_requests_are_each_served_as_alone(served):
-    """24 concurrent requests (greedy text and image, greedy step schema, seeded
-    sampling): none lost or duplicated, each reply equal to the same request
-    served alone, and the batch really held several at once."""
+    """24 concurrent requests (greedy text and image, seeded sampling, which runs
+    on to 40 tokens): none lost or duplicated, each reply equal to the same
+    request served alone, and the batch really held several at once."""
     c, rows = served.client, served.rows
     requests = []
     for i in range(24):
@@ -295,10 +302,7 @@ def test_concurrent_requests_are_each_served_as_alone(served):
         kw = dict(model="micro", temperature=0, max_tokens=24,
                   messages=[image_message(question, image) if i % 3 == 0 else
                             {"role": "user", "content": question}])  # fmt: skip
-        if i % 6 == 1:
-            kw.update(max_tokens=SCHEMA_TOKENS, response_format={
-                "type": "json_schema", "json_schema": {"name": "s", "schema": STEP_JSON_SCHEMA}})  # fmt: skip
-        if i % 6 == 2:
+        if i % 4 == 1:
             kw.update(temperature=1.0, seed=100 + i, max_tokens=40)
         requests.append(kw)
     before = dict(served.scheduler.stats)

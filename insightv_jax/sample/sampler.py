@@ -213,7 +213,7 @@ def _decode_loop(
     active,
     constraint,
     start_states,
-    rows: RowParams | None,
+    rows: RowParams | None = None,
     *,
     steps: int,
     temperature: float,
@@ -392,13 +392,18 @@ class Sampler:
         pixel_values=None,
         image_sizes=None,
         vision=None,
+        pad_to: int = 8,
     ):
         """Append each row's tokens (possibly none) to its cache.
 
         Images come either as LLaVA's `pixel_values` / `image_sizes`, or as
         `vision`, an object that lays itself out against the padded chunk:
         `vision.pack(ids, mask)` -> (the model's `pixel_values`, its rotary
-        positions of the chunk or None) -- Qwen-VL's `VisionPrompt`."""
+        positions of the chunk or None) -- Qwen-VL's `VisionPrompt`.
+
+        The chunk is right-padded to a power of two of at least `pad_to`
+        tokens: a server prefilling prompts of many lengths pads them to one
+        bucket so that they share one program."""
         longest = max((len(r) for r in rows), default=0)
         lengths = np.asarray(jax.device_get(state.cache.lengths))
         need = int(max((lengths[i] + len(r) for i, r in enumerate(rows)), default=0))
@@ -406,7 +411,7 @@ class Sampler:
             raise InsightVError(
                 f"prompt of {need} tokens does not fit the cache of {state.cache.max_length} slots"
             )
-        ids, mask = pad_rows(rows, next_pow2(longest, 8), self.pad_id)
+        ids, mask = pad_rows(rows, next_pow2(longest, pad_to), self.pad_id)
         positions = None
         if vision is not None:
             if pixel_values is not None or image_sizes is not None:

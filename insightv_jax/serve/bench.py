@@ -89,8 +89,10 @@ def bench_serve(requests: int = 24, concurrency: int = 8, slots: int = 8, max_to
         "max_tokens": max_tokens,
         "generated_tokens_mean": round(tokens / requests, 1),
         "sequential": {"seconds": round(t_seq, 2), "tokens_per_s": round(tokens / t_seq, 1)},
-        f"concurrency_{concurrency}": {"seconds": round(t_con, 2),
-                                       "tokens_per_s": round(tokens / t_con, 1)},  # fmt: skip
+        f"concurrency_{concurrency}": {
+            "seconds": round(t_con, 2),
+            "tokens_per_s": round(tokens / t_con, 1),
+        },  # fmt: skip
         "speedup": round(t_seq / t_con, 2),
         "target_speedup": 4.0,
         "same_answers": text(seq) == text(con),

@@ -60,7 +60,7 @@ def _data_url_bytes(url: str, max_bytes: int, where: str) -> bytes:
                             "invalid_image")  # fmt: skip
     payload = m.group("data")
     if len(payload) > 4 * (max_bytes // 3 + 1) + 4:  # before decoding it
-        raise ImageRejected(f"{where}: image is larger than the server's limit of {max_bytes} "
+        raise ImageRejected(f"{where}: image is over the server's limit of {max_bytes} "
                             "bytes", "image_too_large")  # fmt: skip
     try:
         data = base64.b64decode(payload, validate=True)

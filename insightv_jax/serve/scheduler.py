@@ -6,7 +6,7 @@ once per rule set (greedy or sampling, constrained or not, penalised or not)
 whatever the traffic. It loops:
 
   1. join: waiting requests take free rows, first come first served. Each is
-     prefilled alone (a batch of one, its prompt's own cache bucket), its `n`
+     prefilled alone (a batch of one, padded to its length's bucket), its `n`
      samples copied from that one prefill (`DecodeState.repeat_rows`), given
      the keys `row_keys(seed, i)` for its samples i, and written into free
      rows of the running state (`DecodeState.put_rows`). Alone because in a
@@ -46,7 +46,14 @@ import numpy as np
 from insightv_jax.errors import InsightVError
 from insightv_jax.sample.constrain import StepConstraint
 from insightv_jax.sample.reasoning import encoder_of
-from insightv_jax.sample.sampler import RowParams, Sampler, SamplingParams, cache_bucket, row_keys
+from insightv_jax.sample.sampler import (
+    RowParams,
+    Sampler,
+    SamplingParams,
+    cache_bucket,
+    next_pow2,
+    row_keys,
+)
 from insightv_jax.serve.protocol import ApiError
 from insightv_jax.serve.text import ReplyText
 
@@ -110,7 +117,8 @@ class Scheduler:
     """Continuous batching for one agent (see the module docstring)."""
 
     def __init__(self, sampler: Sampler, slots: int = 8, context: int | None = None,
-                 chunk: int = 16, max_queue: int = 64, name: str = "agent"):  # fmt: skip
+                 chunk: int = 16, max_queue: int = 64, name: str = "agent",
+                 prefill_bucket: int = 64):  # fmt: skip
         self.sampler, self.name = sampler, name
         self.encoder = encoder_of(sampler)
         self.ends = tuple(self.encoder.end_of_turn())
@@ -119,6 +127,9 @@ class Scheduler:
         if self.context > limit:  # the bucket rounds up; positions past the model's are unseen
             self.context = limit
         self.slots, self.chunk, self.max_queue = slots, chunk, max_queue
+        # prompts up to this many tokens prefill in one program (padded to it), longer
+        # ones in the powers of two above: a handful of programs for any traffic
+        self.prefill_bucket = prefill_bucket
         self.tokenizer_lock = threading.Lock()  # prompts are encoded on the HTTP threads
         self._constraint: StepConstraint | None = None
         self._constraint_lock = threading.Lock()
@@ -263,8 +274,12 @@ class Scheduler:
     def _join(self, job: Job) -> None:
         """Prefill a job alone and write its rows into free slots."""
         try:
-            small = self.sampler.start(1, cache_bucket(len(job.ids)))
-            small = self.sampler.extend(small, [job.ids], **job.images)
+            # The chunk's padding past a context that is no power of two is dropped
+            # (cache writes past the last slot are), never read: rows are valid below
+            # their lengths.
+            bucket = next_pow2(max(len(job.ids), self.prefill_bucket))
+            small = self.sampler.start(1, min(bucket, self.context))
+            small = self.sampler.extend(small, [job.ids], pad_to=bucket, **job.images)
             if job.n > 1:
                 small = small.repeat_rows(job.n)
             keys = (job.first_key + np.arange(job.n)) % (1 << 32)
