@@ -283,9 +283,11 @@ def test_bad_requests_are_4xx_with_a_message_and_serving_goes_on(served, tmp_pat
         assert reply["error"]["type"] and reply["error"]["code"]
     with pytest.raises(openai.BadRequestError, match="not served here"):
         c.chat.completions.create(model="gpt-4", messages=ok["messages"])
-    r = c.chat.completions.create(model="micro", messages=ok["messages"], temperature=0,
-                                  max_tokens=4)  # fmt: skip
-    assert r.choices[0].message.content is not None
+    prefilled = ok["messages"] + [{"role": "assistant", "content": "Understood."}]
+    for messages in ok["messages"], prefilled:  # a pre-filled reply is a turn of its own
+        r = c.chat.completions.create(model="micro", messages=messages, temperature=0,
+                                      max_tokens=4)  # fmt: skip
+        assert r.choices[0].message.content is not None
 
 
 # -------------------------------------------------------------------- load

@@ -275,9 +275,8 @@ def _messages(raw, limits: Limits, image_root: Path | None) -> tuple[list[dict],
             raise ApiError(400, f"{where}: content must be a string or a non-empty list of parts",
                            "invalid_type", "messages")  # fmt: skip
         messages.append({"role": role, "content": "\n".join(pieces)})
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be the user's (the reply continues after it)",
-                       "invalid_value", "messages")  # fmt: skip
+    # A last assistant message is a finished turn and the reply a new one: our data
+    # pipeline's generator opens its dialogue with a pre-filled assistant reply.
     return messages, images
 
 
