@@ -99,6 +99,9 @@ class Server:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "insightv-serve"
     protocol_version = "HTTP/1.0"
+    # seconds a socket read or write may block: a client that connects and goes
+    # silent must not hold its thread (and a shutdown, which waits for threads)
+    timeout = 60
 
     @property
     def app(self) -> Server:

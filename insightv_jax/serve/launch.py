@@ -10,6 +10,7 @@ shares one batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 from pathlib import Path
@@ -85,9 +86,16 @@ def run_server(server: Server) -> None:
     """Serve until SIGTERM / SIGINT, then shut down cleanly (see api.py)."""
 
     def stop(signum, _frame):
-        print(f"{signal.Signals(signum).name}: finishing running requests, refusing queued ones",
+        name = signal.Signals(signum).name
+        if stopping:  # a second signal: the user will not wait
+            print(f"{name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
+        stopping.append(signum)
+        print(f"{name}: finishing running requests, refusing queued ones (again: exit now)",
               file=sys.stderr, flush=True)  # fmt: skip
         server.begin_shutdown()
+
+    stopping: list[int] = []
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

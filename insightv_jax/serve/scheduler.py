@@ -263,12 +263,14 @@ class Scheduler:
         than are free waits, and so do those behind it: no starving n > 1)."""
         free = sum(r is None for r in self._rows)
         joining = []
-        while self._waiting and self._waiting[0].n <= free:
-            job = self._waiting.popleft()
-            if job.cancelled.is_set():
-                continue
-            joining.append(job)
-            free -= job.n
+        while self._waiting:
+            job = self._waiting[0]
+            if not job.cancelled.is_set():
+                if job.n > free:
+                    break
+                joining.append(job)
+                free -= job.n
+            self._waiting.popleft()
         return joining
 
     def _join(self, job: Job) -> None:
