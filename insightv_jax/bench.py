@@ -128,10 +128,18 @@ def bench_rl() -> dict:
     return run()
 
 
+def bench_serve() -> dict:
+    """`insightv serve` throughput: concurrency 8 over sequential (see serve/bench.py)."""
+    from insightv_jax.serve.bench import bench_serve as run
+
+    return run()
+
+
 BENCHES: dict[str, Callable[..., dict]] = {
     "dpo": bench_dpo,
     "rl": bench_rl,
     "data": bench_data,
     "sample": bench_sample,
+    "serve": bench_serve,
     "train": bench_train,
 }

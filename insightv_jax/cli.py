@@ -94,6 +94,26 @@ def _infer(args: argparse.Namespace) -> None:
         print(f"{len(errors)} bad rows skipped, {len(results)} answered", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from insightv_jax.serve.launch import ServeSettings, build_server, run_server
+    from insightv_jax.serve.protocol import Limits
+
+    for flag in ("slots", "context", "chunk", "max_tokens", "max_queue", "max_body_bytes",
+                 "max_image_bytes", "reason_max_tokens"):  # fmt: skip
+        if getattr(args, flag) < 1:
+            raise InsightVError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise InsightVError(f"--image-root {args.image_root}: not a directory")
+    limits = Limits(max_tokens=args.max_tokens, max_n=args.slots, max_queue=args.max_queue,
+                    max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes)  # fmt: skip
+    settings = ServeSettings(slots=args.slots, context=args.context, chunk=args.chunk,
+                             reason_max_tokens=args.reason_max_tokens, limits=limits)  # fmt: skip
+    server = build_server(args.model, args.summary, name=args.name, host=args.host,
+                          port=args.port, settings=settings, image_root=args.image_root,
+                          quiet=args.quiet)  # fmt: skip
+    run_server(server)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from insightv_jax.demo import run_demo
 
@@ -255,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="insightv", description="Insight-V long-chain visual reasoning in JAX."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, _add_synth, _add_data, _add_bench, _add_infer, _add_training,
-                _add_pipeline, _add_eval, _add_demo):  # fmt: skip
+    for add in (_add_convert, _add_synth, _add_data, _add_bench, _add_infer, _add_serve,
+                _add_training, _add_pipeline, _add_eval, _add_demo):  # fmt: skip
         add(sub)
     return parser
 
@@ -335,6 +355,30 @@ def _add_infer(sub) -> None:
                      "inference script; what `insightv eval` uses); greedy: both greedy")  # fmt: skip
     inf.add_argument("--batch-size", type=int, default=8, help="questions per sampler call")
     inf.set_defaults(func=_infer)
+
+
+def _add_serve(sub) -> None:
+    srv = sub.add_parser("serve", help="an OpenAI-compatible chat server with continuous batching")
+    srv.add_argument("--model", required=True, help="agent checkpoint (the reasoning agent "
+                     "with --summary)")  # fmt: skip
+    srv.add_argument("--summary", help="summary agent checkpoint: also serve model two-agent")
+    srv.add_argument("--name", help="the --model agent's model name (default: its folder name)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    srv.add_argument("--port", type=int, default=8000, help="0: any free port")
+    srv.add_argument("--slots", type=int, default=8, help="decode rows per agent (batch size)")
+    srv.add_argument("--context", type=int, default=2048,
+                     help="tokens per row, prompt + reply (capped by the model's positions)")  # fmt: skip
+    srv.add_argument("--chunk", type=int, default=16, help="tokens decoded between joins")
+    srv.add_argument("--max-tokens", type=int, default=512, help="most new tokens per request")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests waiting per agent before 429")  # fmt: skip
+    srv.add_argument("--max-body-bytes", type=int, default=32 << 20, help="413 beyond")
+    srv.add_argument("--max-image-bytes", type=int, default=8 << 20, help="per image")
+    srv.add_argument("--image-root", help="allow image_url file paths under this directory")
+    srv.add_argument("--reason-max-tokens", type=int, default=256,
+                     help="two-agent: tokens of the reasoning chain")  # fmt: skip
+    srv.add_argument("--quiet", action="store_true", help="no access log")
+    srv.set_defaults(func=_serve)
 
 
 def _add_training(sub) -> None:

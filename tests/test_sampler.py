@@ -10,7 +10,7 @@ from insightv_jax.errors import InsightVError
 from insightv_jax.hf.convert import import_hf
 from insightv_jax.models.factory import construct
 from insightv_jax.parallel import single_device_mesh
-from insightv_jax.sample.sampler import Sampler, SamplingParams, row_keys
+from insightv_jax.sample.sampler import RowParams, Sampler, SamplingParams, row_keys
 
 NEW = 12
 
@@ -100,6 +100,47 @@ def test_row_keys_make_a_row_s_draws_its_own():
     forked = draw([[1, 2, 3], [4, 5]], [10, 20, 30, 11], n=2)
     assert forked[0] == alone[0] and forked[3] == mixed[0]
     assert forked[0] != forked[1]  # two samples of one prompt, two keys
+
+
+def test_rows_join_a_running_batch_and_decode_as_they_do_alone():
+    """`DecodeState.put_rows` + `RowParams`, a server's continuous batch: requests
+    prefilled alone join a running state at different times, in scattered rows,
+    each with its own rules (greedy, sampled, top-p, penalised) and budget, and
+    decode in chunks the tokens they decode alone with scalar rules."""
+    s = Sampler(_toy(vocab=32), pad_id=0)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [3, 3], [9]]
+    rules = [(0.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0.8, 0.7, 1.0), (0.0, 1.0, 1.3), (1.0, 0.9, 1.2)]
+    budgets = [12, 12, 7, 12, 10]
+
+    def alone(i):
+        t, p, pen = rules[i]
+        state = s.start(1, 8).replace(rng=row_keys(9, [i]))
+        state = s.extend(state, [prompts[i]])
+        params = SamplingParams(temperature=t, top_p=p, repetition_penalty=pen)
+        return s.decode(state, params, steps=budgets[i])[1].tokens[0].tolist()
+
+    B, got, where = 6, {}, {}
+    state = s.start(B, 32).replace(rng=row_keys(0, range(B)))
+    for turn in range(12):
+        if turn < len(prompts):  # one joins per chunk, into a free row
+            i = turn
+            one = s.extend(s.start(1, 8), [prompts[i]]).replace(rng=row_keys(9, [i]))
+            where[i] = [r for r in (5, 2, 0, 4, 1, 3) if r not in where.values()][0]
+            state = state.put_rows([where[i]], one)
+            got[i] = []
+        live = {where[i]: i for i in where if len(got[i]) < budgets[i]}
+        if not live:
+            break
+        per_row = [(*rules[live[r]], budgets[live[r]] - len(got[live[r]])) if r in live
+                   else (0.0, 1.0, 1.0, 0) for r in range(B)]  # fmt: skip
+        rows = RowParams.make(*zip(*per_row), [False] * B)
+        active = np.array([r in live for r in range(B)])
+        state, out = s.decode(state, SamplingParams(), steps=4, active=active, rows=rows)
+        for r, i in live.items():
+            got[i] += out.tokens[r, : int(out.num_tokens[r])].tolist()
+    assert [got[i] for i in range(len(prompts))] == [alone(i) for i in range(len(prompts))]
+    with pytest.raises(InsightVError, match="do not fit"):
+        state.put_rows([0], s.start(1, 64))
 
 
 def test_temperature_one_frequencies_match_softmax():

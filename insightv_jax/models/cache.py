@@ -84,6 +84,20 @@ class KVCache:
             rope_deltas=jnp.repeat(self.rope_deltas, n, axis=0),
         )
 
+    def put_rows(self, slots: jax.Array, other: KVCache) -> KVCache:
+        """`other`'s rows (len(slots) of them, at most this cache's slots long)
+        written over rows `slots`: their first `other.max_length` slots,
+        lengths and rotary deltas. Slots past `other.max_length` keep what was
+        there, which lies beyond the new lengths and so is never read; the
+        rotary table is this cache's (slot s's rotation is the same in both)."""
+        S = other.max_length
+        return self.replace(
+            k=tuple(k.at[slots, :, :S].set(o.astype(k.dtype)) for k, o in zip(self.k, other.k)),
+            v=tuple(v.at[slots, :, :S].set(o.astype(v.dtype)) for v, o in zip(self.v, other.v)),
+            lengths=self.lengths.at[slots].set(other.lengths),
+            rope_deltas=self.rope_deltas.at[slots].set(other.rope_deltas),
+        )
+
 
 def write_rows(cache_kv: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
     """Write new (B, T, K, H) into one layer's cache (B, K, S, H), row b from

@@ -77,3 +77,50 @@ def process_logits(
     else:
         noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], logits.dtype))(key)
     return first_argmax(logits + noise)
+
+
+def process_logits_rows(
+    logits: jax.Array,
+    seen: jax.Array,
+    key: jax.Array,
+    allowed: jax.Array | None,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    penalty: jax.Array,
+    *,
+    sample: bool,
+    penalise: bool,
+) -> jax.Array:
+    """`process_logits` with each row's own rules, (B,) arrays (top-k: none):
+    the rows of a server's batch belong to different requests. A row's token
+    is the one `process_logits` picks for it alone with its rules as scalars,
+    whatever the other rows ask for: greedy rows (temperature 0) take the
+    argmax of the same processed logits, a top-p of 1 keeps every token (not
+    just those before the cumulative mass reaches 1.0 in float), a penalty of 1
+    changes nothing. `sample` and `penalise` (static) say whether any row
+    samples or is penalised; when none does, that work is skipped. `key` must
+    be per-row keys (B,) for a row's draws to be its own."""
+    logits = logits.astype(jnp.float32)
+    if penalise:
+        p = penalty[:, None]
+        penalised = jnp.where(logits < 0, logits * p, logits / p)
+        logits = jnp.where(seen & (p != 1.0), penalised, logits)
+    if allowed is not None:
+        logits = jnp.where(allowed, logits, _NEG)
+    greedy = first_argmax(logits)
+    if not sample:
+        return greedy
+    hot = temperature > 0.0
+    scaled = logits / jnp.where(hot, temperature, 1.0)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = (before < top_p[:, None]) | (top_p >= 1.0)[:, None]
+    rows = jnp.arange(logits.shape[0])[:, None]
+    keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
+    scaled = jnp.where(keep, scaled, _NEG)
+    if key.ndim == 0:
+        noise = jax.random.gumbel(key, scaled.shape, scaled.dtype)
+    else:
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], scaled.dtype))(key)
+    return jnp.where(hot, first_argmax(scaled + noise), greedy)

@@ -9,6 +9,12 @@ Two calls make a step-wise API a server can build on: `extend` appends a
 right-padded chunk of tokens (a prompt, or the next dialogue turn) to every
 row's cache, and `decode` generates up to k tokens per row from there. Shapes
 are bucketed (powers of two) so a run compiles a handful of programs.
+
+For continuous batching (`insightv serve`) the rows of one state belong to
+different requests: `DecodeState.put_rows` writes a request prefilled on its
+own into free rows of a running state, and `decode(rows=RowParams(...))`
+gives each row its own temperature, top-p, penalty, token budget and whether
+it follows the step constraint, so a row decodes as it would alone.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from insightv_jax.errors import InsightVError
 from insightv_jax.models.cache import KVCache
 from insightv_jax.models.interface import CausalLM, DecodingLM
 from insightv_jax.sample.decode_transform import for_decoding
-from insightv_jax.sample.processors import process_logits
+from insightv_jax.sample.processors import process_logits, process_logits_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,57 @@ class DecodeState:
             rng=rng,
         )
 
+    def put_rows(self, slots: Sequence[int] | np.ndarray, rows: DecodeState) -> DecodeState:
+        """This state with `rows` (a state of len(slots) rows, e.g. one request
+        prefilled on its own and `repeat_rows`-ed) written over rows `slots`:
+        how a request joins a running batch between decode calls. Its cache may
+        be shorter than this one's (slots past it keep stale values, beyond the
+        rows' lengths, so never read). With per-row keys here, `rows` must have
+        per-row keys too. This state is donated (do not use it afterwards)."""
+        if rows.cache.max_length > self.cache.max_length:
+            raise InsightVError(
+                f"rows of {rows.cache.max_length} cache slots do not fit a state of "
+                f"{self.cache.max_length}"
+            )
+        if self.rng.ndim != 0 and rows.rng.ndim == 0:
+            raise InsightVError("put_rows: this state has per-row keys; give the rows theirs")
+        return _put_rows(self, jnp.asarray(slots, jnp.int32), rows)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(state: DecodeState, slots: jax.Array, rows: DecodeState) -> DecodeState:
+    rng = state.rng if state.rng.ndim == 0 else state.rng.at[slots].set(rows.rng)
+    return DecodeState(
+        cache=state.cache.put_rows(slots, rows.cache),
+        logits=state.logits.at[slots].set(rows.logits),
+        seen=state.seen.at[slots].set(rows.seen),
+        rng=rng,
+    )
+
+
+@struct.dataclass
+class RowParams:
+    """Each row's own decoding rules (`Sampler.decode(rows=...)`), (B,) arrays:
+    the rows of a server's batch belong to different requests. top-k is not
+    per row (none), and stop tokens stay the call's `SamplingParams`'."""
+
+    temperature: np.ndarray | jax.Array  # fp32; 0 = greedy
+    top_p: np.ndarray | jax.Array  # fp32; 1 = no nucleus cut
+    penalty: np.ndarray | jax.Array  # fp32 repetition penalty; 1 = none
+    budget: np.ndarray | jax.Array  # int32: tokens the row may still generate (this call or later)
+    constrained: np.ndarray | jax.Array  # bool: the row follows the call's `constraint`
+
+    @classmethod
+    def make(cls, temperature, top_p, penalty, budget, constrained) -> RowParams:
+        """From per-row sequences (host arrays of the dtypes above)."""
+        return cls(
+            temperature=np.asarray(temperature, np.float32),
+            top_p=np.asarray(top_p, np.float32),
+            penalty=np.asarray(penalty, np.float32),
+            budget=np.asarray(budget, np.int32),
+            constrained=np.asarray(constrained, bool),
+        )
+
 
 def row_keys(seed: int, ids: Sequence[int] | np.ndarray) -> jax.Array:
     """One random key per row, `fold_in(key(seed), id)`: a row's draws depend on its
@@ -81,6 +138,9 @@ class Decoded:
     logprobs: jax.Array  # (B, k) fp32 log p(token) under the unprocessed model
     num_tokens: jax.Array  # (B,) tokens generated per row
     stopped: jax.Array  # (B,) bool: hit a stop token/sequence or the constraint finished
+    # (B,) int32: each row's state in the constraint after the call (its start
+    # state where there is none), for a row that goes on in the next call
+    constraint_state: jax.Array
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
@@ -153,6 +213,7 @@ def _decode_loop(
     active,
     constraint,
     start_states,
+    rows: RowParams | None = None,
     *,
     steps: int,
     temperature: float,
@@ -160,6 +221,7 @@ def _decode_loop(
     top_p: float,
     penalty: float,
     pad_id: int,
+    row_rules: tuple[bool, bool] = (False, False),
 ):
     model: DecodingLM = nnx.merge(graphdef, params)
     B = state.logits.shape[0]
@@ -174,23 +236,34 @@ def _decode_loop(
         raw = st.logits
         allowed = None
         if c_next is not None:
-            budget = jnp.minimum(steps - i, jnp.iinfo(c_finish.dtype).max - 1)  # max = dead
+            # tokens the row may still write: this call's, or its own budget across calls
+            left = steps - i if rows is None else (rows.budget - carry.num_tokens)[:, None]
+            budget = jnp.minimum(left, jnp.iinfo(c_finish.dtype).max - 1)  # max = dead
             allowed = c_finish[cstate] <= budget  # live, and finishable within the budget
+            if rows is not None:
+                allowed |= ~rows.constrained[:, None]
         if st.rng.ndim == 0:
             rng, key = jax.random.split(st.rng)
         else:  # a key per row: each row's stream is its own
             pairs = jax.vmap(jax.random.split)(st.rng)
             rng, key = pairs[:, 0], pairs[:, 1]
-        tok = process_logits(
-            raw,
-            st.seen,
-            key,
-            allowed,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            penalty=penalty,
-        )
+        if rows is None:
+            tok = process_logits(
+                raw,
+                st.seen,
+                key,
+                allowed,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                penalty=penalty,
+            )
+        else:
+            sample, penalise = row_rules
+            tok = process_logits_rows(
+                raw, st.seen, key, allowed, rows.temperature, rows.top_p, rows.penalty,
+                sample=sample, penalise=penalise,
+            )  # fmt: skip
         logp = jnp.take_along_axis(jax.nn.log_softmax(raw, -1), tok[:, None], axis=1)[:, 0]
         tok = jnp.where(done, pad_id, tok)
         tokens = carry.tokens.at[:, i].set(tok)
@@ -201,12 +274,15 @@ def _decode_loop(
             jnp.all((stop_table[None] == -1) | (recent[:, None, :] == stop_table[None]), -1), -1
         )
         if c_next is not None:
-            cstate = jnp.where(done, cstate, c_next[cstate, tok])
-            hit |= c_dist[cstate] == 0
+            follows = ~done if rows is None else ~done & rows.constrained
+            cstate = jnp.where(follows, c_next[cstate, tok], cstate)
+            hit |= follows & (c_dist[cstate] == 0)
         nums = carry.num_tokens + (~done).astype(jnp.int32)
         stopped = carry.stopped | (hit & ~done)
         feed = ~done
         done = done | hit
+        if rows is not None:
+            done |= nums >= rows.budget
         seen = st.seen.at[jnp.arange(B), tok].max(feed)
         hidden, cache = model.forward_cached(
             model.embed_inputs(tok[:, None]), st.cache, feed[:, None].astype(jnp.int32)
@@ -229,7 +305,7 @@ def _decode_loop(
         state=state,
         tokens=jnp.full((B, steps), pad_id, jnp.int32),
         logprobs=jnp.zeros((B, steps), jnp.float32),
-        done=~active,
+        done=~active if rows is None else ~active | (rows.budget <= 0),
         recent=jnp.full((B, width), -2, jnp.int32),
         constraint_state=start_states,
         num_tokens=jnp.zeros((B,), jnp.int32),
@@ -237,7 +313,11 @@ def _decode_loop(
     )
     out = jax.lax.while_loop(cond, body, init)
     decoded = Decoded(
-        tokens=out.tokens, logprobs=out.logprobs, num_tokens=out.num_tokens, stopped=out.stopped
+        tokens=out.tokens,
+        logprobs=out.logprobs,
+        num_tokens=out.num_tokens,
+        stopped=out.stopped,
+        constraint_state=out.constraint_state,
     )
     return out.state, decoded
 
@@ -262,7 +342,16 @@ def _decode_program(backend: str):
     """The jitted decode loop, with the backend's compiler options."""
     return jax.jit(
         _decode_loop,
-        static_argnames=("graphdef", "steps", "temperature", "top_k", "top_p", "penalty", "pad_id"),
+        static_argnames=(
+            "graphdef",
+            "steps",
+            "temperature",
+            "top_k",
+            "top_p",
+            "penalty",
+            "pad_id",
+            "row_rules",
+        ),  # fmt: skip
         donate_argnames=("state",),
         compiler_options=CPU_DECODE_OPTIONS if backend == "cpu" else None,
     )
@@ -303,13 +392,18 @@ class Sampler:
         pixel_values=None,
         image_sizes=None,
         vision=None,
+        pad_to: int = 8,
     ):
         """Append each row's tokens (possibly none) to its cache.
 
         Images come either as LLaVA's `pixel_values` / `image_sizes`, or as
         `vision`, an object that lays itself out against the padded chunk:
         `vision.pack(ids, mask)` -> (the model's `pixel_values`, its rotary
-        positions of the chunk or None) -- Qwen-VL's `VisionPrompt`."""
+        positions of the chunk or None) -- Qwen-VL's `VisionPrompt`.
+
+        The chunk is right-padded to a power of two of at least `pad_to`
+        tokens: a server prefilling prompts of many lengths pads them to one
+        bucket so that they share one program."""
         longest = max((len(r) for r in rows), default=0)
         lengths = np.asarray(jax.device_get(state.cache.lengths))
         need = int(max((lengths[i] + len(r) for i, r in enumerate(rows)), default=0))
@@ -317,7 +411,7 @@ class Sampler:
             raise InsightVError(
                 f"prompt of {need} tokens does not fit the cache of {state.cache.max_length} slots"
             )
-        ids, mask = pad_rows(rows, next_pow2(longest, 8), self.pad_id)
+        ids, mask = pad_rows(rows, next_pow2(longest, pad_to), self.pad_id)
         positions = None
         if vision is not None:
             if pixel_values is not None or image_sizes is not None:
@@ -335,18 +429,29 @@ class Sampler:
         active: np.ndarray | None = None,
         constraint=None,
         start_states: np.ndarray | None = None,
+        rows: RowParams | None = None,
     ) -> tuple[DecodeState, Decoded]:
         """Generate up to `steps` tokens per active row (one jitted while loop).
 
         With a `StepConstraint`, each row starts in `start_states[row]`
         (default: the step schema) and stops when its object is complete.
+
+        With `rows`, each row decodes by its own rules (`RowParams`) and
+        `params` gives only the stop tokens and strings: a row stops after its
+        `budget` tokens, and follows `constraint` only where `constrained`,
+        finishing its object within its budget (which may span later calls:
+        pass back `Decoded.constraint_state` as its next start state).
         """
         steps = steps or params.max_new_tokens
         B = state.logits.shape[0]
+        active = np.ones((B,), bool) if active is None else np.asarray(active, bool)
         lengths = np.asarray(jax.device_get(state.cache.lengths))
-        if lengths.max() + steps > state.cache.max_length:
+        writes = np.full((B,), steps) if rows is None else np.minimum(steps, rows.budget)
+        need = np.where(active, lengths + writes, 0)  # idle rows write nothing
+        if need.max(initial=0) > state.cache.max_length:
+            b = int(np.argmax(need))
             raise InsightVError(
-                f"{lengths.max()} cached + {steps} new tokens exceed the cache of "
+                f"{lengths[b]} cached + {writes[b]} new tokens exceed the cache of "
                 f"{state.cache.max_length} slots"
             )
         stop_ids = np.asarray(sorted(set(params.stop_token_ids)) or [-3], np.int32)
@@ -356,7 +461,6 @@ class Sampler:
             else []
         )
         width = max([len(s) for s in seqs] + [1])
-        active = np.ones((B,), bool) if active is None else np.asarray(active, bool)
         tables = (
             constraint.device_tables(self.cfg.vocab_size)
             if constraint is not None
@@ -365,9 +469,29 @@ class Sampler:
         if start_states is None:
             start_states = np.full((B,), constraint.start_step if constraint is not None else 0)
         if constraint is not None:
-            lowest = int(constraint.dist[np.asarray(start_states)[active]].max(initial=0))
-            if lowest > steps:
-                raise InsightVError(f"{steps} new tokens cannot fit a schema step (needs {lowest})")
+            follows = active if rows is None else active & np.asarray(rows.constrained, bool)
+            need_tokens = constraint.dist[np.asarray(start_states)]
+            room = np.full((B,), steps) if rows is None else np.asarray(rows.budget)
+            short = follows & (need_tokens > room)
+            if short.any():
+                b = int(np.argmax(short))
+                raise InsightVError(
+                    f"{int(room[b])} new tokens cannot fit a schema step (needs "
+                    f"{int(need_tokens[b])})"
+                )
+        rules = dict(temperature=float(params.temperature), top_k=int(params.top_k),
+                     top_p=float(params.top_p), penalty=float(params.repetition_penalty))  # fmt: skip
+        row_rules = (False, False)
+        if rows is not None:
+            # per-row rules: the scalars are unused (fixed, not to compile again);
+            # skip the sampling / penalty work when no active row needs it
+            rules = dict(temperature=0.0, top_k=0, top_p=1.0, penalty=1.0)
+            rows = RowParams.make(rows.temperature, rows.top_p, rows.penalty, rows.budget,
+                                  rows.constrained)  # fmt: skip
+            row_rules = (
+                bool((active & (rows.temperature > 0)).any()),
+                bool((active & (rows.penalty != 1.0)).any()),
+            )
         return _decode_program(jax.default_backend())(
             self.graphdef,
             self.params,
@@ -377,12 +501,11 @@ class Sampler:
             active,
             tables,
             np.asarray(start_states, np.int32),
+            rows,
             steps=int(steps),
-            temperature=float(params.temperature),
-            top_k=int(params.top_k),
-            top_p=float(params.top_p),
-            penalty=float(params.repetition_penalty),
             pad_id=self.pad_id,
+            row_rules=row_rules,
+            **rules,
         )
 
     # -------------------------------------------------------------- one call
