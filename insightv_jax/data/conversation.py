@@ -143,18 +143,22 @@ def check_image_span(tokenizer, model_cfg, where: str = "tokenizer") -> None:
             )
 
 
+def span_ids(tokenizer, span: ImageSpan, count: int) -> list[int]:
+    """The ids of one image in the token stream: start, `count` image ids, end."""
+    ids = tokenizer.convert_tokens_to_ids
+    start = [ids(span.start)] if span.start else []
+    end = [ids(span.end)] if span.end else []
+    return start + [ids(span.token)] * count + end
+
+
 def _content_ids(tokenizer, text: str, image_counts: list[int], span: ImageSpan) -> list[int]:
-    """Tokenize content, expanding each `<image>` into its span: start, its
-    count of image ids, end."""
-    image_id = tokenizer.convert_tokens_to_ids(span.token)
-    start = [tokenizer.convert_tokens_to_ids(span.start)] if span.start else []
-    end = [tokenizer.convert_tokens_to_ids(span.end)] if span.end else []
+    """Tokenize content, expanding each `<image>` into its span (`span_ids`)."""
     parts = text.split(IMAGE_TOKEN)
     ids = encode_text(tokenizer, parts[0])
     for part in parts[1:]:
         if not image_counts:
             raise DataError("more <image> placeholders than images")
-        ids += start + [image_id] * image_counts.pop(0) + end + encode_text(tokenizer, part)
+        ids += span_ids(tokenizer, span, image_counts.pop(0)) + encode_text(tokenizer, part)
     return ids
 
 

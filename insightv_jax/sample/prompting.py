@@ -90,14 +90,10 @@ class PromptEncoder:
         return EncodedPrompt(ids, pv, sizes)
 
     def _expand(self, text: str, counts: list[int]) -> list[int]:
-        span = self.image_span
-        image_id = self.tokenizer.convert_tokens_to_ids(span.token)
-        start = [self.tokenizer.convert_tokens_to_ids(span.start)] if span.start else []
-        end = [self.tokenizer.convert_tokens_to_ids(span.end)] if span.end else []
         parts = text.split(conv.IMAGE_TOKEN)
         ids = self._enc(parts[0])
         for part, n in zip(parts[1:], counts):
-            ids += start + [image_id] * n + end + self._enc(part)
+            ids += conv.span_ids(self.tokenizer, self.image_span, n) + self._enc(part)
         return ids
 
     def images(self, encoded: list[EncodedPrompt]) -> dict:
