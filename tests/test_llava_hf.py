@@ -207,3 +207,20 @@ def test_image_token_mismatch_names_the_sample(hf_next, inputs):
     spv, ssizes = to_sample_layout(ids, pv, sizes, cfg)
     with pytest.raises(DataError, match="sample 1: .* need"):
         check_image_tokens(more, ssizes, cfg)
+
+
+def test_a_bf16_checkpoint_imports_as_bf16():
+    """transformers writes the model's dtype at the top of a LLaVA config.json and
+    leaves `text_config.dtype` null: the import reads the top one."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from insightv_jax.hf.configs import llava_from_hf
+
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=300)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4, image_size=30, patch_size=10)  # fmt: skip
+    d = LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                    dtype="bfloat16").to_dict()  # fmt: skip
+    assert d["text_config"].get("dtype") is None  # the layout this test is about
+    assert llava_from_hf(d).decoder.param_dtype == "bfloat16"

@@ -256,7 +256,8 @@ def llava_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """ModelConfig for a `llava` / `llava_next` config.json (transformers layout)."""
     full = _normalise(d, where)
     text = dict(full["text_config"])
-    text.setdefault("dtype", full.get("dtype"))
+    # transformers writes the sub-config's dtype as null; the model's is at the top
+    text["dtype"] = text.get("dtype") or full.get("dtype")
     text["tie_word_embeddings"] = bool(full.get("tie_word_embeddings", False))
     layer = full.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
