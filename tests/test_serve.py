@@ -35,7 +35,7 @@ from insightv_jax.serve.scheduler import Scheduler  # noqa: E402
 from insightv_jax.serve.text import ReplyText  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SLOTS, CONTEXT, SCHEMA_TOKENS = 4, 512, 120
+SLOTS, CONTEXT, SCHEMA_TOKENS, LOAD = 4, 512, 120, 32
 LIMITS = Limits(max_tokens=160, max_image_bytes=64 << 10, max_body_bytes=1 << 20)
 
 
@@ -294,12 +294,15 @@ def test_bad_requests_are_4xx_with_a_message_and_serving_goes_on(served, tmp_pat
 
 
 def test_concurrent_requests_are_each_served_as_alone(served):
-    """24 concurrent requests (greedy text and image, seeded sampling, which runs
-    on to 40 tokens): none lost or duplicated, each reply equal to the same
-    request served alone, and the batch really held several at once."""
+    """32 concurrent requests (greedy text and image; every fourth seeded
+    sampling, which runs on to 40 tokens) on the fixture's fixed server: 4
+    decode slots, each prompt prefilled alone in the one 64-token bucket. None
+    lost, none served twice, each reply (text, finish reason, token counts)
+    equal to the same request served alone, and the batch really held several
+    at once."""
     c, rows = served.client, served.rows
     requests = []
-    for i in range(24):
+    for i in range(LOAD):
         question, image = rows[6 + i]
         kw = dict(model="micro", temperature=0, max_tokens=24,
                   messages=[image_message(question, image) if i % 3 == 0 else
@@ -311,15 +314,21 @@ def test_concurrent_requests_are_each_served_as_alone(served):
 
     def ask(kw):
         r = c.chat.completions.create(**kw)
-        return r.id, r.choices[0].message.content
+        (choice,) = r.choices
+        usage = (r.usage.prompt_tokens, r.usage.completion_tokens)
+        return r.id, (choice.message.content, choice.finish_reason, usage)
 
-    with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(ask, requests))
+    with ThreadPoolExecutor(LOAD) as pool:
+        together = list(pool.map(ask, requests))  # a lost request raises (or times out)
     alone = [ask(kw) for kw in requests]
-    assert len({rid for rid, _ in together + alone}) == 2 * len(requests)
-    assert [t for _, t in together] == [t for _, t in alone]
+    assert len(together) == len(alone) == LOAD
+    assert len({rid for rid, _ in together + alone}) == 2 * LOAD  # a reply each, none shared
+    assert [reply for _, reply in together] == [reply for _, reply in alone]
+    prompt_tokens = [usage[0] for _, (_, _, usage) in alone]
+    assert max(prompt_tokens) <= served.scheduler.prefill_bucket  # one prefill shape for all
     stats = served.scheduler.stats
-    assert stats["jobs"] - before["jobs"] == 2 * len(requests)
+    # the scheduler took each request once and gave it one row: none duplicated
+    assert stats["jobs"] - before["jobs"] == stats["rows"] - before["rows"] == 2 * LOAD
     assert stats["peak_rows"] == SLOTS  # the batch was full at some point
 
 

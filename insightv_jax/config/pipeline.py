@@ -15,6 +15,12 @@ class PipelineConfig:
 
     Each role (generator, judge, scorer) names its backend; `openai` reads the
     API key from the environment variable `api_key_env` (never from a config).
+    With `step_schema` the `openai` generator asks the server to constrain its
+    replies: each step request carries `response_format` json_schema
+    `sample.constrain.STEP_JSON_SCHEMA`, the final-answer request
+    `FINAL_JSON_SCHEMA`. Off by default, since a server that cannot enforce a
+    schema may refuse the request; `insightv serve` enforces both by constrained
+    decoding, so every step parses even from an untrained model.
     """
 
     data: str | None = None  # queries: LLaVA JSON / JSONL (the synthetic suite's train.json)
@@ -33,6 +39,7 @@ class PipelineConfig:
     retries: int = 3  # per request, on timeouts, 5xx, 429 and malformed replies
     backoff_s: float = 1.0  # doubled after every retry
     json_retries: int = 3  # invalid step JSON: re-ask this often, then an Error step
+    step_schema: bool = False  # send the step / final-answer JSON schemas as response_format
     # local backend: checkpoints (model dir, run dir or HF folder) of each role
     generator_checkpoint: str | None = None
     judge_checkpoint: str | None = None

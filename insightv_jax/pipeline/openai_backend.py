@@ -4,7 +4,11 @@ Images travel as base64 data URLs. Requests run in a bounded thread pool; a
 timeout, a 5xx/429 or a malformed reply is retried with exponential backoff and
 counted; a request that still fails is counted and its job skipped (a rerun of
 the stage retries it). A 4xx other than 408/429 means the endpoint, key or
-model is wrong: that stops the run with a one-line error.
+model is wrong: that stops the run with a one-line error. With
+`pipeline.step_schema` the generator's requests carry `response_format`
+json_schema: the step object's schema for steps, the final answer's for the
+final call (servers that enforce it, like `insightv serve`, then send only
+objects that parse).
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from insightv_jax.pipeline.backend_common import (
     parse_scores,
     parse_step,
 )
+from insightv_jax.sample.constrain import FINAL_JSON_SCHEMA, STEP_JSON_SCHEMA
 
 RETRY_STATUS = (408, 429)
+STEP, FINAL = ("step", STEP_JSON_SCHEMA), ("final_answer", FINAL_JSON_SCHEMA)
 
 
 @lru_cache(maxsize=4096)
@@ -44,6 +50,11 @@ def image_data_url(path: str) -> str:
     mime = mimetypes.guess_type(path)[0] or "image/png"
     with open(path, "rb") as f:
         return f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"
+
+
+def response_format(name: str, schema: dict) -> dict:
+    """The chat-completions `response_format` asking for JSON that follows `schema`."""
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def user_content(text: str, image_path: str | None):
@@ -114,22 +125,26 @@ class OpenAIGenerator:
         self.stats = Stats()
         self.client = ChatClient(cfg, self.stats)
 
-    def _params(self, seed: int, max_tokens: int) -> dict:
+    def _params(self, seed: int, max_tokens: int, schema: tuple[str, dict]) -> dict:
         c = self.cfg
         params = {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": max_tokens}
         if c.repetition_penalty != 1.0:
             params["repetition_penalty"] = c.repetition_penalty
+        if c.step_schema:
+            params["response_format"] = response_format(*schema)
         return {**params, "seed": seed}
 
-    def _ask(self, messages: list[dict], parse, seed: int, max_tokens: int):
-        """(parsed, raw reply); re-asks in valid JSON `json_retries` times, then (None, raw)."""
+    def _ask(self, messages: list[dict], parse, schema: tuple[str, dict], seed: int,
+             max_tokens: int):  # fmt: skip
+        """(parsed, raw reply); re-asks in valid JSON `json_retries` times, then (None, raw).
+        `schema` (name, JSON schema) is the reply's object, sent with `step_schema`."""
         extra: list[dict] = []
         raw = ""
         for attempt in range(self.cfg.json_retries + 1):
             if attempt:
                 self.stats.add("json_retries")
             raw = self.client.chat(
-                self.cfg.generator_model, messages + extra, **self._params(seed, max_tokens)
+                self.cfg.generator_model, messages + extra, **self._params(seed, max_tokens, schema)
             )
             parsed = parse(raw)
             if parsed is not None:
@@ -152,7 +167,7 @@ class OpenAIGenerator:
         steps, errors = [], 0
         try:
             while len(steps) < p.max_steps:
-                step, raw = self._ask(messages, parse_step, seed, c.max_new_tokens)
+                step, raw = self._ask(messages, parse_step, STEP, seed, c.max_new_tokens)
                 if step is None:  # the public code's Error step, then the final answer
                     self.stats.add("error_steps")
                     errors += 1
@@ -163,7 +178,7 @@ class OpenAIGenerator:
                     break
                 messages.append({"role": "user", "content": p.next_step})
             messages.append({"role": "user", "content": p.final_answer})
-            final, raw = self._ask(messages, parse_final, seed, c.final_tokens)
+            final, raw = self._ask(messages, parse_final, FINAL, seed, c.final_tokens)
         except RetriesExhausted:
             self.stats.add("dialogues_failed")
             return None

@@ -45,6 +45,28 @@ def final_schema() -> list:
     return ['{"title": "FINAL ANSWER", "content": "', _STRING, '"}']
 
 
+# The same two objects as JSON Schemas, for clients that ask a server for them
+# (`response_format`): `insightv serve` constrains a request giving either to
+# this automaton, and the data pipeline's `openai` generator sends them.
+STEP_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "content": {"type": "string"},
+        "next_action": {"type": "string", "enum": ["continue", "final_answer"]},
+    },
+    "required": ["title", "content", "next_action"],
+    "additionalProperties": False,
+}
+FINAL_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string", "const": "FINAL ANSWER"},
+                   "content": {"type": "string"}},
+    "required": ["title", "content"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
 class _Automaton:
     """A byte DFA built from a schema: literals, string bodies and enums.
     State 0 is the absorbing dead state; `table[state, byte]` is the next state."""

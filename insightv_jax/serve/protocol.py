@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 from insightv_jax.data.conversation import IMAGE_TOKEN
+from insightv_jax.sample.constrain import FINAL_JSON_SCHEMA, STEP_JSON_SCHEMA  # noqa: F401
 from insightv_jax.serve.images import ImageRejected, load_image_url
 
 ERROR_TYPES = {
@@ -92,23 +93,9 @@ class ChatRequest:
 
 # ------------------------------------------------------------------ schemas
 
-STEP_JSON_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "title": {"type": "string"},
-        "content": {"type": "string"},
-        "next_action": {"type": "string", "enum": ["continue", "final_answer"]},
-    },
-    "required": ["title", "content", "next_action"],
-    "additionalProperties": False,
-}
-FINAL_JSON_SCHEMA = {
-    "type": "object",
-    "properties": {"title": {"type": "string", "const": "FINAL ANSWER"},
-                   "content": {"type": "string"}},
-    "required": ["title", "content"],
-    "additionalProperties": False,
-}  # fmt: skip
+# STEP_JSON_SCHEMA and FINAL_JSON_SCHEMA (imported above, so clients find them here
+# too) are the schemas of our two objects; `schema_kind` also takes them as pydantic
+# models write them.
 # keywords that describe a schema without constraining it (pydantic writes "title")
 _ANNOTATIONS = {"title", "description", "$comment", "examples"}
 
