@@ -141,8 +141,8 @@ def _both(q, k, v, q_pos, kv_pos, valid, **kw):
     return np.asarray(out), np.asarray(ref)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("N,K", [(4, 2), (2, 1)])  # GQA, MQA: K and V never repeated
+# GQA and MQA (K and V never repeated); the vision tower's full mask
+@pytest.mark.parametrize("causal,N,K", [(True, 4, 2), (True, 2, 1), (False, 4, 2)])
 def test_splash_padding_equals_xla(causal, N, K):
     q, k, v, pos, _ = _splash_case(N=N, K=K)
     lengths = (128, 100)
@@ -335,3 +335,24 @@ def test_remat_policies_give_same_gradients():
         grads.append(np.asarray(g["layers"]["mlp"]["up_proj"][...]))
     np.testing.assert_allclose(grads[1], grads[0], atol=1e-7)
     np.testing.assert_allclose(grads[2], grads[0], atol=1e-7)
+
+
+def test_decoder_on_splash_equals_xla():
+    """A whole decoder (GQA, a padded row) with splash as its kernel, as a TPU
+    build gets it, gives XLA's logits on real tokens."""
+    from flax import nnx
+
+    from insightv_jax.models.decoder import Decoder
+
+    cfg = DecoderConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+        num_kv_heads=2,
+    )  # fmt: skip
+    ids = np.random.RandomState(0).randint(0, 61, (2, 20))
+    mask = np.arange(20)[None] < np.array([[20], [13]])
+    logits = []
+    for impl in ("xla_grouped", "splash_interpret"):
+        with nnx.use_eager_sharding(False):  # as models.factory builds
+            model = Decoder(cfg, attention_impl=impl, rngs=nnx.Rngs(0))
+        logits.append(nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask))
+    np.testing.assert_allclose(np.asarray(logits[1])[mask], np.asarray(logits[0])[mask], atol=1e-5)
