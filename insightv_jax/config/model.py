@@ -38,8 +38,9 @@ class DecoderConfig:
     max_position_embeddings: int = 8192
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and losses stay fp32
-    attention: Literal["xla", "blockwise", "splash"] = "xla"
-    attention_block_size: int = 512  # query/key block for the blockwise path
+    # auto: splash on TPU, cudnn on GPU in bf16/fp16, else xla (models.attention.resolve)
+    attention: Literal["auto", "xla", "cudnn", "splash", "blockwise"] = "auto"
+    attention_block_size: int = 512  # query/key block for blockwise (splash's largest)
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True  # lax.scan over the layer stack; False unrolls (small models)
     family: Literal["llama", "qwen2"] = "llama"
@@ -97,7 +98,7 @@ class VisionConfig:
     hidden_act: Literal["quick_gelu", "gelu", "gelu_pytorch_tanh"] = "quick_gelu"
     param_dtype: str = "float32"
     dtype: str = "float32"
-    attention: Literal["xla", "blockwise", "splash"] = "xla"
+    attention: Literal["auto", "xla", "cudnn", "splash", "blockwise"] = "auto"  # as the decoder's
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True  # as DecoderConfig.scan_layers
 

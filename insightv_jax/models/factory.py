@@ -3,8 +3,9 @@
 Modules are always built with Flax's eager sharding off; shardings come from
 each parameter's logical axis names through `parallel.state_shardings`, so one
 code path serves 1 CPU and a pod. Kernel choices that depend on the platform
-(the attention implementation, `attention.resolve`) are made here, once, and
-passed to the modules as concrete choices.
+(the attention implementation, `attention.resolve` of the config's backend,
+the platform and the compute dtype) are made here, once, and passed to the
+modules as concrete choices.
 """
 
 from __future__ import annotations
@@ -21,21 +22,26 @@ from insightv_jax.parallel import platform as current_platform
 from insightv_jax.parallel import state_shardings
 
 
+def _attention(part, platform: str) -> str:
+    """The attention implementation of a decoder or vision config on `platform`."""
+    return attention.resolve(part.attention, platform, part.dtype)
+
+
 def construct(cfg: ModelConfig, seed: int = 0, platform: str | None = None) -> CausalLM:
     """Build the model named by `cfg.kind` with random weights (unsharded), its
     kernels chosen for `platform` (cpu, gpu, tpu; default: where JAX runs)."""
     platform = platform or current_platform()
     with nnx.use_eager_sharding(False):
         if cfg.kind == "causal_lm":
-            impl = attention.resolve(cfg.decoder.attention, platform)
+            impl = _attention(cfg.decoder, platform)
             return Decoder(cfg.decoder, attention_impl=impl, rngs=nnx.Rngs(seed))
         if cfg.kind in ("llava", "llava_next"):
             from insightv_jax.models.llava import LlavaModel
 
             return LlavaModel(
                 cfg,
-                attention_impl=attention.resolve(cfg.decoder.attention, platform),
-                vision_attention_impl=attention.resolve(cfg.vision.attention, platform),
+                attention_impl=_attention(cfg.decoder, platform),
+                vision_attention_impl=_attention(cfg.vision, platform),
                 rngs=nnx.Rngs(seed),
             )
         if cfg.is_qwen_vl:
@@ -43,7 +49,7 @@ def construct(cfg: ModelConfig, seed: int = 0, platform: str | None = None) -> C
 
             return QwenVL(
                 cfg,
-                attention_impl=attention.resolve(cfg.decoder.attention, platform),
+                attention_impl=_attention(cfg.decoder, platform),
                 rngs=nnx.Rngs(seed),
             )
     raise ValueError(f"unknown model kind {cfg.kind!r}")

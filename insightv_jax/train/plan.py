@@ -76,7 +76,8 @@ def hand_estimate(cfg, program, seq_len: int, vision_patches: int | None = None)
     )
     saved = L * rows * T * D * act if d.remat != "none" else 0
     qkv = (d.num_heads + 2 * d.num_kv_heads) * d.resolved_head_dim / tensor
-    block = d.attention_block_size if d.attention != "xla" else T
+    # `auto` is `xla` on the planner's CPU devices: whole (T, T) score matrices
+    block = T if d.attention in ("xla", "auto") else d.attention_block_size
     layer = rows * T * (4 * D + 2 * qkv + 3 * F / tensor) * act
     layer += rows * d.num_heads / tensor * block * T * 4  # attention scores (one q block)
     if d.remat == "none":
