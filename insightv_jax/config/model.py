@@ -38,8 +38,10 @@ class DecoderConfig:
     max_position_embeddings: int = 8192
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and losses stay fp32
-    # auto: splash on TPU, cudnn on GPU in bf16/fp16, else xla (models.attention.resolve)
-    attention: Literal["auto", "xla", "cudnn", "splash", "blockwise"] = "auto"
+    # auto: splash on TPU, cudnn on GPU in bf16/fp16, else xla (models.attention.resolve).
+    # The default stays xla until the device check has run the kernels on real hardware
+    # (they are tested in Pallas's interpreter and, for cudnn, not at all yet).
+    attention: Literal["auto", "xla", "cudnn", "splash", "blockwise"] = "xla"
     attention_block_size: int = 512  # query/key block for blockwise (splash's largest)
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True  # lax.scan over the layer stack; False unrolls (small models)
@@ -98,7 +100,7 @@ class VisionConfig:
     hidden_act: Literal["quick_gelu", "gelu", "gelu_pytorch_tanh"] = "quick_gelu"
     param_dtype: str = "float32"
     dtype: str = "float32"
-    attention: Literal["auto", "xla", "cudnn", "splash", "blockwise"] = "auto"  # as the decoder's
+    attention: Literal["auto", "xla", "cudnn", "splash", "blockwise"] = "xla"  # as the decoder's
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True  # as DecoderConfig.scan_layers
 
