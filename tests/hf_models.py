@@ -259,3 +259,26 @@ def hf_greedy(model, input_ids, new_tokens: int, stop_cut_at=None, **inputs):
         if float(top2[0] - top2[1]) < 1e-4 or tokens[i] == stop_cut_at:
             return tokens, i + 1  # the cut step itself may differ
     return tokens, new_tokens
+
+
+def hf_rope_index(family: str, token_types, tokens_per_second=None, **kw):
+    """transformers' `get_rope_index` of Qwen2-VL (`family` "qwen2_vl") or
+    Qwen2.5-VL on a stand-in model (it reads only the config): M-RoPE ids
+    (3, B, T) and rope deltas as NumPy; `kw` the grids, `attention_mask` and
+    (Qwen2.5-VL) `second_per_grid_ts`, None ones left out."""
+    import functools
+    import types
+
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    cls = Qwen2_5_VLModel if family == "qwen2_5_vl" else Qwen2VLModel
+    vision = types.SimpleNamespace(spatial_merge_size=2, tokens_per_second=tokens_per_second)
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(vision_config=vision))
+    fake.get_vision_position_ids = functools.partial(cls.get_vision_position_ids, fake)
+    kw = {k: torch.tensor(np.asarray(v)) for k, v in kw.items() if v is not None}
+    token_types = np.asarray(token_types)
+    ids = torch.zeros(token_types.shape, dtype=torch.long)
+    pos, deltas = cls.get_rope_index(fake, ids, torch.tensor(token_types), **kw)
+    return pos.numpy(), deltas.numpy()
