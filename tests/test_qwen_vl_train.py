@@ -13,10 +13,12 @@ import json
 
 import numpy as np
 import pytest
+from flax import nnx
 from hf_models import hf_rope_index
 from PIL import Image, ImageOps
 
 from insightv_jax import cli
+from insightv_jax.checkpoint import load_model
 from insightv_jax.config import load_config
 from insightv_jax.data import conversation as conv
 from insightv_jax.data.loader import Collate, Loader
@@ -25,7 +27,7 @@ from insightv_jax.data.synthetic.writer import write_llava
 from insightv_jax.data.transforms import ChatTransform
 from insightv_jax.data.validate import check_record
 from insightv_jax.errors import DataError
-from insightv_jax.models.factory import batch_images, construct
+from insightv_jax.models.factory import batch_images
 from insightv_jax.models.mrope import mm_token_types
 
 SFT_CONFIG = "configs/sft/tiny-qwen2_5_vl-synthetic.yaml"
@@ -64,20 +66,43 @@ def suite(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def run(suite, tmp_path_factory):
+    """`insightv sft` of the micro preset on mixed.json: 16 steps, one
+    sequence bucket (so one compiled step), its run directory."""
+    run = tmp_path_factory.mktemp("qwen_sft") / "run"
+    with pytest.MonkeyPatch.context() as mp:  # no MFU: its matmul benchmark takes seconds
+        mp.setattr("insightv_jax.train.trainer.measure_matmul_peak", lambda *a, **k: 0.0)
+        code = cli.main([
+            "sft", "--config", SFT_CONFIG, f"train.data={suite / 'd' / 'mixed.json'}",
+            f"train.tokenizer={suite / 'tok'}", f"train.workdir={run}", "train.steps=16",
+            "train.global_batch=16", "train.log_every=8", "train.checkpoint_every=0",
+            "data.buckets=[128]",
+        ])  # fmt: skip
+    assert code == 0
+    return run
+
+
+@nnx.jit
+def _batch_logits(model, batch: dict):
+    """The training steps' forward: `hidden_states(**batch_inputs(batch))`."""
+    inputs = model.batch_inputs(batch)
+    return model.logits(model.hidden_states(batch["input_ids"], batch["attention_mask"], **inputs))
+
+
 def _gather(examples: list[dict], grid: str, *keys: str) -> dict:
     having = [e for e in examples if grid in e]
     return {k: np.concatenate([e[k] for e in having]) for k in (grid, *keys)}
 
 
-def test_training_batch_gives_the_processor_path_logits(suite):
+def test_training_batch_gives_the_processor_path_logits(suite, run):
     """Rows with an image, text only, a 3-frame video (with its text turn),
     and a video then an image, padded by `Collate` with the transform's
     `batch_images`: the video renders as start, 32 video placeholders, end;
     the M-RoPE ids (video time steps included) equal transformers'
-    `get_rope_index`; `hidden_states(**batch_inputs(batch))` equals
-    `model(**processor outputs)` on every real token."""
-    cfg = load_config(SFT_CONFIG).model
-    model = construct(cfg, seed=3)
+    `get_rope_index`; for the trained model, `hidden_states(**batch_inputs(batch))`
+    equals `model(**processor outputs)` on every real token."""
+    model, cfg, _, _ = load_model(run)
     transform = ChatTransform(suite / "tok", "minimal", cfg, suite / "d", batch_images(cfg))
     mixed = open_source(suite / "d" / "mixed.json").records
     image, video = mixed[0], mixed[3]  # video: seconds_per_frame 0.75
@@ -110,9 +135,7 @@ def test_training_batch_gives_the_processor_path_logits(suite):
     np.testing.assert_array_equal(batch["positions"], want_positions.transpose(1, 0, 2))
     times = batch["positions"][2, 0][batch["input_ids"][2] == VIDEO_PAD]
     assert sorted(set(times - times.min())) == [0, 6]  # 4 tokens/s x 1.5 s per temporal patch
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
-                                 **model.batch_inputs(batch))  # fmt: skip
-    got = np.asarray(model.logits(hidden))
+    got = np.asarray(_batch_logits(model, batch))
     want = np.asarray(model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **images, **videos
     ))  # fmt: skip
@@ -120,16 +143,9 @@ def test_training_batch_gives_the_processor_path_logits(suite):
     assert float(np.abs(got - want)[real].max()) <= 1e-5
 
 
-def test_sft_learns_and_the_run_samples_with_images(suite, tmp_path, capsys, monkeypatch):
-    run = tmp_path / "run"
-    # no MFU: its matmul benchmark takes seconds
-    monkeypatch.setattr("insightv_jax.train.trainer.measure_matmul_peak", lambda *a, **k: 0.0)
-    code = cli.main([
-        "sft", "--config", SFT_CONFIG, f"train.data={suite / 'd' / 'mixed.json'}",
-        f"train.tokenizer={suite / 'tok'}", f"train.workdir={run}", "train.steps=16",
-        "train.global_batch=16", "train.log_every=8", "train.checkpoint_every=0",
-    ])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+def test_sft_learns_and_the_run_samples_with_images(suite, run):
+    """SFT on a mix of image and video records lowers the loss; the run
+    directory samples with an image."""
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2
 
