@@ -106,19 +106,21 @@ def test_text_and_images(models, family):
 
 
 def test_left_padded_batch(models):
-    """Two rows of different lengths, left-padded, an image in each."""
+    """Three rows of different lengths, left-padded, an image in each. (Both
+    batches are 3 rows of 18 tokens: one compiled forward for Qwen2.5-VL.)"""
     rng = np.random.RandomState(3)
     a, b = (1, 4, 4), (1, 4, 6)
     rows = [
         _text(rng, 2) + _item(a, IMAGE) + _text(rng, 5),
         _text(rng, 6) + _item(b, IMAGE) + _text(rng, 4),
+        _text(rng, 9) + _item(a, IMAGE) + _text(rng, 1),
     ]
     for family in ("qwen2_vl", "qwen2_5_vl"):
-        _check(models, family, _inputs(rows, [a, b], seed=4))
+        _check(models, family, _inputs(rows, [a, b, a], seed=4))
     # Rows own unequal numbers of images (two, none, one): each row's tower
     # input is its own images, padded to the largest row's.
     rows = [
-        _item(a, IMAGE) + _text(rng, 2) + _item(b, IMAGE),
+        _item(a, IMAGE) + _text(rng, 2) + _item(b, IMAGE) + _text(rng, 2),
         _text(rng, 9),
         _text(rng, 3) + _item(b, IMAGE),
     ]
