@@ -73,3 +73,22 @@ def micro_llava_agent(tmp_path_factory):
         mp.setattr("insightv_jax.train.trainer.measure_matmul_peak", lambda *a, **k: 0.0)
         assert cli.main(args) == 0
     return root, run
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_models(tmp_path_factory):
+    """{family: (transformers model, ours, folder)} for qwen2_vl and qwen2_5_vl:
+    `hf_models.build_qwen_vl`'s tiny random models saved with `save_pretrained`
+    into `folder` and loaded by `hf.qwen_vl.load_pretrained`, once a session
+    for the Qwen-VL parity, decoding and export tests (none changes them)."""
+    from hf_models import build_qwen_vl
+
+    from insightv_jax.hf.qwen_vl import load_pretrained
+
+    out = {}
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        hf = build_qwen_vl(family)
+        folder = tmp_path_factory.mktemp(family)
+        hf.save_pretrained(folder)
+        out[family] = (hf, load_pretrained(folder), folder)
+    return out

@@ -259,3 +259,91 @@ def hf_greedy(model, input_ids, new_tokens: int, stop_cut_at=None, **inputs):
         if float(top2[0] - top2[1]) < 1e-4 or tokens[i] == stop_cut_at:
             return tokens, i + 1  # the cut step itself may differ
     return tokens, new_tokens
+
+
+def hf_rope_index(family: str, token_types, tokens_per_second=None, **kw):
+    """transformers' `get_rope_index` of Qwen2-VL (`family` "qwen2_vl") or
+    Qwen2.5-VL on a stand-in model (it reads only the config): M-RoPE ids
+    (3, B, T) and rope deltas as NumPy; `kw` the grids, `attention_mask` and
+    (Qwen2.5-VL) `second_per_grid_ts`, None ones left out."""
+    import functools
+    import types
+
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    cls = Qwen2_5_VLModel if family == "qwen2_5_vl" else Qwen2VLModel
+    vision = types.SimpleNamespace(spatial_merge_size=2, tokens_per_second=tokens_per_second)
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(vision_config=vision))
+    fake.get_vision_position_ids = functools.partial(cls.get_vision_position_ids, fake)
+    kw = {k: torch.tensor(np.asarray(v)) for k, v in kw.items() if v is not None}
+    token_types = np.asarray(token_types)
+    ids = torch.zeros(token_types.shape, dtype=torch.long)
+    pos, deltas = cls.get_rope_index(fake, ids, torch.tensor(token_types), **kw)
+    return pos.numpy(), deltas.numpy()
+
+
+# The tiny random Qwen2-VL / Qwen2.5-VL of the Qwen-VL parity tests (conftest's
+# `qwen_vl_models` builds each once a session).
+QWEN_VL_TOKENS = dict(
+    image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293
+)
+_QWEN_VL_TEXT = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+    # head_dim 16: 8 frequencies, split time 2, rows 3, columns 3
+    rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+)
+
+
+def build_qwen_vl(family: str):
+    """A tiny random `Qwen2VLForConditionalGeneration` (`family` "qwen2_vl") or
+    `Qwen2_5_VLForConditionalGeneration` (fp32, eval mode), biases and norms
+    perturbed so that they matter."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.1)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, **common)
+        config = Qwen2VLConfig(text_config=_QWEN_VL_TEXT, vision_config=vision, **QWEN_VL_TOKENS)
+        model = Qwen2VLForConditionalGeneration(config)
+    else:
+        # 56-pixel windows are 2x2 merge units; block 1 attends to whole frames.
+        vision = dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            out_hidden_size=64,
+            num_heads=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+            **common,
+        )
+        config = Qwen2_5_VLConfig(
+            text_config=_QWEN_VL_TEXT,
+            vision_config=vision,
+            tie_word_embeddings=True,
+            **QWEN_VL_TOKENS,
+        )
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model.float().eval()
+    with torch.no_grad():  # biases start at 0 and norms at 1: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model

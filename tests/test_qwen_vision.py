@@ -6,22 +6,19 @@ tower's output and every block (Qwen2.5-VL in window order), the host layout
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
 
 import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_models import hf_rope_index
 from transformers import Qwen2_5_VLVisionConfig, Qwen2VLTextConfig, Qwen2VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLModel,
 )
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VisionTransformerPretrainedModel,
-    Qwen2VLModel,
     Qwen2VLRotaryEmbedding,
     apply_rotary_pos_emb,
 )
@@ -274,17 +271,6 @@ def test_import_names_the_bad_tensor(towers):
 IMG, VID = 1, 2
 
 
-def _hf_rope_index(cls, token_types, tokens_per_second, **kw):
-    """HF's get_rope_index on a stand-in model (it reads only the config)."""
-    vision = types.SimpleNamespace(spatial_merge_size=2, tokens_per_second=tokens_per_second)
-    fake = types.SimpleNamespace(config=types.SimpleNamespace(vision_config=vision))
-    fake.get_vision_position_ids = functools.partial(cls.get_vision_position_ids, fake)
-    kw = {k: torch.tensor(v) for k, v in kw.items() if v is not None}
-    ids = torch.zeros(token_types.shape, dtype=torch.long)
-    pos, deltas = cls.get_rope_index(fake, ids, torch.tensor(token_types), **kw)
-    return pos.numpy(), deltas.numpy()
-
-
 def _row(*parts):
     return sum(([kind] * n for kind, n in parts), [])
 
@@ -325,10 +311,9 @@ def test_rope_index_matches_hf(case, family):
     video = np.array(c["video"]) if "video" in c else None
     seconds = np.array(c["seconds"], np.float32) if "seconds" in c else None
     tps = 2 if family == "qwen2_5_vl" else None
-    cls = Qwen2_5_VLModel if family == "qwen2_5_vl" else Qwen2VLModel
     extra = dict(second_per_grid_ts=seconds) if family == "qwen2_5_vl" else {}
-    want = _hf_rope_index(
-        cls,
+    want = hf_rope_index(
+        family,
         token_types,
         tps,
         image_grid_thw=image,

@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_qwen_vl_model import IMAGE, _hf_model, _item, _pixels, _text
+from test_qwen_vl_model import IMAGE, _item, _pixels, _text
 
-from insightv_jax.hf.qwen_vl import load_pretrained
 from insightv_jax.models.qwen_vl import QwenVL, VisionPrompt
 from insightv_jax.sample.sampler import Sampler, SamplingParams
 
@@ -23,13 +22,11 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(qwen_vl_models):
+    """{family: (transformers model, ours, a Sampler over ours)} (conftest's models)."""
     out = {}
     for family in FAMILIES:
-        hf = _hf_model(family)
-        folder = tmp_path_factory.mktemp(family)
-        hf.save_pretrained(folder)
-        ours = load_pretrained(folder)
+        hf, ours, _ = qwen_vl_models[family]
         assert isinstance(ours, QwenVL)
         out[family] = (hf, ours, Sampler(ours, pad_id=0))
     return out

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 from test_hf_roundtrip import _keys_and_shapes
-from test_qwen_vl_model import IMAGE, _hf_logits, _hf_model, _inputs, _item, _text
+from test_qwen_vl_model import IMAGE, _hf_logits, _inputs, _item, _text
 from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -26,10 +26,9 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_roundtrip_through_cli(family, tmp_path):
-    hf = _hf_model(family)
-    src, ckpt, back = tmp_path / "src", tmp_path / "ckpt", tmp_path / "back"
-    hf.save_pretrained(src)
+def test_roundtrip_through_cli(family, tmp_path, qwen_vl_models):
+    hf, _, src = qwen_vl_models[family]  # src: its save_pretrained folder
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     assert cli.main(["convert", "hf2jax", "--src", str(src), "--out", str(ckpt)]) == 0
     assert cli.main(["convert", "jax2hf", "--src", str(ckpt), "--out", str(back)]) == 0
 
@@ -67,10 +66,10 @@ def test_roundtrip_through_cli(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_config_round_trip(family):
+def test_config_round_trip(family, qwen_vl_models):
     """ours -> config.json -> ours is the identity, and transformers reads the
     export into the config it was saved from (less training-only fields)."""
-    hf = _hf_model(family)
+    hf = qwen_vl_models[family][0]
     source = hf.config.to_dict()
     cfg = qwen_vl_from_hf(source)
     exported = model_to_hf(cfg)

@@ -10,80 +10,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-)
+from hf_models import QWEN_VL_TOKENS as TOKENS
 
 from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.convert import import_hf
-from insightv_jax.hf.qwen_vl import load_pretrained, qwen_vl_from_hf
+from insightv_jax.hf.qwen_vl import qwen_vl_from_hf
 from insightv_jax.models.qwen_vl import QwenVL, pack_vision, patch_bucket
 from insightv_jax.parallel import single_device_mesh
 
-IMAGE, VIDEO, START, END = 290, 291, 292, 293
+IMAGE, VIDEO, START, END = (
+    TOKENS[k]
+    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+)
 PATCH_DIM = 3 * 2 * 14 * 14
 TOL = 1e-4
-TEXT = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    initializer_range=0.1,
-    # head_dim 16: 8 frequencies, split time 2, rows 3, columns 3
-    rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-)
-TOKENS = dict(
-    image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END
-)
 
 
-def _hf_model(family: str):
-    torch.manual_seed(0)
-    common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=0.1)
-    if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, **common)
-        config = Qwen2VLConfig(text_config=TEXT, vision_config=vision, **TOKENS)
-        model = Qwen2VLForConditionalGeneration(config)
-    else:
-        # 56-pixel windows are 2x2 merge units; block 1 attends to whole frames.
-        vision = dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=48,
-            out_hidden_size=64,
-            num_heads=2,
-            window_size=56,
-            fullatt_block_indexes=[1],
-            tokens_per_second=2,
-            **common,
-        )
-        config = Qwen2_5_VLConfig(
-            text_config=TEXT, vision_config=vision, tie_word_embeddings=True, **TOKENS
-        )
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model = model.float().eval()
-    with torch.no_grad():  # biases start at 0 and norms at 1: make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_q" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    out = {}
-    for family in ("qwen2_vl", "qwen2_5_vl"):
-        hf = _hf_model(family)
-        folder = tmp_path_factory.mktemp(family)
-        hf.save_pretrained(folder)
-        out[family] = (hf, load_pretrained(folder), folder)
-    return out
+@pytest.fixture
+def models(qwen_vl_models):
+    """{family: (transformers model, ours, its folder)} (conftest's, built once a session)."""
+    return qwen_vl_models
 
 
 # ------------------------------------------------------------------ inputs
@@ -147,30 +93,34 @@ def _check(models, family, inputs):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_text_and_images(models, family):
-    """Text alone, one image, two images of different sizes in one prompt."""
+    """Text alone, one image, two images of different sizes in one prompt.
+    (The prompts with images are 25 tokens, their patches one 64-patch
+    bucket, as the video prompt's below: one compiled forward serves them.)"""
     rng = np.random.RandomState(1)
     assert isinstance(models[family][1], QwenVL)
     _check(models, family, _inputs([_text(rng, 12)]))
     a, b = (1, 4, 6), (1, 8, 4)  # 2x3 and 4x2 merge units (windows cut at the edges)
-    _check(models, family, _inputs([_text(rng, 3) + _item(a, IMAGE) + _text(rng, 4)], [a]))
+    _check(models, family, _inputs([_text(rng, 3) + _item(a, IMAGE) + _text(rng, 14)], [a]))
     two = _text(rng, 2) + _item(a, IMAGE) + _text(rng, 3) + _item(b, IMAGE) + _text(rng, 2)
     _check(models, family, _inputs([two], [a, b], seed=2))
 
 
 def test_left_padded_batch(models):
-    """Two rows of different lengths, left-padded, an image in each."""
+    """Three rows of different lengths, left-padded, an image in each. (Both
+    batches are 3 rows of 18 tokens: one compiled forward for Qwen2.5-VL.)"""
     rng = np.random.RandomState(3)
     a, b = (1, 4, 4), (1, 4, 6)
     rows = [
         _text(rng, 2) + _item(a, IMAGE) + _text(rng, 5),
         _text(rng, 6) + _item(b, IMAGE) + _text(rng, 4),
+        _text(rng, 9) + _item(a, IMAGE) + _text(rng, 1),
     ]
     for family in ("qwen2_vl", "qwen2_5_vl"):
-        _check(models, family, _inputs(rows, [a, b], seed=4))
+        _check(models, family, _inputs(rows, [a, b, a], seed=4))
     # Rows own unequal numbers of images (two, none, one): each row's tower
     # input is its own images, padded to the largest row's.
     rows = [
-        _item(a, IMAGE) + _text(rng, 2) + _item(b, IMAGE),
+        _item(a, IMAGE) + _text(rng, 2) + _item(b, IMAGE) + _text(rng, 2),
         _text(rng, 9),
         _text(rng, 3) + _item(b, IMAGE),
     ]
@@ -182,7 +132,7 @@ def test_video_with_seconds_per_grid(models):
     (time ids step tokens_per_second * 1.5 = 3)."""
     rng = np.random.RandomState(5)
     img, vid = (1, 4, 4), (2, 4, 4)
-    row = _text(rng, 2) + _item(img, IMAGE) + _text(rng, 2) + _item(vid, VIDEO) + _text(rng, 3)
+    row = _text(rng, 2) + _item(img, IMAGE) + _text(rng, 2) + _item(vid, VIDEO) + _text(rng, 5)
     inputs = _inputs([row], [img], [vid], seconds=[1.5], seed=6)
     _check(models, "qwen2_5_vl", inputs)
 

@@ -151,7 +151,9 @@ class QwenVLConfig:
     (the defaults are the Qwen2 tokenizer's ids). `min_pixels` / `max_pixels`
     bound the area the image processor resizes an image to (its
     `preprocessor_config.json`; Hugging Face's defaults): they fix how many
-    tokens an image becomes, so training data and prompts depend on them."""
+    tokens an image becomes, so training data and prompts depend on them.
+    `video_min_pixels` / `video_max_pixels` do the same for a video's frames
+    (transformers' `Qwen2VLVideoProcessor` defaults: 128 and 768 merge units)."""
 
     image_token_id: int = 151655
     video_token_id: int = 151656
@@ -159,6 +161,8 @@ class QwenVLConfig:
     vision_end_token_id: int = 151653
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
 
 
 QWEN_VL_KINDS = ("qwen2_vl", "qwen2_5_vl")
@@ -236,11 +240,14 @@ class ModelConfig:
                 f"model.kind={self.kind!r} has a Qwen2 decoder: set model.decoder.family: qwen2 "
                 f"(got {self.decoder.family!r})"
             )
-        if not 0 < self.qwen_vl.min_pixels <= self.qwen_vl.max_pixels:
-            raise ConfigError(
-                f"model.qwen_vl: need 0 < min_pixels <= max_pixels, got "
-                f"{self.qwen_vl.min_pixels}, {self.qwen_vl.max_pixels}"
-            )
+        for prefix in ("", "video_"):
+            lo = getattr(self.qwen_vl, f"{prefix}min_pixels")
+            hi = getattr(self.qwen_vl, f"{prefix}max_pixels")
+            if not 0 < lo <= hi:
+                raise ConfigError(
+                    f"model.qwen_vl: need 0 < {prefix}min_pixels <= {prefix}max_pixels, "
+                    f"got {lo}, {hi}"
+                )
         if self.qwen_vision.out_hidden_size != self.decoder.hidden_size:
             raise ConfigError(
                 f"model.qwen_vision.out_hidden_size={self.qwen_vision.out_hidden_size} must equal "

@@ -2,7 +2,8 @@
 small BPE tokenizer builder.
 
 A conversation is a list of `{"role": "system"|"user"|"assistant", "content": str}`;
-`<image>` in a user turn marks an image. One template serves SFT, DPO and
+`<image>` in a user turn marks an image, and for a Qwen-VL model `<video>` a
+video (elsewhere `<video>` is plain text). One template serves SFT, DPO and
 generation prompts:
 
   llama3   <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n…<|eot_id|>
@@ -17,11 +18,13 @@ so `render` and `render_prompt` agree token for token with each other.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from insightv_jax.errors import DataError
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 THINK_TOKENS = ("<thoughts>", "</thoughts>", "<output>", "</output>")
 PAD_TOKEN = "<pad>"
 IGNORE = -100
@@ -122,10 +125,11 @@ def image_span_for(model_cfg) -> ImageSpan:
     return QWEN_VL_IMAGE if getattr(model_cfg, "is_qwen_vl", False) else LLAVA_IMAGE
 
 
-def check_image_span(tokenizer, model_cfg, where: str = "tokenizer") -> None:
+def check_image_span(tokenizer, model_cfg, where: str = "tokenizer", videos: bool = False) -> None:
     """A Qwen-VL model finds its images by token id: the tokenizer's vision
     tokens must have `model.qwen_vl`'s ids (a DataError naming the first that
-    differs; nothing to check for other models)."""
+    differs; nothing to check for other models). `videos`: check the video
+    placeholder's id too (when the data has videos)."""
     if not getattr(model_cfg, "is_qwen_vl", False):
         return
     q = model_cfg.qwen_vl
@@ -134,6 +138,8 @@ def check_image_span(tokenizer, model_cfg, where: str = "tokenizer") -> None:
         QWEN_VL_IMAGE.start: q.vision_start_token_id,
         QWEN_VL_IMAGE.end: q.vision_end_token_id,
     }
+    if videos:
+        want[QWEN_VL_IMAGE.video_token] = q.video_token_id
     for token, expected in want.items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != expected:
@@ -143,22 +149,40 @@ def check_image_span(tokenizer, model_cfg, where: str = "tokenizer") -> None:
             )
 
 
-def span_ids(tokenizer, span: ImageSpan, count: int) -> list[int]:
-    """The ids of one image in the token stream: start, `count` image ids, end."""
+def span_ids(tokenizer, span: ImageSpan, count: int, video: bool = False) -> list[int]:
+    """The ids of one image in the token stream: start, `count` image ids, end
+    (`video`: a video's, with the span's video placeholder)."""
+    if video and not span.video_token:
+        raise DataError("this model takes no videos (only Qwen-VL models do)")
     ids = tokenizer.convert_tokens_to_ids
     start = [ids(span.start)] if span.start else []
     end = [ids(span.end)] if span.end else []
-    return start + [ids(span.token)] * count + end
+    return start + [ids(span.video_token if video else span.token)] * count + end
 
 
-def _content_ids(tokenizer, text: str, image_counts: list[int], span: ImageSpan) -> list[int]:
-    """Tokenize content, expanding each `<image>` into its span (`span_ids`)."""
-    parts = text.split(IMAGE_TOKEN)
+_SPLIT_IMAGES = re.compile(f"({re.escape(IMAGE_TOKEN)})")
+_SPLIT_VISION = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
+
+
+def placeholder_count(text: str, span: ImageSpan) -> tuple[int, int]:
+    """(images, videos) a content string marks for a model of `span` (videos
+    only where the span has a video placeholder)."""
+    return text.count(IMAGE_TOKEN), text.count(VIDEO_TOKEN) if span.video_token else 0
+
+
+def _content_ids(
+    tokenizer, text: str, image_counts: list[int], span: ImageSpan, video_counts: list[int]
+) -> list[int]:
+    """Tokenize content, expanding each `<image>` (and `<video>`, for a span
+    with a video placeholder) into its span (`span_ids`), in text order."""
+    parts = (_SPLIT_VISION if span.video_token else _SPLIT_IMAGES).split(text)
     ids = encode_text(tokenizer, parts[0])
-    for part in parts[1:]:
-        if not image_counts:
-            raise DataError("more <image> placeholders than images")
-        ids += span_ids(tokenizer, span, image_counts.pop(0)) + encode_text(tokenizer, part)
+    for mark, part in zip(parts[1::2], parts[2::2]):
+        video = mark == VIDEO_TOKEN
+        counts = video_counts if video else image_counts
+        if not counts:
+            raise DataError(f"more {mark} placeholders than {'videos' if video else 'images'}")
+        ids += span_ids(tokenizer, span, counts.pop(0), video) + encode_text(tokenizer, part)
     return ids
 
 
@@ -180,14 +204,18 @@ def render(
     *,
     name: str = "sample",
     image_span: ImageSpan = LLAVA_IMAGE,
+    num_video_tokens=(),
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels equal the ids on assistant content and its
     end-of-turn token, -100 elsewhere. `num_image_tokens` is an int (every image)
     or a list (per image, in order), each `<image>` becoming its `image_span`;
-    `name` prefixes error messages."""
+    `num_video_tokens` lists each video's tokens, in order, each `<video>`
+    becoming the span's video placeholders (Qwen-VL); `name` prefixes error
+    messages."""
     t = get_template(template)
     turns = _turns(conversation, t)
-    n_images = sum(str(x.get("content", "")).count(IMAGE_TOKEN) for x in turns)
+    marked = [placeholder_count(str(x.get("content", "")), image_span) for x in turns]
+    n_images, n_videos = sum(m[0] for m in marked), sum(m[1] for m in marked)
     counts = (
         list(num_image_tokens)
         if isinstance(num_image_tokens, (list, tuple))
@@ -195,12 +223,19 @@ def render(
     )
     if len(counts) != n_images:
         raise DataError(f"{name}: {n_images} <image> placeholders but {len(counts)} images")
+    video_counts = list(num_video_tokens)
+    if video_counts and not image_span.video_token:
+        raise DataError(f"{name}: has a video, but this model takes no videos "
+                        "(only Qwen-VL models do)")  # fmt: skip
+    if len(video_counts) != n_videos:
+        raise DataError(f"{name}: {n_videos} <video> placeholders but {len(video_counts)} videos")
     ids = encode_text(tokenizer, t.bos)
     labels = [IGNORE] * len(ids)
     try:
         for turn in turns:
             head = encode_text(tokenizer, t.turn_prefix[turn["role"]])
-            body = _content_ids(tokenizer, str(turn.get("content", "")), counts, image_span)
+            content = str(turn.get("content", ""))
+            body = _content_ids(tokenizer, content, counts, image_span, video_counts)
             body += encode_text(tokenizer, t.eos)
             tail = encode_text(tokenizer, t.turn_suffix)
             ids += head + body + tail

@@ -42,6 +42,8 @@ from insightv_jax.data.validate import (
 from insightv_jax.errors import DataError
 
 IGNORE = -100
+# a Qwen-VL example's videos (the processor's names), laid out by Collate's `images`
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 class Subset:
@@ -97,7 +99,7 @@ class Collate:
                 [np.ones(len(i), np.int32) for i in ids], (length,), 0, np.int32
             ),
         }
-        image_keys = ("pixel_values", "image_sizes", "image_grid_thw")
+        image_keys = ("pixel_values", "image_sizes", "image_grid_thw", *VIDEO_KEYS)
         if self.images is not None:
             batch.update(self.images(examples, batch["input_ids"], batch["attention_mask"]))
             examples = [{k: v for k, v in e.items() if k not in image_keys} for e in examples]
@@ -346,6 +348,7 @@ def loader_from_config(
     image_tokens=16,
     count_tokens=None,
     count_conversation=None,
+    video_tokens=16,
     num_epochs: int | None = None,
     shard=None,
     pad_id: int = 0,
@@ -354,12 +357,15 @@ def loader_from_config(
     """A `Loader` from a `DataConfig` (config/data.py) and the dataset path (`train.data`).
 
     `batch_size` is per host; `image_tokens`/`count_tokens` make validation's
-    length check match the transform's tokenisation, `count_conversation` makes it exact.
+    length check match the transform's tokenisation, `count_conversation` makes it exact;
+    `video_tokens` None refuses records with videos (a model that takes none).
     """
     source = open_source(path, split=cfg.split, root=cfg.image_root)
-    limits = Limits(max_length=cfg.max_length, image_tokens=image_tokens)
+    limits = Limits(max_length=cfg.max_length, image_tokens=image_tokens, video_tokens=video_tokens)
     if count_tokens is not None:
-        limits = Limits(cfg.max_length, image_tokens, count_tokens, 1, count_conversation)
+        limits = Limits(
+            cfg.max_length, image_tokens, count_tokens, 1, count_conversation, video_tokens
+        )
     return Loader(
         source,
         transform,

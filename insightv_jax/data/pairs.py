@@ -76,7 +76,7 @@ def side(rec: dict, which: str) -> dict:
     """The conversation record of one side of a pair (prompt + that response)."""
     conv = [*rec["prompt"], {"from": "gpt", "value": rec[which]}]
     out = {"id": rec["id"], "conversations": conv}
-    for key in ("image", "image_arrays"):
+    for key in ("image", "image_arrays", "video"):
         if key in rec:
             out[key] = rec[key]
     return out

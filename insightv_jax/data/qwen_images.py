@@ -109,8 +109,9 @@ class QwenImageProcessor:
     @classmethod
     def for_model(cls, cfg) -> QwenImageProcessor:
         """The processor a Qwen-VL `ModelConfig` was trained with: its tower's
-        patch, time and merge sizes, `qwen_vl`'s pixel bounds, CLIP's mean and
-        std (every Qwen2-VL / Qwen2.5-VL checkpoint's)."""
+        patch, time and merge sizes, `qwen_vl`'s pixel bounds (images' and
+        video frames'), CLIP's mean and std (every Qwen2-VL / Qwen2.5-VL
+        checkpoint's)."""
         v = cfg.qwen_vision
         return cls(
             patch_size=v.patch_size,
@@ -118,6 +119,8 @@ class QwenImageProcessor:
             merge_size=v.spatial_merge_size,
             min_pixels=cfg.qwen_vl.min_pixels,
             max_pixels=cfg.qwen_vl.max_pixels,
+            video_min_pixels=cfg.qwen_vl.video_min_pixels,
+            video_max_pixels=cfg.qwen_vl.video_max_pixels,
         )
 
     @classmethod
@@ -247,8 +250,7 @@ class QwenImageProcessor:
         if not fps > 0:
             raise DataError(f"{name}: fps must be positive, got {fps}")
         try:
-            size = smart_resize(imgs[0].height, imgs[0].width, self.factor,
-                                self.video_min_pixels, self.video_max_pixels)  # fmt: skip
+            size = self.video_resized_size(imgs[0].height, imgs[0].width)
         except ValueError as e:
             raise DataError(
                 f"{name}: cannot resize {imgs[0].width}x{imgs[0].height} ({e})"
@@ -288,3 +290,16 @@ class QwenImageProcessor:
     def num_tokens(self, height: int, width: int) -> int:
         """Placeholder tokens an image of this size takes (one per merge unit)."""
         return self.num_patches(height, width) // self.merge_size**2
+
+    def video_resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) every frame of a video of this frame size is resized to."""
+        return smart_resize(height, width, self.factor, self.video_min_pixels,
+                            self.video_max_pixels)  # fmt: skip
+
+    def num_video_tokens(self, frames: int, height: int, width: int) -> int:
+        """Placeholder tokens a video of `frames` frames of this size takes:
+        one per merge unit of each temporal patch (`frames` padded up to a
+        multiple of temporal_patch_size, as `video` pads them)."""
+        h, w = self.video_resized_size(height, width)
+        grid_t = -(-frames // self.temporal_patch_size)
+        return grid_t * (h // self.factor) * (w // self.factor)

@@ -5,6 +5,16 @@ system turn, human first, gpt last) with non-empty text, `<image>` count equal t
 the number of images, image paths relative and inside the data root, images that
 exist and decode, valid UTF-8 text, and a length within `max_length` after each
 `<image>` is expanded to its image-token count.
+
+A record may carry videos (Qwen-VL models only), each as its sampled frames:
+
+    "video": {"frames": ["clip/0.png", "clip/1.png", ...], "fps": 2.0}
+    "video": [{"frames": [...], "seconds_per_frame": 0.5}, ...]
+
+`fps` or `seconds_per_frame` (one of them) is the rate of the frames given. The
+checks: each `<video>` in the conversation has its video, each video has frames
+(paths as for images) that exist, decode and share one size, and a positive
+rate; a model that takes no videos (`Limits.video_tokens` None) refuses them.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from insightv_jax.data.sources import BadRecord, record_id
 from insightv_jax.errors import DataError
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -38,15 +49,18 @@ class Limits:
     """What a record must fit: `image_tokens` per image (an int or a function of
     the image's (height, width)), `max_length` tokens after expansion, and a text
     token counter (`count_tokens`; default words+punctuation, plus 4 per turn for
-    the chat template). `count_conversation(conversation, image_token_counts)`, when
-    given, is exact (the transform's own rendering, system prompt and markers included)
-    and replaces the estimate."""
+    the chat template). `count_conversation(conversation, image_token_counts,
+    video_token_counts)`, when given, is exact (the transform's own rendering,
+    system prompt and markers included) and replaces the estimate.
+    `video_tokens` per video (an int or a function of its frame count and
+    frame (height, width)); None: the model takes no videos."""
 
     max_length: int = 4096
     image_tokens: int | Callable[[tuple[int, int]], int] = 16
     count_tokens: Callable[[str], int] = approx_token_count
     turn_overhead: int = 4
-    count_conversation: Callable[[list[dict], list[int]], int] | None = None
+    count_conversation: Callable[[list[dict], list[int], list[int]], int] | None = None
+    video_tokens: int | Callable[[int, tuple[int, int]], int] | None = 16
 
 
 DEFAULT_LIMITS = Limits()
@@ -72,6 +86,29 @@ def image_paths(rec: dict) -> list:
     if img is None:
         return []
     return list(img) if isinstance(img, list) else [img]
+
+
+def record_videos(rec: dict) -> list:
+    """A record's `video` entries in order (one object or a list of them)."""
+    video = rec.get("video")
+    if video is None:
+        return []
+    return list(video) if isinstance(video, list) else [video]
+
+
+def video_fps(video: dict) -> float:
+    """The frame rate of a (validated) video entry: `fps`, or 1 / `seconds_per_frame`."""
+    return float(video["fps"]) if "fps" in video else 1.0 / float(video["seconds_per_frame"])
+
+
+def _video_rate_reason(video: dict) -> str | None:
+    rates = [k for k in ("fps", "seconds_per_frame") if k in video]
+    if len(rates) != 1:
+        return "needs one of fps or seconds_per_frame"
+    value = video[rates[0]]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+        return f"{rates[0]} {value!r} is not a positive number"
+    return None
 
 
 def _check_utf8_fast(rec) -> str | None:
@@ -169,18 +206,20 @@ def _decoded_size(path: str, mtime_ns: int, size: int) -> tuple[int, int]:
         return img.height, img.width
 
 
-def token_count(conv: list[dict], sizes: list[tuple[int, int]], limits: Limits) -> int:
-    """Tokens of a conversation with images of `sizes`, as `limits` counts them."""
-    per_image = limits.image_tokens
+def token_count(conv: list[dict], sizes: list[tuple[int, int]], limits: Limits, videos=()) -> int:
+    """Tokens of a conversation with images of `sizes` and `videos` ((frame
+    count, (height, width)) each), as `limits` counts them."""
+    per_image, per_video = limits.image_tokens, limits.video_tokens
     counts = [per_image(s) if callable(per_image) else per_image for s in sizes]
+    video_counts = [per_video(n, s) if callable(per_video) else per_video for n, s in videos]
     if limits.count_conversation is not None:
-        return limits.count_conversation(conv, counts)
-    image_len = sum(counts)
+        return limits.count_conversation(conv, counts, video_counts)
     text_len = sum(
-        limits.count_tokens(t["value"].replace(IMAGE_TOKEN, " ")) + limits.turn_overhead
+        limits.count_tokens(t["value"].replace(IMAGE_TOKEN, " ").replace(VIDEO_TOKEN, " "))
+        + limits.turn_overhead
         for t in conv
     )
-    return text_len + image_len
+    return text_len + sum(counts) + sum(video_counts)
 
 
 def estimated_length(rec: dict, root: Path, limits: Limits) -> int:
@@ -193,7 +232,50 @@ def estimated_length(rec: dict, root: Path, limits: Limits) -> int:
         sizes = [load_image_size(Path(root) / p) for p in image_paths(rec)]
     else:  # a fixed count per image: sizes do not matter
         sizes = [(0, 0)] * sum(t["value"].count(IMAGE_TOKEN) for t in conv)
-    return token_count(conv, sizes, limits)
+    videos = [
+        (len(v["frames"]), load_image_size(Path(root) / v["frames"][0])) for v in record_videos(rec)
+    ]
+    return token_count(conv, sizes, limits, videos)
+
+
+def _frame_reason(root_abs: str, p, what: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(reason, None) if image file `p` is bad, else (None, its decoded (height, width))."""
+    if not isinstance(p, str) or not p:
+        return f"{what} path {p!r} is not a string", None
+    full, st = _image_file(root_abs, p)
+    if full is None:
+        return f"{what} path {p} leaves the data root", None
+    if st is None:
+        return f"{what} {p} not found", None
+    try:
+        return None, _decoded_size(full, st.st_mtime_ns, st.st_size)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        return f"{what} {p} does not decode ({type(e).__name__})", None
+
+
+def _check_videos(rec: dict, root: Path) -> tuple[str | None, list[tuple[int, tuple[int, int]]]]:
+    """(reason, []) for a bad `video` field, else (None, [(frames, (height, width))])."""
+    root_abs = _real_dir(str(root))
+    out = []
+    for k, video in enumerate(record_videos(rec)):
+        if not isinstance(video, dict):
+            return f"video {k}: not a {{frames, fps}} object", []
+        frames = video.get("frames")
+        if not isinstance(frames, list) or not frames:
+            return f"video {k}: frames must be a non-empty list of image paths", []
+        if (r := _video_rate_reason(video)) is not None:
+            return f"video {k}: {r}", []
+        sizes = set()
+        for p in frames:
+            reason, size = _frame_reason(root_abs, p, f"video {k} frame")
+            if reason is not None:
+                return reason, []
+            sizes.add(size)
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h}" for h, w in sorted(sizes))
+            return f"video {k}: frames of different sizes ({shown})", []
+        out.append((len(frames), sizes.pop()))
+    return None, out
 
 
 def check_record(rec, root: Path, limits: Limits) -> str | None:
@@ -211,22 +293,26 @@ def check_record(rec, root: Path, limits: Limits) -> str | None:
     else:
         root_abs = _real_dir(str(root))
         for p in image_paths(rec):
-            if not isinstance(p, str) or not p:
-                return f"image path {p!r} is not a string"
-            full, st = _image_file(root_abs, p)
-            if full is None:
-                return f"image path {p} leaves the data root"
-            if st is None:
-                return f"image {p} not found"
-            try:
-                sizes.append(_decoded_size(full, st.st_mtime_ns, st.st_size))
-            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-                return f"image {p} does not decode ({type(e).__name__})"
+            reason, size = _frame_reason(root_abs, p, "image")
+            if reason is not None:
+                return reason
+            sizes.append(size)
     n_tags = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
     if n_tags != len(sizes):
         return f"{n_tags} <image> tag(s) but {len(sizes)} image(s)"
+    videos: list[tuple[int, tuple[int, int]]] = []
+    if limits.video_tokens is None:  # the model's: `<video>` is plain text to it
+        if record_videos(rec):
+            return "has a video, but the model takes no videos (only Qwen-VL models do)"
+    else:
+        reason, videos = _check_videos(rec, root)
+        if reason is not None:
+            return reason
+        n_tags = sum(t["value"].count(VIDEO_TOKEN) for t in conv)
+        if n_tags != len(videos):
+            return f"{n_tags} <video> tag(s) but {len(videos)} video(s)"
     try:
-        n = token_count(conv, sizes, limits)
+        n = token_count(conv, sizes, limits, videos)
     except DataError as e:  # the transform's own rendering refused it
         return str(e)
     if n > limits.max_length:

@@ -252,11 +252,20 @@ def batch_arrays(
     }
 
 
+def _gathered(examples: list[dict], grid_key: str, keys: tuple[str, ...]) -> list:
+    """Each of `keys` concatenated over the examples that have `grid_key`, in
+    order (None each when none has)."""
+    having = [e for e in examples if grid_key in e]
+    return [np.concatenate([e[k] for e in having]) if having else None for k in keys]
+
+
 class BatchImages:
-    """The image arrays of a padded batch of Qwen-VL training examples (the
-    training transform's `pixel_values` / `image_grid_thw` per example):
-    every example's patches and grids in order, laid out per row with the
-    M-RoPE ids (`batch_arrays`). The loader's `Collate` calls it (picklable)."""
+    """The image and video arrays of a padded batch of Qwen-VL training
+    examples (the training transform's `pixel_values` / `image_grid_thw` and
+    `pixel_values_videos` / `video_grid_thw` / `second_per_grid_ts` per
+    example): every example's patches and grids in order, laid out per row
+    with the M-RoPE ids, video time steps included (`batch_arrays`). The
+    loader's `Collate` calls it (picklable)."""
 
     def __init__(self, model_cfg: ModelConfig, num_slots: int | None = None):
         self.cfg, self.num_slots = model_cfg, num_slots
@@ -264,21 +273,26 @@ class BatchImages:
     def padded_alike(self, examples: list[dict]) -> BatchImages:
         """The same, padding every row to the patch bucket of the largest of
         `examples` (DPO's chosen and rejected sides stack into one array)."""
-        patches = [len(e["pixel_values"]) for e in examples if "image_grid_thw" in e]
+        patches = [
+            len(e.get("pixel_values", ())) + len(e.get("pixel_values_videos", ()))
+            for e in examples
+            if "image_grid_thw" in e or "video_grid_thw" in e
+        ]
         return BatchImages(self.cfg, patch_bucket(max(patches)) if patches else None)
 
     def __call__(self, examples: list[dict], input_ids, attention_mask) -> dict[str, np.ndarray]:
-        with_images = [e for e in examples if "image_grid_thw" in e]
-        if not with_images:
+        pixels, grids = _gathered(examples, "image_grid_thw", ("pixel_values", "image_grid_thw"))
+        videos, video_grids, seconds = _gathered(
+            examples,
+            "video_grid_thw",
+            ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
+        )
+        if grids is None and video_grids is None:
             return {}
         return batch_arrays(
-            self.cfg,
-            input_ids,
-            attention_mask,
-            pixel_values=np.concatenate([e["pixel_values"] for e in with_images]),
-            image_grid_thw=np.concatenate([e["image_grid_thw"] for e in with_images]),
+            self.cfg, input_ids, attention_mask, pixels, grids, videos, video_grids, seconds,
             num_slots=self.num_slots,
-        )
+        )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

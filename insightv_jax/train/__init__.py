@@ -112,6 +112,7 @@ def data_batches(cfg, tokenizer_dir: Path | None):
         image_tokens=limits.image_tokens,
         count_tokens=limits.count_tokens,
         count_conversation=limits.count_conversation,
+        video_tokens=limits.video_tokens,
         pad_id=tok.pad_token_id or 0,
     )
     counts = loader.counts
