@@ -21,7 +21,7 @@ from insightv_jax.data.sources import open_source
 from insightv_jax.data.synthetic.writer import write_llava
 from insightv_jax.models.factory import construct
 from insightv_jax.train.rl.loop import run_rl
-from insightv_jax.train.rl.update import rl_records
+from insightv_jax.train.rl.update import rl_records, round_rewards
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,6 +84,12 @@ def test_refill_draws_fresh_questions_until_the_round_has_its_groups(tmp_path):
     assert [r["id"] for r in records] == [f"{q}-s{j}" for q in ["q0", *extra[:2]] for j in (0, 1)]
     assert (stats["draws"], stats["groups"], stats["groups_dropped"]) == (2, 6, 2)
     assert stats["groups_surplus"] == 1  # the batch is the first draw's 3 groups
+    # the control permutes rewards draw by draw: a draw's stay as they were when later
+    # draws join, so refilling judges the signal on the rewards the update trains on
+    control = dataclasses.replace(cfg.rl, shuffle_rewards=True)
+    true, shuffled = round_rewards(samples, control, seed=5)
+    np.testing.assert_array_equal(shuffled[:6], round_rewards(samples[:6], control, seed=5)[1])
+    assert sorted(shuffled[6:]) == sorted(true[6:])
 
     drawn.clear()  # a resumed round draws the same questions; another round others
     refill(tmp_path / "a", {"q0"} | fresh)

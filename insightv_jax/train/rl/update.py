@@ -133,7 +133,7 @@ def rl_records(items, samples, prompts, rl, seed: int = 0, agent: str = "reason"
         if k
     ]
     stats = {
-        "reward_mean": float(true.mean()),  # over every sample drawn, as the policy does
+        "reward_mean": float(true.mean()),  # the true rewards of every draw (control too)
         "reward_std": float(true.std()),
         "draws": int(draws.max()) + 1,
         "groups": len(signal),
