@@ -25,6 +25,12 @@ class RLConfig:
       gspo     one ratio per response (geometric mean of its token ratios), clipped per
                response, mean over responses. The GSPO paper clips far tighter than the
                token-level defaults: epsilon_low=3e-4, epsilon_high=4e-4.
+
+    `dynamic_sampling` is DAPO's: a group whose rewards are all equal carries no
+    signal and leaves the update, and fresh questions refill the batch, at most
+    `refill_draws` extra draws of them (sampled and judged like the first) until the
+    round has as many groups with signal as its first draw had groups
+    (docs/method.md §7).
     """
 
     algorithm: Literal["grpo", "dr_grpo", "dapo", "gspo"] = "grpo"
@@ -38,7 +44,11 @@ class RLConfig:
     top_p: float = 1.0  # rollout nucleus
     minibatches: int = 1  # updates per pass over a rollout batch
     epochs: int = 1  # passes over a rollout batch (μ = epochs × minibatches)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
+    # the cap on DAPO's refill: with dynamic_sampling, at most this many extra draws of
+    # fresh questions (each as many as the round's, or the toy's batch) replace the dropped
+    # groups; the batch stays short when they run out (0 = drop, never refill)
+    refill_draws: int = 3
     overlong: Literal["none", "filter", "soft"] = "none"  # truncated responses: kept,
     # masked out of the loss, or given DAPO's soft length penalty
     overlong_buffer: int = 0  # DAPO's L_cache: the soft penalty's ramp, in tokens
@@ -103,5 +113,7 @@ class RLConfig:
             raise ConfigError("rl.overlong=soft needs rl.overlong_buffer >= 1")
         if min(self.questions_per_round, self.eval_limit) < 0:
             raise ConfigError("rl.questions_per_round and rl.eval_limit must be >= 0")
+        if self.refill_draws < 0:
+            raise ConfigError(f"rl.refill_draws={self.refill_draws} must be >= 0")
         if min(self.format_weight, self.score_weight) < 0:
             raise ConfigError("rl.format_weight and rl.score_weight must be >= 0")

@@ -32,6 +32,13 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
     from insightv_jax.checkpoint import load_model
 
     model, cfg, tok_dir, proc_dir = load_model(path, mesh)
+    return (model, *pretrained_aux(cfg, tok_dir, proc_dir), cfg)
+
+
+def pretrained_aux(cfg, tok_dir: Path | None, proc_dir: Path | None):
+    """(tokenizer, processor) of a checkpoint whose model config is `cfg`, from its
+    tokenizer and processor directories (`checkpoint.aux_dirs`), as `load_pretrained`
+    returns them."""
     tokenizer = processor = None
     if tok_dir is not None:
         from insightv_jax.data.conversation import load_tokenizer
@@ -45,7 +52,7 @@ def load_pretrained(path: str | Path, mesh: Mesh | None = None):
         from insightv_jax.data.images import ImageProcessor
 
         processor = ImageProcessor.from_pretrained(proc_dir)
-    return model, tokenizer, processor, cfg
+    return tokenizer, processor
 
 
-__all__ = ["load_pretrained"]
+__all__ = ["load_pretrained", "pretrained_aux"]

@@ -41,9 +41,20 @@ class InferSettings:
         return cls(**kw)
 
 
-def load_agent(path: str | Path) -> Sampler:
-    """A sampler over a checkpoint (model dir, run dir or HF folder) with its tokenizer."""
-    model, tokenizer, processor, cfg = load_pretrained(path)
+def load_agent(path: str | Path, mesh=None, model=None) -> Sampler:
+    """A sampler over a checkpoint (model dir, run dir or HF folder) with its tokenizer,
+    its weights restored onto `mesh` (default: the first device). With `model`, that
+    checkpoint's model already in memory (e.g. the one an RL update just trained and
+    saved at `path`), the sampler decodes with the model's own weights, where they
+    are, and reads only the tokenizer and processor from `path`."""
+    if model is None:
+        model, tokenizer, processor, cfg = load_pretrained(path, mesh)
+    else:
+        from insightv_jax.checkpoint import aux_dirs, read_model_config
+        from insightv_jax.hf import pretrained_aux
+
+        cfg = read_model_config(Path(path))
+        tokenizer, processor = pretrained_aux(cfg, *aux_dirs(path))
     if tokenizer is None:
         raise InsightVError(f"{path}: checkpoint has no tokenizer/ (needed to read questions)")
     encoder = PromptEncoder(tokenizer, processor=processor, model_cfg=cfg)

@@ -23,8 +23,12 @@ processor/, checkpoints/<step>/) holding
   pairs.jsonl        the round's preference pairs; pairs_ref.jsonl + ref_logps
   metrics.jsonl      DPO metrics per step; probe.json; eval.json;
   summary.json       the round's row of the table (written when the round is done)
+  refill_<k>/        RL with `rl.dynamic_sampling`: extra draw k of fresh questions
+                     (questions.json and the sampling stages' files of its own)
 Every stage is skipped when its file exists, so a restart continues the
-unfinished round (the update resumes from its latest checkpoint).
+unfinished round (the update resumes from its latest checkpoint). An RL update
+hands the model it trained to the next round's sampler in memory (`hand_over`);
+a restarted run reads it back from the round's `policy/`.
 
 The update is looked up in `UPDATES` by name, so an on-policy update (GRPO on
 the samples' rewards and log-probs) can sit beside DPO. Stages 1, 2 and 5 (what
@@ -151,6 +155,33 @@ def round_questions(cfg: RunConfig, rd: Path, t: int, items: list[dict], print_f
     return [by_id[i] for i in ids]
 
 
+def refill_questions(cfg: RunConfig, dd: Path, t: int, k: int, items: list[dict],
+                     all_items: list[dict]) -> list[dict]:  # fmt: skip
+    """Extra draw k (1-based) of round t's DAPO refill (`rl.dynamic_sampling`):
+    positions (k−1)·n … k·n − 1 (n = len(`items`), the round's first draw) of a
+    seeded order, one per round, of the questions not in that first draw — fresh
+    questions for this round, the same ones when a resumed round draws again (they
+    are also recorded in `dd/questions.json` and read back from there). Fewer, or
+    none, when that order runs out."""
+    path = dd / "questions.json"
+    by_id = {it["id"]: it for it in all_items}
+    if path.exists():
+        ids = json.loads(path.read_text())["ids"]
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ConfigError(f"{path}: question {missing[0]} is not in {cfg.dpo.questions}")
+        return [by_id[i] for i in ids]
+    first = {it["id"] for it in items}
+    order = [it["id"] for it in all_items if it["id"] not in first]
+    random.Random(f"refill/{cfg.dpo.question_seed}/{t}").shuffle(order)
+    n = len(items)
+    ids = order[(k - 1) * n : k * n]
+    if ids:
+        dd.mkdir(parents=True, exist_ok=True)
+        _write_json(path, {"question_seed": cfg.dpo.question_seed, "draw": k, "ids": ids})
+    return [by_id[i] for i in ids]
+
+
 # ------------------------------------------------------------ 4. update
 
 
@@ -273,11 +304,30 @@ class Iteration:
     agents: dict = dataclasses.field(default_factory=dict)
 
     def agent(self, path: str):
+        """The sampler of the agent at `path`, loaded once. RL rounds load it onto the
+        run's mesh (`cfg.mesh`), where their updates train: an agent an update hands
+        over in memory (`hand_over`) and the same agent reloaded from its checkpoint
+        after a restart are then the same weights on the same devices, and sample
+        the same tokens."""
         from insightv_jax.sample.infer import load_agent
 
         if path not in self.agents:
-            self.agents[path] = load_agent(path)
+            mesh = None
+            if self.update == "rl":
+                from insightv_jax.parallel import make_mesh
+
+                mesh = make_mesh(self.cfg.mesh)
+            self.agents[path] = load_agent(path, mesh)
         return self.agents[path]
+
+    def hand_over(self, path: str, model) -> None:
+        """Make `model` (None: nothing to do), which an update just trained and saved
+        at `path`, the agent at `path`: the next round samples from its weights in
+        memory rather than reading them back from disk."""
+        from insightv_jax.sample.infer import load_agent
+
+        if model is not None:
+            self.agents[path] = load_agent(path, model=model)
 
     def evaluate(self, policy: str, summary: str | None = None) -> Callable[[], dict]:
         """Stage 5 for `policy` (with the summary agent `summary`, default the run's),
@@ -325,15 +375,21 @@ class Iteration:
         return row
 
     def rl_round(self, rd: Path, t: int, items, policy: str, samples) -> dict:
-        """Stage 4 as an on-policy update on the samples' rewards (train/rl/update.py)."""
+        """Stage 4 as an on-policy update on the samples' rewards (train/rl/update.py),
+        after DAPO's refill draws (`refill`) when `rl.dynamic_sampling` is on."""
         from insightv_jax.train.rl.update import rl_update
 
         summary = self.summary_of(t)
+        items, samples = self.refill(
+            rd, t, items, samples, lambda dd, extra, k: self.samples(dd, t, extra, policy,
+                                                                     summary, draw=k),
+        )  # fmt: skip
         if policy != summary:
             self.agents.pop(policy, None)  # free M_t while training
-        policy_out, metrics = rl_update(
+        policy_out, metrics, model = rl_update(
             self.cfg, rd, policy, items, samples, self.root, self.print_fn
         )
+        self.hand_over(policy_out, model)
         row = {"round": t, "agent": "reason", "policy_in": policy, "policy_out": policy_out,
                "summary_out": summary, "questions": len(items), "samples": len(samples),
                "train_sample_accuracy": sum(s["correct"] for s in samples) / max(len(samples), 1),
@@ -347,28 +403,20 @@ class Iteration:
         """A J-GRPO round of the summary agent (train/rl/summary.py): chains from the
         reasoning agent `policy` (and `rl.given_chains`), `rl.group_size` answers per
         chain from `summary`, the judge's verdicts, the update."""
-        from insightv_jax.train.rl.summary import judge_answers, round_chains, sample_answer_groups
         from insightv_jax.train.rl.update import rl_update
 
-        cfg, seed = self.cfg, self.cfg.seed + 1000 * t
-        chains_path, gens_path = rd / "chains.jsonl", rd / "generations.jsonl"
-        samples_path = rd / "samples.jsonl"
-        if not chains_path.exists():
-            self.print_fn(f"round {t}: {cfg.rl.summary_chains} reasoning chains x {len(items)} "
-                          "questions for the summary agent")  # fmt: skip
-            write_jsonl(chains_path, round_chains(cfg, self.agent(policy), items, seed))
-        if not gens_path.exists():
-            chains = read_jsonl(chains_path)
-            self.print_fn(f"round {t}: {cfg.rl.group_size} answers x {len(chains)} chains")
-            write_jsonl(gens_path, sample_answer_groups(cfg, self.agent(summary), items, chains,
-                                                        seed + 1))  # fmt: skip
-        if not samples_path.exists():
-            write_jsonl(samples_path, judge_answers(items, read_jsonl(gens_path), self.judge))
-        samples = read_jsonl(samples_path)
+        cfg = self.cfg
+        samples = self.answer_samples(rd, t, items, policy, summary)
+        items, samples = self.refill(
+            rd, t, items, samples,
+            lambda dd, extra, k: self.answer_samples(dd, t, extra, policy, summary, draw=k),
+            agent="summary",
+        )  # fmt: skip
         if summary != policy:
             self.agents.pop(summary, None)  # free the summary agent while training
-        summary_out, metrics = rl_update(cfg, rd, summary, items, samples, self.root,
-                                         self.print_fn, agent="summary")  # fmt: skip
+        summary_out, metrics, model = rl_update(cfg, rd, summary, items, samples, self.root,
+                                                self.print_fn, agent="summary")  # fmt: skip
+        self.hand_over(summary_out, model)
         by_source: dict[str, list[bool]] = {}
         for s in samples:
             by_source.setdefault(s["source"], []).append(s["correct"])
@@ -383,16 +431,75 @@ class Iteration:
         _write_json(rd / "summary.json", row)
         return row
 
+    def answer_samples(self, rd: Path, t: int, items, policy: str, summary: str,
+                       draw: int = 0) -> list[dict]:  # fmt: skip
+        """A J-GRPO round's stages 1 and 2 in `rd` (draw `draw` of round t): chains from
+        the reasoning agent `policy` and `rl.given_chains` (chains.jsonl), answers from
+        the summary agent `summary` (generations.jsonl), judged (samples.jsonl)."""
+        from insightv_jax.train.rl.summary import judge_answers, round_chains, sample_answer_groups
+
+        cfg, seed = self.cfg, self.cfg.seed + 1000 * t
+        chains_path, gens_path = rd / "chains.jsonl", rd / "generations.jsonl"
+        samples_path = rd / "samples.jsonl"
+        where = f"round {t}" + (f", refill draw {draw}" if draw else "")
+        if not chains_path.exists():
+            self.print_fn(f"{where}: {cfg.rl.summary_chains} reasoning chains x {len(items)} "
+                          "questions for the summary agent")  # fmt: skip
+            write_jsonl(chains_path, round_chains(cfg, self.agent(policy), items, seed))
+        if not gens_path.exists():
+            chains = read_jsonl(chains_path)
+            self.print_fn(f"{where}: {cfg.rl.group_size} answers x {len(chains)} chains")
+            write_jsonl(gens_path, sample_answer_groups(cfg, self.agent(summary), items, chains,
+                                                        seed + 1))  # fmt: skip
+        if not samples_path.exists():
+            write_jsonl(samples_path, judge_answers(items, read_jsonl(gens_path), self.judge))
+        return read_jsonl(samples_path)
+
+    def refill(self, rd: Path, t: int, items: list[dict], samples: list[dict], draw: Callable,
+               agent: str = "reason") -> tuple[list[dict], list[dict]]:  # fmt: skip
+        """DAPO's dynamic sampling (`rl.dynamic_sampling`; off: `items`, `samples` as
+        they are). The update drops groups whose rewards are all equal; while fewer
+        groups carry a signal than the first draw has groups, and at most
+        `rl.refill_draws` times, draw k takes fresh questions (`refill_questions`)
+        and `draw(dir, questions, k)` samples and judges them in `rd/refill_<k>/`
+        (stage files of their own, so a round killed mid-refill resumes at the draw
+        it was in). Returns the round's questions and samples, draw after draw, each
+        sample tagged with its `draw`."""
+        from insightv_jax.train.rl.update import has_signal, round_rewards, update_seed
+
+        rl = self.cfg.rl
+        if not rl.dynamic_sampling:
+            return items, samples
+        G, first = rl.group_size, items
+        target = len(samples) // G
+        for k in range(1, rl.refill_draws + 1):
+            rewards = round_rewards(samples, rl, update_seed(self.cfg, t), agent)[1]
+            have = int(has_signal(rewards, G).sum())
+            if have >= target:
+                break
+            extra = refill_questions(self.cfg, rd / f"refill_{k}", t, k, first, self.all_items)
+            if not extra:
+                self.print_fn(f"round {t}: no fresh questions left to refill {target - have} "
+                              f"of {target} groups")  # fmt: skip
+                break
+            self.print_fn(f"round {t}: {have} of {target} groups carry a reward signal; "
+                          f"refill draw {k}: {len(extra)} fresh questions")  # fmt: skip
+            got = draw(rd / f"refill_{k}", extra, k)
+            items, samples = items + extra, samples + [{**s, "draw": k} for s in got]
+        return items, samples
+
     def samples(self, rd: Path, t: int, items: list[dict], policy: str,
-                summary: str | None = None) -> list[dict]:  # fmt: skip
+                summary: str | None = None, draw: int = 0) -> list[dict]:  # fmt: skip
         """Stages 1 and 2: M_t's chains (generations.jsonl), judged and scored
-        (samples.jsonl); the summary agent `summary` (default the run's) answers."""
+        (samples.jsonl), in `rd` (draw `draw` of round t); the summary agent
+        `summary` (default the run's) answers."""
         d = self.cfg.dpo
         seed = self.cfg.seed + 1000 * t
         gens_path, samples_path = rd / "generations.jsonl", rd / "samples.jsonl"
         if not gens_path.exists():
+            where = f"round {t}" + (f", refill draw {draw}" if draw else "")
             self.print_fn(
-                f"round {t}: sampling {d.samples_per_question} chains x {len(items)} questions"
+                f"{where}: sampling {d.samples_per_question} chains x {len(items)} questions"
             )
             # RL's groups: one shared prefill per question, a key per chain
             sample = sample_chain_groups if self.update == "rl" else sample_chains
@@ -480,6 +587,7 @@ RL_COLUMNS = (
     ("samples", "samples", 7, "d"),
     ("reward", "reward_mean", 6, ".3f"),
     ("std", "reward_std", 5, ".3f"),
+    ("draws", "draws", 5, "d"),
     ("no_signal", "groups_without_signal", 9, "d"),
     ("dropped", "groups_dropped", 7, "d"),
     ("steps", "step", 5, "d"),

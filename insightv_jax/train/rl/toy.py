@@ -278,20 +278,21 @@ def _rollout(toy: ToyConfig, model, data: np.ndarray, step: int, shuffle: bool):
     """One rollout batch of step `step`: (the (a, b) pair of each row, the responses,
     the rewards the update uses, which rows are scored, stats of the true rewards).
     With rl.dynamic_sampling, groups whose rewards are all equal are dropped and more
-    questions are drawn (up to 4 draws) to refill the batch; rows still missing stay
-    unscored."""
+    questions are drawn (up to rl.refill_draws more draws) to refill the batch; rows
+    still missing stay unscored."""
     from insightv_jax.train.rl.losses import overlong_penalty
 
     rl = toy.run.rl
     G, Q = rl.group_size, toy.questions
     kept_pairs, kept_resp, kept_r, true_r = [], [], [], []
     drawn = dropped = 0
-    for draw in range(4 if rl.dynamic_sampling else 1):
+    draws = 1 + rl.refill_draws  # the key ids of a step's draws must not meet the next step's
+    for draw in range(draws if rl.dynamic_sampling else 1):
         rng = np.random.default_rng((toy.seed, 2, step, draw))
         idx = rng.integers(0, len(data), Q)
         pairs = data[idx]
         resp = sample(model, prompts_of(pairs), G, rl.temperature, rl.top_p, rl.max_response_tokens,
-                      toy.seed, ids=step * len(data) * 4 + draw * len(data) + idx)  # fmt: skip
+                      toy.seed, ids=(step * draws + draw) * len(data) + idx)  # fmt: skip
         r = np.asarray([is_correct(*pairs[j // G], x) for j, x in enumerate(resp)], np.float32)
         if rl.overlong == "soft":  # DAPO's length penalty, part of the reward
             r += np.asarray(overlong_penalty([len(x) for x in resp], rl.max_response_tokens,

@@ -13,12 +13,16 @@ policy, the summary agent's answer from each, the judge's verdict) become
               with `rl.overlong=filter`, chains cut off at `rl.max_response_tokens`
               leave the update
   advantages  per question (`group_advantages`); with `rl.dynamic_sampling` a group
-              whose rewards are all equal (no signal) is dropped
+              whose rewards are all equal (no signal) is dropped, and the round's
+              later draws (`draw` > 0 on a sample: fresh questions the round drew to
+              refill the batch, train/iterate.py) fill it back up to as many groups
+              as its first draw had; groups with signal beyond that are surplus
 then the old policy's per-token log-probs are recomputed by the training forward
 (`RLProgram.token_logps`, logits / `rl.temperature`), and the policy takes
 μ = `rl.epochs` × `rl.minibatches` updates. The result is a model directory at
-`RD/policy/`; an interrupted update reruns from the round's start policy with the
-same records, so its result is the same.
+`RD/policy/` (`update.json`, written last, marks it finished) and the trained model
+itself, on the update's mesh, for the next round's sampler; an interrupted update
+reruns from the round's start policy with the same records, so its result is the same.
 """
 
 from __future__ import annotations
@@ -62,31 +66,65 @@ def truncated(samples: list[dict], rl) -> np.ndarray:
     return np.asarray([(s.get("tokens") or 0) >= rl.max_response_tokens for s in samples])
 
 
+def update_seed(cfg: RunConfig, t: int) -> int:
+    """The seed of round t's update (the control's reward permutations)."""
+    return cfg.seed * 1_000_003 + t
+
+
+def round_rewards(samples: list[dict], rl, seed: int, agent: str = "reason"):
+    """(each sample's reward, the rewards the advantages use). The reward is
+    `rewards_of` for the reasoning agent, the judge's verdict (1/0) for the summary
+    agent; the two are the same array except in the control (`rl.shuffle_rewards`),
+    which permutes each draw's rewards among that draw's samples, seeded by `seed`
+    and the draw (a sample's `draw`, 0 when absent), so a draw's rewards stay as they
+    were when later draws join the round."""
+    if agent == "summary":
+        true = np.asarray([float(s["correct"]) for s in samples], np.float32)
+    else:
+        true = rewards_of(samples, rl)
+    if not rl.shuffle_rewards:
+        return true, true
+    used = true.copy()
+    draws = np.asarray([s.get("draw", 0) for s in samples])
+    for k in np.unique(draws):
+        rows = np.flatnonzero(draws == k)
+        rng = np.random.default_rng(seed if k == 0 else (seed, int(k)))
+        used[rows] = rng.permutation(true[rows])
+    return true, used
+
+
+def has_signal(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """Per group of `group_size` contiguous rewards: whether they are not all equal
+    (a group with equal rewards has advantage 0 everywhere: no signal)."""
+    groups = np.asarray(rewards).reshape(-1, group_size)
+    return ~np.all(groups == groups[:, :1], axis=1)
+
+
 def rl_records(items, samples, prompts, rl, seed: int = 0, agent: str = "reason"):
     """(the update's records (conversation + `advantages`), the round's reward stats).
     `agent` "reason": the samples are chains (`chain_conversations`, `rewards_of`);
     "summary": answers from given chains (train/rl/summary.py; reward = the verdict).
-    `rl.shuffle_rewards` (the control) permutes the rewards first, seeded by `seed`."""
+    `rl.shuffle_rewards` (the control) permutes the rewards first (`round_rewards`).
+    With `rl.dynamic_sampling`, groups without signal are dropped and the groups with
+    signal, in draw order, fill at most as many groups as the round's first draw
+    (`draw` 0) has; the stats count the draws and the groups dropped and left over."""
     from insightv_jax.train.rl.summary import answer_conversations
 
     G = rl.group_size
     if len(samples) % G:
         raise ValueError(f"{len(samples)} samples do not split into groups of {G}")
     if agent == "summary":
-        rewards = np.asarray([float(s["correct"]) for s in samples], np.float32)
         convs = answer_conversations(items, samples, prompts)
     else:
-        rewards = rewards_of(samples, rl)
         convs = chain_conversations(items, samples, prompts)
-    true_mean = float(rewards.mean())
-    if rl.shuffle_rewards:
-        rewards = np.random.default_rng(seed).permutation(rewards)
+    true, rewards = round_rewards(samples, rl, seed, agent)
     adv = np.asarray(group_advantages(rewards, G, scale=rl.algorithm != "dr_grpo", eps=rl.adv_eps))
-    keep = np.ones(len(samples), bool)
-    groups = rewards.reshape(-1, G)
-    flat = np.all(groups == groups[:, :1], axis=1)
-    if rl.dynamic_sampling:
-        keep = np.repeat(~flat, G)
+    signal = has_signal(rewards, G)
+    draws = np.asarray([s.get("draw", 0) for s in samples[::G]])
+    used = np.ones(len(signal), bool)
+    if rl.dynamic_sampling:  # DAPO: the batch is the first draw's size, of groups with signal
+        used = signal & (np.cumsum(signal) <= int((draws == 0).sum()))
+    keep = np.repeat(used, G)
     if rl.overlong == "filter":  # a cut-off chain leaves the loss (its group keeps the rest)
         keep &= ~truncated(samples, rl)
     records = [
@@ -95,11 +133,13 @@ def rl_records(items, samples, prompts, rl, seed: int = 0, agent: str = "reason"
         if k
     ]
     stats = {
-        "reward_mean": true_mean,
-        "reward_std": float(rewards.std()),
-        "groups": len(groups),
-        "groups_without_signal": int(flat.sum()),
-        "groups_dropped": int(flat.sum()) if rl.dynamic_sampling else 0,
+        "reward_mean": float(true.mean()),  # the true rewards of every draw (control too)
+        "reward_std": float(true.std()),
+        "draws": int(draws.max()) + 1,
+        "groups": len(signal),
+        "groups_without_signal": int((~signal).sum()),
+        "groups_dropped": int((~signal).sum()) if rl.dynamic_sampling else 0,
+        "groups_surplus": int((signal & ~used).sum()),
         "response_length_tokens": float(np.mean([s.get("tokens") or 0 for s in samples])),
     }
     if agent == "reason":  # a reward won by chains that only state an answer shows here
@@ -137,7 +177,10 @@ def _batches(examples, data, size: int):
 def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path, print_fn,
               agent: str = "reason"):  # fmt: skip
     """The update of `policy` (the `agent`, "reason" or "summary") on the round's
-    samples; returns (policy out, metrics)."""
+    samples; returns (policy out, metrics, the trained model). The model is the
+    update's own, on its mesh (`cfg.mesh`), so the next round's sampler can read
+    its weights without a trip through disk; None when there was no update or it
+    had finished before (its result is then read from `RD/policy/`)."""
     import jax
 
     from insightv_jax.checkpoint import aux_dirs, save_model_dir
@@ -149,10 +192,10 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     from insightv_jax.train.trainer import build_program
 
     rl = cfg.rl
-    out = rd / "policy"
-    if (out / "params").exists():
-        return str(out), json.loads((rd / "update.json").read_text())
-    seed = cfg.seed * 1_000_003 + int(rd.name.rsplit("_", 1)[-1])  # the round's number
+    out, done = rd / "policy", rd / "update.json"
+    if done.exists():  # written after the policy: a finished update
+        return str(out), json.loads(done.read_text()), None
+    seed = update_seed(cfg, int(rd.name.rsplit("_", 1)[-1]))  # the round's number
     if agent == "summary":  # answers: their temperature; Dr. GRPO's constant is their limit
         rl = dataclasses.replace(rl, max_response_tokens=cfg.dpo.summary_max_tokens,
                                  temperature=rl.answer_temperature)  # fmt: skip
@@ -160,7 +203,7 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     records, stats = rl_records(items, samples, cfg.pipeline.prompts, rl, seed, agent)
     if not records:
         print_fn(f"{rd.name}: no group with a reward signal; no update this round")
-        return policy, stats
+        return policy, stats, None
     tok, proc = aux_dirs(policy)
     model_cfg = model_config_for_run(dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, init=policy)), print_fn)  # fmt: skip
@@ -170,7 +213,7 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     stats["too_long"] = n - len(records)
     if not records:
         print_fn(f"{rd.name}: every chain is longer than data.buckets; no update this round")
-        return policy, stats
+        return policy, stats, None
     mb = -(-len(records) // rl.minibatches)
     total = rl.epochs * rl.minibatches
     train = dataclasses.replace(cfg.train, global_batch=mb, steps=total)
@@ -207,11 +250,14 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
             state, metrics = program(state, b)
             rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     model = program.model(state)
-    save_model_dir(model, model_cfg, out, tokenizer_dir=tok, processor_dir=proc)
+    # overwrite: a policy written by an update killed before update.json is redone
+    save_model_dir(model, model_cfg, out, tokenizer_dir=tok, processor_dir=proc, overwrite=True)
     write_prompts(out, cfg.pipeline.prompts)  # the wording it was trained and sampled with
     metrics = {**stats, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
                "first_ratio_mean": rows[0].get("ratio_mean"),
                "first_clip_fraction": rows[0].get("clip_fraction"), "step": len(rows),
                "total": total}  # fmt: skip
-    (rd / "update.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    return str(out), metrics
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+    tmp.replace(done)
+    return str(out), metrics, model
