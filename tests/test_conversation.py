@@ -86,6 +86,19 @@ def test_qwen_vl_template_renders_the_vision_span(template, tmp_path):
     video = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
     text = tokenizer.apply_chat_template(video, tokenize=False)
     assert "<|vision_start|><|video_pad|><|vision_end|>hi" in text  # as Qwen's own template
+    # a string's `<video>` (a training record's) renders as its span too: render's
+    # ids with the video's 32 placeholders collapsed to one; LLaVA's span keeps it text
+    clip = [{"role": "user", "content": "<video>\nwhat moves?"},
+            {"role": "assistant", "content": "a cat"}]  # fmt: skip
+    ids, _ = render(clip, tokenizer, template, image_span=QWEN_VL_IMAGE, num_video_tokens=[32])
+    vpad = QWEN_VL_IMAGE.video_token
+    assert ids.count(tokenizer.convert_tokens_to_ids(vpad)) == 32
+    text = tokenizer.apply_chat_template(clip, tokenize=False)
+    assert tokenizer(text.replace(vpad, vpad * 32), add_special_tokens=False)["input_ids"] == ids
+    with pytest.raises(DataError, match="1 <video> placeholders but 0 videos"):
+        render(clip, tokenizer, template, image_span=QWEN_VL_IMAGE)
+    as_text, _ = render(clip, tokenizer, template)
+    assert tokenizer.convert_tokens_to_ids(vpad) not in as_text
 
 
 def test_think_tokens_survive_decoding(tok):

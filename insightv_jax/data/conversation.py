@@ -286,17 +286,19 @@ def chat_template_jinja(template: str, image_span: ImageSpan = LLAVA_IMAGE) -> s
     for Qwen-VL `{"type": "video"}` its video placeholder).
     LLaVA's placeholder is `<image>`; Qwen-VL's is `<|vision_start|><|image_pad|>
     <|vision_end|>` (as in Qwen's own template), and a string's `<image>` is
-    rewritten to it, so for either model the template's text is `render`'s
-    with each image's run of image tokens collapsed to one."""
+    rewritten to it (and its `<video>` to the video placeholder), so for either
+    model the template's text is `render`'s with each image's (and video's)
+    run of placeholder tokens collapsed to one."""
     t = get_template(template)
     placeholder = image_span.start + image_span.token + image_span.end
     video = ""  # Qwen-VL: a typed video part, as Qwen's own template renders it
-    if image_span.video_token:
-        video_placeholder = image_span.start + image_span.video_token + image_span.end
-        video = "{% elif part['type'] in ('video', 'video_url') %}" + video_placeholder
     text = "c"
     if placeholder != IMAGE_TOKEN:
         text = f"c | replace({IMAGE_TOKEN!r}, {placeholder!r})"
+    if image_span.video_token:
+        video_placeholder = image_span.start + image_span.video_token + image_span.end
+        video = "{% elif part['type'] in ('video', 'video_url') %}" + video_placeholder
+        text += f" | replace({VIDEO_TOKEN!r}, {video_placeholder!r})"
     # One line, no whitespace between tags: the template's text is exactly render's.
     content = (
         "{% macro render_content(c) %}"
