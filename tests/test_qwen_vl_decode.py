@@ -1,6 +1,7 @@
 """Cached decoding of Qwen2-VL / Qwen2.5-VL with images through `Sampler`:
 greedy tokens equal to transformers' `generate(do_sample=False)` (one image,
-two images in one prompt, a two-row left-padded batch), each step's logits
+two images in one prompt, a two-row left-padded batch, an image and a video
+whose time ids step 3 per frame pair, so rope_deltas carry the video's), each step's logits
 against transformers' and against our uncached forward on the same sequence
 (prompt + generated tokens), and a shared prefill (`repeat_rows`) with a stop
 token. The tiny random models are `test_qwen_vl_model`'s."""
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_qwen_vl_model import IMAGE, _item, _pixels, _text
+from test_qwen_vl_model import IMAGE, VIDEO, _item, _pixels, _text
 
 from insightv_jax.models.qwen_vl import QwenVL, VisionPrompt
 from insightv_jax.sample.sampler import Sampler, SamplingParams
@@ -33,9 +34,17 @@ def models(qwen_vl_models):
 
 
 def _case(name):
-    """(rows of ids, image grids, their pixels) of a named prompt case."""
+    """(rows of ids, image grids, their pixels) of a named prompt case; the
+    video case's third item is a dict of the processor's arrays."""
     rng = np.random.RandomState(len(name))
     a, b = (1, 4, 6), (1, 8, 4)  # 2x3 and 4x2 merge units
+    if name == "video":  # 26 tokens, 56 patches: the same buckets as the image cases
+        v = (2, 4, 4)
+        row = _text(rng, 2) + _item(a, IMAGE) + _text(rng, 2) + _item(v, VIDEO) + _text(rng, 4)
+        arrays = dict(pixel_values=_pixels(rng, [a]), image_grid_thw=np.array([a]),
+                      pixel_values_videos=_pixels(rng, [v]), video_grid_thw=np.array([v]),
+                      second_per_grid_ts=np.array([1.5], np.float32))  # fmt: skip
+        return [row], None, arrays
     if name == "one image":
         # 20 tokens: the same prefill bucket (32) as the other cases
         rows, grids = [_text(rng, 3) + _item(a, IMAGE) + _text(rng, 9)], [a]
@@ -64,16 +73,21 @@ def _left_padded(rows, tails=None):
     return ids, mask
 
 
+def _vision(grids, pixels) -> dict:
+    """The processor's arrays of a case (its images, or the video case's dict)."""
+    return pixels if grids is None else dict(pixel_values=pixels, image_grid_thw=np.array(grids))
+
+
 def _hf_generate(hf, rows, grids, pixels):
     """transformers' greedy tokens (B, NEW) and its step logits (B, NEW, V)."""
     ids, mask = _left_padded(rows)
+    types = np.where(ids == IMAGE, 1, np.where(ids == VIDEO, 2, 0))
     with torch.no_grad():
         out = hf.generate(
             input_ids=torch.tensor(ids),
             attention_mask=torch.tensor(mask),
-            mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
-            pixel_values=torch.tensor(pixels),
-            image_grid_thw=torch.tensor(np.array(grids)),
+            mm_token_type_ids=torch.tensor(types),
+            **{k: torch.tensor(v) for k, v in _vision(grids, pixels).items()},
             max_new_tokens=NEW,
             min_new_tokens=0,
             do_sample=False,
@@ -98,7 +112,7 @@ def _at(logits, tokens):
 
 def _prefill(ours, sampler, rows, grids, pixels):
     state = sampler.start(len(rows), MAX_LEN)
-    vision = ours.vision_prompt(pixel_values=pixels, image_grid_thw=np.array(grids))
+    vision = ours.vision_prompt(**_vision(grids, pixels))
     return sampler.extend(state, rows, vision=vision)
 
 
@@ -107,7 +121,7 @@ def _prefill(ours, sampler, rows, grids, pixels):
 @pytest.mark.parametrize("family", ["qwen2_5_vl"])
 def test_greedy_equals_transformers(models, family):
     hf, ours, sampler = models[family]
-    for name in ("one image", "two images", "batch"):
+    for name in ("one image", "two images", "batch", "video"):
         rows, grids, pixels = _case(name)
         want, hf_logits = _hf_generate(hf, rows, grids, pixels)
         assert want.shape == (len(rows), NEW)

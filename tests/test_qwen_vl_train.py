@@ -145,7 +145,9 @@ def test_training_batch_gives_the_processor_path_logits(suite, run):
 
 def test_sft_learns_and_the_run_samples_with_images(suite, run):
     """SFT on a mix of image and video records lowers the loss; the run
-    directory samples with an image."""
+    directory samples with an image, and with a video: the video prompt's ids
+    are the training rendering's prefix, and in a batch beside the image
+    prompt each row decodes the tokens it decodes alone."""
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2
 
@@ -162,6 +164,24 @@ def test_sft_learns_and_the_run_samples_with_images(suite, run):
     assert (ids == 8).sum() == 16 and (ids == 7).sum() == 1 and (ids == 9).sum() == 1
     out = generate_encoded(sampler, [prompt, prompt], SamplingParams(max_new_tokens=6))
     assert out[0]["tokens"] and out[0]["tokens"] == out[1]["tokens"]  # greedy, same prompt
+
+    video = open_source(suite / "d" / "mixed.json").records[3]  # seconds_per_frame 0.75
+    where = {**video["video"], "frames": [suite / "d" / f for f in video["video"]["frames"]]}
+    asked = enc.prompt([{"role": "user", "content": video["conversations"][0]["value"]}],
+                       videos=[where])  # fmt: skip
+    assert asked.video_grid_thw.tolist() == [[2, 8, 8]] and asked.second_per_grid_ts.tolist() == [
+        1.5
+    ]
+    transform = ChatTransform(suite / "tok", "minimal", enc.model_cfg, suite / "d",
+                              batch_images(enc.model_cfg))  # fmt: skip
+    trained = transform(video)["input_ids"].tolist()
+    assert asked.ids == trained[: len(asked.ids)] and asked.ids.count(VIDEO_PAD) == 32
+    alone = [generate_encoded(sampler, [p], SamplingParams(max_new_tokens=6))[0]["tokens"]
+             for p in (asked, prompt)]  # fmt: skip
+    both = generate_encoded(sampler, [asked, prompt], SamplingParams(max_new_tokens=6))
+    assert [o["tokens"] for o in both] == alone
+    with pytest.raises(DataError, match="needs one of fps or seconds_per_frame"):
+        enc.prompt([{"role": "user", "content": "<video>"}], videos=[{"frames": where["frames"]}])
 
 
 def test_a_tokenizer_without_the_configs_vision_ids_is_refused(suite, tmp_path):

@@ -253,10 +253,12 @@ def render_prompt(
     template: str = "llama3",
     num_image_tokens=0,
     image_span: ImageSpan = LLAVA_IMAGE,
+    num_video_tokens=(),
 ):
     """Ids of a conversation (ending with a user turn) plus the assistant header:
     the generation prompt, token-identical to the prefix `render` produces."""
-    ids, _ = render(conversation, tokenizer, template, num_image_tokens, image_span=image_span)
+    ids, _ = render(conversation, tokenizer, template, num_image_tokens, image_span=image_span,
+                    num_video_tokens=num_video_tokens)  # fmt: skip
     return ids + encode_text(tokenizer, get_template(template).turn_prefix["assistant"])
 
 

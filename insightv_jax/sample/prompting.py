@@ -5,7 +5,9 @@ tokenizer's special tokens) prompts are rendered by `data.conversation`, token
 for token as in training. Any other tokenizer falls back to its own Hugging
 Face chat template. `<image>` placeholders expand to as many image tokens as
 the model consumes for each image's size (Qwen-VL: between its vision start
-and end tokens).
+and end tokens); for a Qwen-VL model `<video>` placeholders expand likewise to
+each video's tokens (videos given as the SFT records' `video` entries: frames
+and `fps` or `seconds_per_frame`).
 
 A batch of encoded prompts gives its images to `Sampler.extend` / `generate`
 as keyword arguments (`PromptEncoder.images`): LLaVA's per-sample
@@ -21,6 +23,7 @@ import numpy as np
 from insightv_jax.data import conversation as conv
 from insightv_jax.data.conversation import detect_template
 from insightv_jax.data.images import pack_samples
+from insightv_jax.data.validate import video_fps
 from insightv_jax.errors import DataError
 from insightv_jax.vision_grid import num_image_tokens
 
@@ -29,12 +32,16 @@ from insightv_jax.vision_grid import num_image_tokens
 class EncodedPrompt:
     """A prompt's ids and images: LLaVA's `pixel_values` (I, tiles, 3, H, W)
     with `image_sizes` (I, 2), or Qwen-VL's `pixel_values` (patches, C*T*p*p)
-    with `image_grid_thw` (I, 3)."""
+    with `image_grid_thw` (I, 3) and its videos' `pixel_values_videos`,
+    `video_grid_thw` (V, 3) and `second_per_grid_ts` (V,)."""
 
     ids: list[int]
     pixel_values: np.ndarray | None = None
     image_sizes: np.ndarray | None = None
     image_grid_thw: np.ndarray | None = None
+    pixel_values_videos: np.ndarray | None = None
+    video_grid_thw: np.ndarray | None = None
+    second_per_grid_ts: np.ndarray | None = None
 
 
 class PromptEncoder:
@@ -71,22 +78,50 @@ class PromptEncoder:
         ]
         return pv[0], sizes[0], counts
 
-    def prompt(self, messages: list[dict], images=(), name: str = "prompt") -> EncodedPrompt:
-        """A generation prompt: the messages, then the assistant header."""
+    def video_inputs(self, videos, name: str = "prompt") -> tuple[dict, list[int]]:
+        """(the processor's video arrays, tokens per video) for `videos`, each a
+        `{"frames": [files], "fps" | "seconds_per_frame": x}` entry."""
+        if not videos:
+            return {}, []
+        if self.model_cfg is None or not self.model_cfg.is_qwen_vl or self.processor is None:
+            raise DataError(f"{name}: this model takes no videos (only Qwen-VL models do)")
+        conv.check_image_span(self.tokenizer, self.model_cfg, videos=True)
+        parts = []
+        for k, v in enumerate(videos):
+            where = f"{name} video {k}"
+            if not isinstance(v, dict) or not v.get("frames"):
+                raise DataError(f"{where}: give {{'frames': [...], 'fps': x}}")
+            if ("fps" in v) == ("seconds_per_frame" in v):
+                raise DataError(f"{where}: needs one of fps or seconds_per_frame")
+            parts.append(self.processor.video(v["frames"], video_fps(v), where))
+        out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        merge = self.processor.merge_size**2
+        return out, [int(g.prod()) // merge for g in out["video_grid_thw"]]
+
+    def prompt(self, messages: list[dict], images=(), name: str = "prompt",
+               videos=()) -> EncodedPrompt:  # fmt: skip
+        """A generation prompt: the messages, then the assistant header. Each
+        `<image>` takes the next of `images`, each `<video>` (Qwen-VL) the
+        next of `videos`."""
         pv, sizes, counts = self.image_inputs(list(images), name)
-        placeholders = sum(str(m.get("content", "")).count(conv.IMAGE_TOKEN) for m in messages)
-        if placeholders != len(counts):
-            raise DataError(f"{name}: {placeholders} <image> placeholders but {len(counts)} images")
+        video_arrays, video_counts = self.video_inputs(list(videos), name)
+        marked = [conv.placeholder_count(str(m.get("content", "")), self.image_span)
+                  for m in messages]  # fmt: skip
+        if sum(m[0] for m in marked) != len(counts):
+            raise DataError(f"{name}: {sum(m[0] for m in marked)} <image> placeholders but "
+                            f"{len(counts)} images")  # fmt: skip
         if self.template is not None:
             ids = conv.render_prompt(messages, self.tokenizer, self.template, counts,
-                                     self.image_span)  # fmt: skip
+                                     self.image_span, video_counts)  # fmt: skip
         else:
+            if video_counts:
+                raise DataError(f"{name}: videos need one of our chat templates")
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
             )
             ids = self._expand(text, counts)
         if self.model_cfg is not None and self.model_cfg.is_qwen_vl:
-            return EncodedPrompt(ids, pv, image_grid_thw=sizes)
+            return EncodedPrompt(ids, pv, image_grid_thw=sizes, **video_arrays)
         return EncodedPrompt(ids, pv, sizes)
 
     def _expand(self, text: str, counts: list[int]) -> list[int]:
@@ -102,16 +137,15 @@ class PromptEncoder:
         if self.model_cfg is not None and self.model_cfg.is_qwen_vl:
             from insightv_jax.models.qwen_vl import VisionPrompt
 
-            rows = [e for e in encoded if e.image_grid_thw is not None]
-            if not rows:
+            def joined(key):  # rows in order, as the placeholders of the batch's ids
+                parts = [getattr(e, key) for e in encoded if getattr(e, key) is not None]
+                return np.concatenate(parts) if parts else None
+
+            arrays = {key: joined(key) for key in ("pixel_values", "image_grid_thw",
+                      "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}  # fmt: skip
+            if arrays["image_grid_thw"] is None and arrays["video_grid_thw"] is None:
                 return {}
-            return {
-                "vision": VisionPrompt(
-                    self.model_cfg,
-                    pixel_values=np.concatenate([e.pixel_values for e in rows]),
-                    image_grid_thw=np.concatenate([e.image_grid_thw for e in rows]),
-                )
-            }
+            return {"vision": VisionPrompt(self.model_cfg, **arrays)}
         pv, sizes = stack_prompts(encoded)
         return {} if pv is None else {"pixel_values": pv, "image_sizes": sizes}
 
