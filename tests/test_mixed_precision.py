@@ -1,11 +1,12 @@
 """Mixed precision: with bf16 compute the softmaxes, norms and losses of the SFT,
 DPO and RL steps run in fp32; bf16 parameters with an fp32 master copy
 (`train.master_weights`) track fp32 training while plain bf16 parameters drift;
-the master copy is sharded like its parameters and a checkpoint of such a run
-resumes bit-identically."""
+the master copy (of the trainable parameters below fp32 only) is sharded like
+its parameters and a checkpoint of such a run resumes bit-identically."""
 
 import functools
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,44 @@ def test_bf16_attention_softmax_and_logits_in_fp32(eight_devices):
     got = np.asarray(model.logits(jnp.asarray(hidden)))
     assert got.dtype == np.float32 and np.abs(want).max() > 16
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_master_copy_covers_trainable_params_below_fp32_only(eight_devices):
+    """The tiny LLaVA with a bf16 decoder (the projector follows it), on 8 devices:
+    the master copy holds fp32 twins of exactly the trainable bf16 leaves, each
+    sharded like its parameter; a frozen bf16 tower and a trainable fp32 tower get
+    none (AdamW's moments of the latter are fp32 as they are)."""
+    from insightv_jax.config import load_config
+
+    mesh = make_mesh(MeshConfig(1, 4, 2))
+    tiny = str(Path(__file__).resolve().parent.parent / "configs/models/tiny.yaml")
+    for vision_dtype, trainable in (
+        ("bfloat16", "[projector,llm]"),
+        ("float32", "[vision,projector,llm]"),
+    ):
+        cfg = load_config(tiny, [
+            "model.decoder.param_dtype=bfloat16", f"model.vision.param_dtype={vision_dtype}",
+            "train.master_weights=true", f"train.trainable={trainable}",
+        ])  # fmt: skip
+        program = build_program(cfg.model, cfg, mesh, 10)
+        state = program.abstract_state
+        params = {tuple(str(k.key) for k in p): a for p, a in _flat(state["params"])}
+        master = {tuple(str(k.key) for k in p): a for p, a in _flat(state["master"])}
+        want = {p for p, a in params.items() if a.dtype == jnp.bfloat16}
+        assert set(master) == want and any(p[0] == "projector" for p in want)
+        tower = [a for p, a in params.items() if p[0] == "vision"]  # trainable fp32 or frozen
+        assert all(a.dtype == jnp.float32 for a in tower) and bool(tower) == ("vision" in trainable)
+        assert all(a.dtype == jnp.float32 for a in master.values())
+        assert all(a.sharding == params[p].sharding for p, a in master.items())
+        assert any(a.sharding.spec != jax.sharding.PartitionSpec() for a in master.values())
+        frozen = {str(p[0].key) for p, _ in _flat(state["frozen"])}
+        assert frozen == ({"vision"} if vision_dtype == "bfloat16" else set())
+        mu = jax.tree.leaves(state["opt"][1][0].mu)
+        assert all(a.dtype == jnp.float32 for a in mu)
+
+
+def _flat(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def _initial_weights(mesh) -> dict:
