@@ -36,6 +36,8 @@ class DecoderConfig:
     o_bias: bool = False  # Llama with attention_bias=True
     tie_embeddings: bool = False
     max_position_embeddings: int = 8192
+    # Storage dtype. Training bfloat16 parameters wants `train.master_weights: true`
+    # (an fp32 copy takes the updates; docs/design.md, "Precision").
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and losses stay fp32
     # auto: splash on TPU, cudnn on GPU in bf16/fp16, else xla (models.attention.resolve).

@@ -11,7 +11,18 @@ TRAINABLE_PARTS = ("vision", "projector", "llm")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Supervised fine-tuning (the `train:` section): optimiser, schedule, batch,
-    checkpointing and logging. Defaults follow docs/method.md."""
+    checkpointing and logging. Defaults follow docs/method.md.
+
+    Precision is set by the model's `param_dtype` / `dtype` and by
+    `master_weights` (docs/design.md, "Precision"). With `master_weights: true`
+    every trainable parameter held below fp32 (e.g. `model.decoder.param_dtype:
+    bfloat16`) gets an fp32 master copy: the forward and backward read the bf16
+    parameters, AdamW's moments are fp32 and the update is applied to the fp32
+    copy, which is then rounded back into the bf16 parameters. Without it, bf16
+    parameters take bf16 moments and bf16 updates, and updates smaller than half
+    a bf16 step of a weight are lost (the loss drifts from fp32 training's).
+    Parameters already fp32 need no copy: for them the option changes nothing.
+    """
 
     lr: float = 1e-5
     warmup_fraction: float = 0.05
@@ -28,6 +39,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     trainable: tuple[str, ...] = ("projector", "llm")
     remat: Literal["none", "full", "dots", "dots_no_batch"] | None = None  # None: model's
+    master_weights: bool = False  # fp32 master copy + fp32 AdamW state for sub-fp32 params
     loss_chunk: int = 1024  # tokens (per batch shard) per cross-entropy chunk: bounds fp32 logits
     checkpoint_every: int = 500  # steps; 0 = only the final checkpoint
     keep: int = 3  # checkpoints kept

@@ -366,9 +366,12 @@ class Decoder(nnx.Module):
         return head.astype(self.cfg.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Project hidden states to fp32 vocabulary logits."""
-        out = dense(hidden, self.output_head().astype(hidden.dtype))
-        return constrain_sharding(out.astype(jnp.float32), "act_batch", "act_length", "act_vocab")
+        """Project hidden states to fp32 vocabulary logits (accumulated in fp32)."""
+        head = self.output_head().astype(hidden.dtype)
+        # fp32 out of the matmul, not a bf16 result widened: bf16 logits of size ~20
+        # are 0.06-0.125 apart, errors that log-probs (DPO, RL, sampling) would keep.
+        out = dense(hidden, head, out_dtype=jnp.float32)
+        return constrain_sharding(out, "act_batch", "act_length", "act_vocab")
 
     def __call__(self, input_ids, attention_mask=None, positions=None, inputs_embeds=None):
         """Logits (B, T, V) in fp32 for token ids (or precomputed embeddings).

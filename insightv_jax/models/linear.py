@@ -28,9 +28,10 @@ def zeros(shape, axes, dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes)
 
 
-def dense(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, axes: int = 1, out_dtype=None) -> jax.Array:
     """Contract the last `axes` axes of `x` with the first `axes` axes of `w`:
-    x (..., *In) @ w (*In, *Out) -> (..., *Out), as one 2-D matmul."""
+    x (..., *In) @ w (*In, *Out) -> (..., *Out), as one 2-D matmul. `out_dtype`
+    (e.g. fp32 for bf16 operands) is the product's dtype, accumulated in it."""
     lead, k = x.shape[: x.ndim - axes], math.prod(x.shape[x.ndim - axes :])
-    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
     return y.reshape(lead + w.shape[axes:])

@@ -1,7 +1,9 @@
 """The optimiser (AdamW, warmup + cosine, global-norm clipping) and which
 parameters it sees: the model's parameters are split into a trainable and a
 frozen part by the config's `trainable` subset of {vision, projector, llm}, so
-optimizer state exists only for what trains.
+optimizer state exists only for what trains. With `train.master_weights`, the
+trainable leaves held below fp32 also get an fp32 master copy (`master_paths`,
+`fp32_weights`, `from_fp32_weights`): the optimizer sees only fp32 weights.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from insightv_jax.config import TrainConfig
@@ -75,6 +79,36 @@ def merge(a: dict, b: dict) -> dict:
 def split_trainable(params: dict, trainable: tuple[str, ...]) -> tuple[dict, dict]:
     """(trainable params, frozen params) by part."""
     return partition(params, lambda path: param_part(path) in trainable)
+
+
+def _paths(tree: dict, keep=lambda leaf: True) -> frozenset[tuple[str, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return frozenset(tuple(str(k.key) for k in path) for path, leaf in flat if keep(leaf))
+
+
+def master_paths(trainable: dict) -> frozenset[tuple[str, ...]]:
+    """The paths (as `partition` spells them) of the leaves of `trainable` (arrays
+    or ShapeDtypeStructs) held below fp32: those that get an fp32 master copy."""
+    return _paths(trainable, lambda leaf: jnp.dtype(leaf.dtype) != jnp.float32)
+
+
+def fp32_weights(params: dict, master: dict) -> dict:
+    """The trainable weights as the optimizer sees them: the master copy where
+    there is one, the parameter itself elsewhere."""
+    paths = _paths(master)
+    return merge(master, partition(params, lambda path: path not in paths)[0])
+
+
+def from_fp32_weights(
+    weights: dict, params: dict, paths: frozenset[tuple[str, ...]]
+) -> tuple[dict, dict]:
+    """(parameters, master copy) from updated fp32 `weights`: the leaves at
+    `paths` are kept as the new master and rounded to their dtype in `params`
+    (round to nearest even), the others are the new parameters as they are."""
+    master, rest = partition(weights, lambda path: path in paths)
+    low = partition(params, lambda path: path in paths)[0]
+    rounded = jax.tree.map(lambda m, p: m.astype(p.dtype), master, low)
+    return merge(rounded, rest), master
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -53,9 +53,10 @@ def _shard_bytes(tree) -> int:
 
 
 def hand_estimate(cfg, program, seq_len: int, vision_patches: int | None = None) -> dict:
-    """Per-device bytes by hand: params, optimizer state, gradient accumulator,
-    remat-saved layer inputs, one layer's recomputation, one loss chunk, and
-    (Qwen-VL, `vision_patches` per sample) one vision block."""
+    """Per-device bytes by hand: params, optimizer state, fp32 master weights (if
+    any), gradient accumulator, remat-saved layer inputs, one layer's
+    recomputation, one loss chunk, and (Qwen-VL, `vision_patches` per sample)
+    one vision block."""
     import jax.numpy as jnp
 
     model_cfg = program_model_cfg(cfg)
@@ -92,6 +93,8 @@ def hand_estimate(cfg, program, seq_len: int, vision_patches: int | None = None)
         "layer_recompute": int(layer),
         "loss_chunk": int(loss),
     }
+    if "master" in program.abstract_state:  # train.master_weights: fp32 copies of bf16 params
+        out["master_weights"] = _shard_bytes(program.abstract_state["master"])
     if vision_patches:
         # The tower's segment attention forms whole (L, L) score matrices per
         # head, windowed blocks included: at thousands of patches they dominate

@@ -3,7 +3,9 @@
 Train state (a plain pytree, checkpointed as is):
     params   trainable parameters (nested dict of arrays, the model's pure-dict layout)
     frozen   frozen parameters (same layout, disjoint leaves)
-    opt      optax state for `params` only
+    master   with `train.master_weights` and parameters below fp32 only: fp32
+             copies of the trainable leaves held below fp32 (sharded like them)
+    opt      optax state for `params` only (fp32 where a master copy exists)
     step     optimizer steps taken (int32), skipped: non-finite steps skipped (int32)
 
 The step is `jax.jit` with explicit in/out shardings for every leaf and the
@@ -28,7 +30,16 @@ from insightv_jax.models.interface import CausalLM
 from insightv_jax.models.qwen_vl import BATCH_KEYS as QWEN_VL_BATCH_KEYS
 from insightv_jax.parallel import logical_to_spec
 from insightv_jax.train.losses import IGNORE, fused_ce_sum, shift_labels
-from insightv_jax.train.optim import lr_schedule, make_optimizer, merge, split_trainable
+from insightv_jax.train.optim import (
+    fp32_weights,
+    from_fp32_weights,
+    lr_schedule,
+    make_optimizer,
+    master_paths,
+    merge,
+    partition,
+    split_trainable,
+)
 
 # The model inputs of a training batch: LLaVA's images per sample, Qwen-VL's
 # laid out per row with their M-RoPE positions (`models.qwen_vl.BATCH_KEYS`).
@@ -86,7 +97,15 @@ class SFTProgram:
             raise ValueError(f"train.trainable={list(cfg.trainable)} selects no parameters")
         p_sh = jax.tree.map(lambda a: a.sharding, trainable)
         f_sh = jax.tree.map(lambda a: a.sharding, frozen)
-        abstract_opt = jax.eval_shape(self.tx.init, trainable)
+        # The master copy: fp32 twins of the trainable leaves below fp32, each
+        # with its parameter's sharding. Empty (no "master" in the state, the
+        # checkpoint layout unchanged) when the option is off or all is fp32.
+        self.master_paths = master_paths(trainable) if cfg.master_weights else frozenset()
+        master = partition(trainable, lambda path: path in self.master_paths)[0]
+        master = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), master
+        )
+        abstract_opt = jax.eval_shape(self.tx.init, fp32_weights(trainable, master))
         o_sh = like_params_shardings(abstract_opt, p_sh, mesh)
         rep = NamedSharding(mesh, PartitionSpec())
         self.shardings = {"params": p_sh, "frozen": f_sh, "opt": o_sh, "step": rep, "skipped": rep}
@@ -100,28 +119,48 @@ class SFTProgram:
             "step": scalar,
             "skipped": scalar,
         }
-        self._init_opt = jax.jit(self.tx.init, in_shardings=(p_sh,), out_shardings=o_sh)
+        if self.master_paths:
+            self.shardings["master"] = jax.tree.map(lambda a: a.sharding, master)
+            self.abstract_state["master"] = master
+        self._init_opt = jax.jit(self.tx.init, out_shardings=o_sh)
         self._steps: dict[Any, Any] = {}
         self._update = None
 
     # ------------------------------------------------------------- state
 
     def init_state(self, params: dict) -> dict:
-        """A fresh train state from a full (sharded) parameter pure dict."""
+        """A fresh train state from a full (sharded) parameter pure dict.
+
+        Parameters of another dtype than the program's (an fp32 checkpoint
+        trained in bf16) are cast to it; the master copy is taken from the
+        values given, so an fp32 start loses nothing to the bf16 parameters."""
         trainable, frozen = split_trainable(params, self.cfg.trainable)
+        a = self.abstract_state
+        master = partition(trainable, lambda path: path in self.master_paths)[0]
+        master = jax.tree.map(lambda x: x.astype(jnp.float32), master)
+
+        def cast(tree, like):  # only where the dtype differs: no copy of what fits
+            return jax.tree.map(
+                lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x, tree, like
+            )
+
+        trainable, frozen = cast(trainable, a["params"]), cast(frozen, a["frozen"])
         with jax.set_mesh(self.mesh):
-            opt = self._init_opt(trainable)
+            opt = self._init_opt(fp32_weights(trainable, master))
 
         def zero():  # distinct buffers: the state is donated leaf by leaf
             return jax.device_put(jnp.zeros((), jnp.int32), self.shardings["step"])
 
-        return {
+        state = {
             "params": trainable,
             "frozen": frozen,
             "opt": opt,
             "step": zero(),
             "skipped": zero(),
         }
+        if self.master_paths:
+            state["master"] = master
+        return state
 
     @staticmethod
     def full_params(state: dict) -> dict:
@@ -265,21 +304,33 @@ class SFTProgram:
         return grads, self._metrics(sums, totals)
 
     def _apply(self, state: dict, grads: dict, metrics: dict):
-        """The optimizer update from gradients; adds grad_norm and finite to metrics."""
-        trainable = state["params"]
+        """The optimizer update from gradients; adds grad_norm and finite to metrics.
+
+        With a master copy the update is applied to the fp32 weights and the
+        result rounded into the parameters: a bf16 parameter then moves by the
+        sum of many updates smaller than its own rounding step, which bf16
+        arithmetic alone would drop one by one."""
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        paths = self.master_paths
 
-        def update(params, opt):
-            updates, new_opt = self.tx.update(grads, opt, params)
+        def update(params, master, opt):
+            weights = fp32_weights(params, master)
+            updates, new_opt = self.tx.update(grads, opt, weights)
             # the state keeps its dtypes (fp32 gradients would promote bf16 moments)
             new_opt = jax.tree.map(lambda n, o: n.astype(o.dtype), new_opt, opt)
-            return optax.apply_updates(params, updates), new_opt
+            new_weights = optax.apply_updates(weights, updates)
+            return (*from_fp32_weights(new_weights, params, paths), new_opt)
 
         # A non-finite step leaves params and optimizer state as they were. A
         # branch, not a select: only one of the two states is ever written.
-        new_params, new_opt = jax.lax.cond(
-            finite, update, lambda p, o: (p, o), trainable, state["opt"]
+        new_params, new_master, new_opt = jax.lax.cond(
+            finite,
+            update,
+            lambda p, m, o: (p, m, o),
+            state["params"],
+            state.get("master", {}),
+            state["opt"],
         )
         new_state = {
             "params": new_params,
@@ -288,4 +339,6 @@ class SFTProgram:
             "step": state["step"] + 1,
             "skipped": state["skipped"] + (~finite).astype(jnp.int32),
         }
+        if paths:
+            new_state["master"] = new_master
         return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}

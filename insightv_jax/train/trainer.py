@@ -3,7 +3,8 @@
 Run directory (checkpoint.py's layout):
     RUN/config.yaml, RUN/tokenizer/, RUN/processor/   written when the run starts
     RUN/checkpoints/<step>/model/   all parameters (loads like a model dir's params/)
-    RUN/checkpoints/<step>/train/   optimizer state, step, skipped-step count
+    RUN/checkpoints/<step>/train/   optimizer state, step, skipped-step count and, with
+                                    train.master_weights, the fp32 master copy
     RUN/checkpoints/<step>/data/    the data iterator's state (one file per process)
     RUN/checkpoints/<step>/meta/    step, skipped, total steps, the run config
     RUN/tb/                         TensorBoard event files
@@ -80,6 +81,25 @@ def global_batch(local: dict, program: SFTProgram) -> dict:
         sharding = program.batch_shardings({key: jax.ShapeDtypeStruct(shape, value.dtype)})[key]
         out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
     return out
+
+
+# What a step's `train/` item holds of the train state ("master" only when there is one).
+TRAIN_ITEM = ("opt", "master", "step", "skipped")
+
+
+def check_master(path: Path, stored: dict, master: dict | None) -> None:
+    """A CheckpointMismatch when the `train/` item at `path` (its array shapes,
+    from `check_orbax_item`) was written with an fp32 master copy and the run has
+    none, or the other way round: the config changed, the checkpoint is intact."""
+    has = any(name.startswith("master.") for name in stored)
+    if stored and has != bool(master):
+        want = "on" if master else "off"
+        raise CheckpointMismatch(
+            f"{path}: written with train.master_weights {'on' if has else 'off'}, this run has "
+            f"it {want} (resume with the setting it was written with)"
+        )
+    if master:
+        check_fits(path, stored, {"master": master})
 
 
 @dataclasses.dataclass
@@ -193,7 +213,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "config": to_dict(self.cfg),
         }
-        train = {"opt": state["opt"], "step": state["step"], "skipped": state["skipped"]}
+        train = {k: state[k] for k in TRAIN_ITEM if k in state}
         args = ocp.args.Composite(
             model=ocp.args.StandardSave(SFTProgram.full_params(state)),
             train=ocp.args.StandardSave(train),
@@ -205,12 +225,13 @@ class Trainer:
     def _restore_step(self, step: int) -> dict:
         a = self.program.abstract_state
         model = SFTProgram.full_params(a)
-        train = {"opt": a["opt"], "step": a["step"], "skipped": a["skipped"]}
+        train = {k: a[k] for k in TRAIN_ITEM if k in a}
         # Every item is checked before orbax reads any: a truncated file then costs one
         # warning line, not a restore that fails amid its own background reads.
         step_dir = self.run_dir / "checkpoints" / str(step)
         check_fits(step_dir / "model", check_orbax_item(step_dir / "model"), model)
-        check_orbax_item(step_dir / "train")
+        stored = check_orbax_item(step_dir / "train")
+        check_master(step_dir / "train", stored, train.get("master"))
         if (step_dir / "data").is_dir():
             check_orbax_item(step_dir / "data")
         args = ocp.args.Composite(
@@ -222,14 +243,7 @@ class Trainer:
         if "data" in restored and not isinstance(self.batches, grain.DatasetIterator):
             self.batches.set_state(restored["data"])
         params, frozen = split_trainable(restored["model"], self.cfg.train.trainable)
-        t = restored["train"]
-        return {
-            "params": params,
-            "frozen": frozen,
-            "opt": t["opt"],
-            "step": t["step"],
-            "skipped": t["skipped"],
-        }
+        return {"params": params, "frozen": frozen, **restored["train"]}
 
     def restore_latest(self) -> dict | None:
         """The newest checkpoint that restores; corrupt ones are moved aside
