@@ -212,3 +212,18 @@ def long_tailed_lengths(n: int, max_length: int = 12288, seed: int = 0) -> np.nd
     [16, max_length]: a length distribution for packing figures, no tokenizer."""
     rng = np.random.default_rng(seed)
     return np.clip(rng.lognormal(np.log(1200.0), 0.9, n), 16, max_length).astype(np.int64)
+
+
+def packing_figures(
+    synthetic_lengths: Sequence[int], buckets: Sequence[int], batch_size: int
+) -> dict:
+    """`insightv bench data`'s packing section: `packing_efficiency` of the
+    synthetic suite's records (their exact token counts, padded to `buckets`)
+    and of 4096 `long_tailed_lengths` up to 12,288 tokens (buckets 1k..12k,
+    rows of 12,288)."""
+    return {
+        "synthetic": packing_efficiency(synthetic_lengths, buckets, batch_size),
+        "long_tailed_12288": packing_efficiency(
+            long_tailed_lengths(4096), (1024, 2048, 4096, 8192, 12288), batch_size
+        ),
+    }
