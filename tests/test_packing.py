@@ -12,7 +12,7 @@ from flax import nnx
 
 from insightv_jax.config import DecoderConfig, ModelConfig, load_config
 from insightv_jax.config.base import ConfigError
-from insightv_jax.data.loader import Collate, Loader
+from insightv_jax.data.loader import Collate, Loader, shard_options
 from insightv_jax.data.packing import (
     PackCollate,
     first_fit,
@@ -147,7 +147,8 @@ def _source(n: int = 60):
 
 
 def _loader(**kw):
-    return Loader(_source(), _Words(), batch_size=2, buckets=(32, 64), seed=5, packing=True,
+    kw = {"batch_size": 2, **kw}
+    return Loader(_source(), _Words(), buckets=(32, 64), seed=5, packing=True,
                   packing_window=3, check=lambda rec, root, limits: None, **kw)  # fmt: skip
 
 
@@ -174,6 +175,17 @@ def test_packed_loader_is_deterministic_and_resumes_exactly():
     for want in rest:
         got = next(resumed)
         assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_hosts_read_disjoint_rows_of_the_same_packed_global_batches():
+    """Two hosts of 2 rows each read, step by step, the rows of the one-host
+    loader's 4-row global batch (strided), all padded alike to 64."""
+    whole = list(_loader(num_epochs=1, batch_size=4))
+    hosts = [list(_loader(num_epochs=1, shard=shard_options(i, 2))) for i in range(2)]
+    assert len(whole) == len(hosts[0]) == len(hosts[1]) > 0
+    for w, h0, h1 in zip(whole, *hosts):
+        np.testing.assert_array_equal(w["input_ids"][0::2], h0["input_ids"])
+        np.testing.assert_array_equal(w["segment_ids"][1::2], h1["segment_ids"])
 
 
 def test_packing_raises_the_token_fraction_of_a_long_tailed_set():
