@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from insightv_jax.config import DecoderConfig, ModelConfig, load_config
+from insightv_jax.config import DecoderConfig, MeshConfig, ModelConfig, RunConfig, load_config
 from insightv_jax.config.base import ConfigError
 from insightv_jax.data.loader import Collate, Loader, shard_options
 from insightv_jax.data.packing import (
@@ -21,11 +21,13 @@ from insightv_jax.data.packing import (
 )
 from insightv_jax.models.factory import construct
 from insightv_jax.models.qwen_vl import BatchImages
-from insightv_jax.train.losses import IGNORE, fused_ce_sum, shift_labels
+from insightv_jax.parallel import make_mesh
+from insightv_jax.train.losses import IGNORE
+from insightv_jax.train.trainer import build_program, global_batch
 
 TINY = DecoderConfig(
     vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-    num_kv_heads=2, qkv_bias=True,
+    num_kv_heads=2, qkv_bias=True, scan_layers=False,
 )  # fmt: skip
 
 
@@ -36,23 +38,18 @@ def _text_example(rng, n: int, vocab: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def _loss_and_grads(model, batch: dict):
-    """The SFT objective (`SFTProgram`): summed token cross-entropy of the
-    shifted labels over the batch's label-token count, and its gradients."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    targets = shift_labels(batch["labels"])
-    count = jnp.sum(targets != IGNORE)
-
-    def loss(p):
-        m = nnx.merge(graphdef, p, rest)
-        hidden = m.hidden_states(
-            batch["input_ids"], batch["attention_mask"], **m.batch_inputs(batch)
-        )
-        return fused_ce_sum(hidden, targets, m.output_head(), 64)[0] / count
-
-    value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    return float(value), int(count), grads
+def _loss_and_grads(model_cfg: ModelConfig, batch: dict):
+    """The SFT step's loss (`SFTProgram`: summed token cross-entropy of the
+    shifted labels over the batch's label-token count), that count and the
+    gradients, one device, for the model `construct(model_cfg, seed=1)`."""
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    program = build_program(model_cfg, RunConfig(model=model_cfg), mesh, total_steps=1)
+    params = nnx.to_pure_dict(nnx.state(construct(model_cfg, seed=1), nnx.Param))
+    with jax.set_mesh(mesh):
+        state = program.init_state(params)
+        batch = global_batch(batch, program)
+        grads, metrics = program.grads_fn(batch)(state, batch)
+    return float(metrics["loss"]), int(metrics["tokens"]), grads
 
 
 def _assert_same(packed, unpacked):
@@ -76,8 +73,8 @@ def test_packed_text_rows_give_the_unpacked_loss_and_gradients():
     first = packed["segment_ids"] != np.pad(packed["segment_ids"], ((0, 0), (1, 0)))[:, :-1]
     assert (packed["labels"][first] == IGNORE).all()  # each record's first label is blank
     assert (packed["positions"][first & (packed["segment_ids"] > 0)] == 0).all()
-    model = construct(ModelConfig(decoder=TINY), seed=1)
-    _assert_same(_loss_and_grads(model, packed), _loss_and_grads(model, unpacked))
+    cfg = ModelConfig(decoder=TINY)
+    _assert_same(_loss_and_grads(cfg, packed), _loss_and_grads(cfg, unpacked))
 
 
 def test_packed_qwen_vl_rows_with_images_give_the_unpacked_loss_and_gradients():
@@ -112,8 +109,7 @@ def test_packed_qwen_vl_rows_with_images_give_the_unpacked_loss_and_gradients():
             n = len(examples[i]["input_ids"])
             np.testing.assert_array_equal(row[:, at : at + n], images.record_positions(examples[i]))
             at += n
-    model = construct(cfg, seed=3)
-    _assert_same(_loss_and_grads(model, packed), _loss_and_grads(model, unpacked))
+    _assert_same(_loss_and_grads(cfg, packed), _loss_and_grads(cfg, unpacked))
 
 
 def test_first_fit_places_every_record_once_within_capacity_and_window():

@@ -223,6 +223,8 @@ def build_dataset(
     batch_fn = collate or Collate(buckets, pad_id, images=getattr(transform, "batch_images", None))
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
     if packing:
+        if collate is not None:
+            raise DataError("packing lays its rows out itself (PackCollate); drop the collate")
         if lengths is None or len(lengths) != len(source):
             raise DataError("packing needs one length per record")
         capacity = max(buckets)
