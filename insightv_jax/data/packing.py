@@ -159,6 +159,31 @@ class PackCollate:
         return batch
 
 
+def pack_pairs(
+    rows: list[list[dict]], capacity: int, pairs_per_row: int, pad_id: int = 0, images=None
+) -> dict[str, np.ndarray]:
+    """A packed DPO batch of transformed pair examples (`data.pairs.PairTransform`'s
+    {chosen, rejected, [ref_logps]}), a list of pairs per row: pair j of a row
+    is segments 2j + 1 (chosen) and 2j + 2 (rejected), laid out as
+    `PackCollate` lays records, plus `pair_mask` (B, pairs_per_row) marking
+    the real pair slots and, when every pair has them, `ref_logps`
+    (B, pairs_per_row, 2) (0 in empty slots). See `train.dpo.program`."""
+    if any(len(row) > pairs_per_row for row in rows):
+        raise DataError(f"a packed row holds more than pairs_per_row={pairs_per_row} pairs")
+    sides = [[e[s] for e in row for s in ("chosen", "rejected")] for row in rows]
+    batch = PackCollate(None, capacity, pad_id, images).collate(sides)
+    mask = np.zeros((len(rows), pairs_per_row), np.float32)
+    ref = np.zeros((len(rows), pairs_per_row, 2), np.float32)
+    for b, row in enumerate(rows):
+        mask[b, : len(row)] = 1.0
+        for j, e in enumerate(row):
+            ref[b, j] = e.get("ref_logps", 0.0)
+    batch["pair_mask"] = mask
+    if all("ref_logps" in e for row in rows for e in row):
+        batch["ref_logps"] = ref
+    return batch
+
+
 def unpacked_fraction(lengths: Sequence[int], batch_size: int, buckets: Sequence[int]) -> float:
     """Real tokens / token slots when records (in the given order) are batched
     `batch_size` at a time, each batch padded to the bucket of its longest."""
