@@ -131,7 +131,10 @@ def _check_dpo(cfg: RunConfig) -> None:
     if cfg.data.group_by_length:
         raise ConfigError("dpo: data.group_by_length applies to SFT data, not preference pairs")
     if cfg.data.packing:
-        raise ConfigError("dpo: data.packing is SFT only (preference pairs are not packed yet)")
+        raise ConfigError(
+            "dpo: data.packing: the DPO step takes packed pair batches, but the DPO run's "
+            "pair loader does not pack yet"
+        )
     if cfg.dpo.dpop_lambda < 0 or (cfg.dpo.dpop_lambda and cfg.dpo.loss != "sigmoid"):
         raise ConfigError(
             f"dpo.dpop_lambda={cfg.dpo.dpop_lambda} must be >= 0 and needs dpo.loss=sigmoid"
