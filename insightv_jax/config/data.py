@@ -26,8 +26,18 @@ class DataConfig:
     # > 0: batches of records of similar length (less padding), sorted within
     # windows of this many global batches after the seeded shuffle; 0 = off
     group_by_length: int = 0
+    # SFT: several records per row of the largest bucket, kept apart by segment
+    # ids (data/packing.py): first-fit over `packing_window` open rows
+    packing: bool = False
+    packing_window: int = 8
 
     def validate(self) -> None:
+        if self.packing and self.group_by_length:
+            raise ConfigError(
+                "data.packing and data.group_by_length both batch by length; pick one"
+            )
+        if self.packing_window < 1:
+            raise ConfigError(f"data.packing_window={self.packing_window} must be >= 1")
         if self.group_by_length < 0:
             raise ConfigError(f"data.group_by_length={self.group_by_length} must be >= 0")
         if not self.buckets or max(self.buckets) < self.max_length:

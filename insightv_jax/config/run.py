@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from insightv_jax.config.base import ConfigError
 from insightv_jax.config.data import DataConfig
 from insightv_jax.config.dpo import DPOConfig
 from insightv_jax.config.eval import EvalConfig
@@ -42,3 +43,8 @@ class RunConfig:
         self.eval.validate()
         self.dpo.validate()
         self.rl.validate()
+        if self.data.packing and self.model.is_vlm:
+            raise ConfigError(
+                f"data.packing: model.kind={self.model.kind} lays images in fixed per-row "
+                "slots, which cannot hold several records; pack text or Qwen-VL models"
+            )

@@ -19,6 +19,11 @@ every host pads a step's rows to the same bucket. Without grouping, several host
 also pad each step to the bucket of the global batch's longest record (the
 per-record lengths are measured once at start, as for grouping).
 
+`packing=True` packs several records per row of the largest bucket instead,
+kept apart by `segment_ids` with per-record `positions` (`data.packing`: the
+plan is fixed once from the lengths, first-fit over `packing_window` open rows;
+batches hold `batch_size` rows).
+
 Resume needs the same pipeline: seed, batch size, buckets, shard and worker
 count (with workers, grain slices records across processes, so batches differ
 from an in-process run while staying deterministic).
@@ -31,6 +36,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from insightv_jax.data.packing import PackCollate, PackedBatches, packed_batches
 from insightv_jax.data.sources import open_source
 from insightv_jax.data.validate import (
     Limits,
@@ -206,6 +212,8 @@ def build_dataset(
     drop_remainder: bool = True,
     group_by_length: int = 0,
     lengths: list[int] | None = None,
+    packing: bool = False,
+    packing_window: int = 8,
 ) -> grain.IterDataset:
     """The grain pipeline over `source` (already validated): shuffle -> shard -> map -> batch.
 
@@ -214,6 +222,26 @@ def build_dataset(
     shard = shard or shard_options()
     batch_fn = collate or Collate(buckets, pad_id, images=getattr(transform, "batch_images", None))
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    if packing:
+        if collate is not None:
+            raise DataError("packing lays its rows out itself (PackCollate); drop the collate")
+        if lengths is None or len(lengths) != len(source):
+            raise DataError("packing needs one length per record")
+        capacity = max(buckets)
+        batches = packed_batches(
+            lengths, capacity, batch_size * shard.shard_count, packing_window, seed
+        )
+        if not batches:
+            raise DataError(f"{len(source)} records fill fewer than one global batch of "
+                            f"{batch_size * shard.shard_count} packed rows")  # fmt: skip
+        ds = grain.MapDataset.source(PackedBatches(source, batches, shard)).seed(seed).shuffle()
+        if num_epochs != 1:
+            ds = ds.repeat(num_epochs)
+        images = getattr(transform, "batch_images", None)
+        it = ds.map(PackCollate(transform, capacity, pad_id, images)).to_iter_dataset(read)
+        if workers > 0:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        return it
     if group_by_length > 0:
         if lengths is None or len(lengths) != len(source):
             raise DataError("group_by_length needs one length per record")
@@ -277,6 +305,8 @@ class Loader:
         drop_remainder: bool = True,
         check=check_record,
         group_by_length: int = 0,
+        packing: bool = False,
+        packing_window: int = 8,
     ):
         if on_bad_record not in ("skip", "fail"):
             raise DataError(f"on_bad_record={on_bad_record!r} is not skip or fail")
@@ -289,7 +319,7 @@ class Loader:
             raise DataError("no valid records to load")
         shard = shard or shard_options()
         lengths = None  # for length grouping, and for equal padding across hosts
-        if group_by_length > 0 or (shard.shard_count > 1 and drop_remainder):
+        if packing or group_by_length > 0 or (shard.shard_count > 1 and drop_remainder):
             # exact when the transform can count (ChatTransform.length)
             root = Path(getattr(source, "root", "."))
             measure = getattr(transform, "length", None) or (
@@ -312,6 +342,8 @@ class Loader:
             drop_remainder=drop_remainder,
             group_by_length=group_by_length,
             lengths=lengths,
+            packing=packing,
+            packing_window=packing_window,
         )
         self._it = iter(self.dataset)
 
@@ -381,5 +413,7 @@ def loader_from_config(
         limits=limits,
         pad_id=pad_id,
         group_by_length=cfg.group_by_length,
+        packing=cfg.packing,
+        packing_window=cfg.packing_window,
         **kw,
     )

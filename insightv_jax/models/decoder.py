@@ -93,7 +93,7 @@ class Attention(nnx.Module):
         k = constrain_sharding(apply_rope(k, rope), "act_batch", "act_length", "act_kv_heads", None)
         return q, k, v
 
-    def _attend(self, q, k, v, positions, kv_positions, kv_valid, heads_major: bool):
+    def _attend(self, q, k, v, positions, kv_positions, kv_valid, heads_major: bool, segments=None):
         dt = jnp.dtype(self.cfg.dtype)
         return attention(
             q,
@@ -106,14 +106,15 @@ class Attention(nnx.Module):
             backend=self.attention_impl,
             block_size=self.cfg.attention_block_size,
             heads_major=heads_major,
+            q_segment_ids=segments,
         )
 
-    def __call__(self, x, positions, rope, kv_valid) -> jax.Array:
+    def __call__(self, x, positions, rope, kv_valid, segment_ids=None) -> jax.Array:
         """Self-attention over x (B, T, D) at `positions` (B, T), rotated by
         `rope` (`rope_cos_sin` of those positions); `kv_valid` (B, T) marks
-        real tokens."""
+        real tokens; `segment_ids` (B, T), if given, keep packed records apart."""
         q, k, v = self._queries_keys_values(x, rope)
-        out = self._attend(q, k, v, positions, positions, kv_valid, heads_major=False)
+        out = self._attend(q, k, v, positions, positions, kv_valid, False, segment_ids)
         return self.project_out(out)
 
     def cached(self, x, positions, rope, slot_valid, offsets, layer_kv):
@@ -169,9 +170,9 @@ class DecoderBlock(nnx.Module):
         x = x + self.mlp(self.post_attn_norm(x))
         return constrain_sharding(x, "act_batch", "act_length", "act_embed")
 
-    def __call__(self, x, positions, rope, kv_valid) -> jax.Array:
+    def __call__(self, x, positions, rope, kv_valid, segment_ids=None) -> jax.Array:
         """The block over a whole sequence (see `Attention.__call__`)."""
-        x = x + self.attn(self.input_norm(x), positions, rope, kv_valid)
+        x = x + self.attn(self.input_norm(x), positions, rope, kv_valid, segment_ids)
         return self._mlp_residual(x)
 
     def cached(self, x, positions, rope, slot_valid, offsets, layer_kv):
@@ -184,6 +185,18 @@ class DecoderBlock(nnx.Module):
 
 
 # ------------------------------------------------------------------ decoder
+
+
+def packed_inputs(batch: dict) -> dict:
+    """A packed training batch's `segment_ids` (B, T) and per-record
+    `positions` ((B, T), or M-RoPE's (B, 3, T) moved to (3, B, T)) as
+    `hidden_states` keywords; {} for a batch without `segment_ids`."""
+    if "segment_ids" not in batch:
+        return {}
+    positions = jnp.asarray(batch["positions"])
+    if positions.ndim == 3:  # batches are batch-major; the decoder takes (3, B, T)
+        positions = jnp.moveaxis(positions, 1, 0)
+    return {"segment_ids": batch["segment_ids"], "positions": positions}
 
 
 class Decoder(nnx.Module):
@@ -236,7 +249,7 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         return positions, rope_cos_sin(positions, decoder_inv_freq(self.cfg))
 
-    def _run_blocks(self, inputs_embeds, attention_mask, positions, collect: bool):
+    def _run_blocks(self, inputs_embeds, attention_mask, positions, collect: bool, segments=None):
         B, T, _ = inputs_embeds.shape
         positions, rope = self._rotary(positions, B, T)
         if attention_mask is None:
@@ -249,6 +262,7 @@ class Decoder(nnx.Module):
             positions,
             rope,
             kv_valid,
+            segments,
             remat=self.cfg.remat,
             collect=collect,
             scan=self.cfg.scan_layers,
@@ -260,6 +274,7 @@ class Decoder(nnx.Module):
         inputs_embeds: jax.Array,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Run the blocks and the final norm over embeddings (B, T, D).
 
@@ -267,32 +282,44 @@ class Decoder(nnx.Module):
         0..T-1 (as Hugging Face does when none are given). With
         `cfg.mrope_section` set, `positions` may also be M-RoPE ids (3, B, T)
         (`mrope.get_rope_index`): they rotate queries and keys, and the causal
-        mask follows token order. Returns the normed hidden states (B, T, D).
+        mask follows token order. `segment_ids` (B, T) pack several records
+        per row (k for the k-th record, 0 for padding): a token attends only
+        within its record, and `positions` then restart at 0 per record, so
+        each record's states equal those of it run alone. Returns the normed
+        hidden states (B, T, D).
         """
-        return self._run_blocks(inputs_embeds, attention_mask, positions, collect=False)[0]
+        return self._run_blocks(inputs_embeds, attention_mask, positions, False, segment_ids)[0]
 
     def hidden_and_layer_outputs(
         self,
         inputs_embeds: jax.Array,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """`hidden_from_embeds`, and each block's output stacked (L, B, T, D)."""
-        return self._run_blocks(inputs_embeds, attention_mask, positions, collect=True)
+        return self._run_blocks(inputs_embeds, attention_mask, positions, True, segment_ids)
 
     def hidden_states(
-        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        pixel_values=None,
+        image_sizes=None,
+        segment_ids=None,
     ) -> jax.Array:
         """Final-normed hidden states (B, T, D) of a batch: the training entry
-        point of every top-level model (steps call this, then the head in chunks)."""
-        return self.hidden_from_embeds(
-            self.embed_inputs(input_ids, pixel_values, image_sizes), attention_mask, positions
-        )
+        point of every top-level model (steps call this, then the head in chunks).
+        `segment_ids`: packed rows (see `hidden_from_embeds`)."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        return self.hidden_from_embeds(embeds, attention_mask, positions, segment_ids)
 
     @staticmethod
     def batch_inputs(batch: dict) -> dict:
-        """`hidden_states`' extra arguments from a training batch: none (text)."""
-        return {}
+        """`hidden_states`' extra arguments from a training batch: a packed
+        batch's `segment_ids` and per-record `positions`; none otherwise."""
+        return packed_inputs(batch)
 
     def forward_cached(
         self,

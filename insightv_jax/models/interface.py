@@ -75,15 +75,19 @@ class CausalLM(DecodingLM, Protocol):
         positions: jax.Array | None = None,
         pixel_values: jax.Array | None = None,
         image_sizes: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Final-normed hidden states (B, T, D) of a training batch (images
-        in the per-sample layout); positions default to 0..T-1."""
+        in the per-sample layout); positions default to 0..T-1. A packed
+        batch gives `segment_ids` (B, T) (k for its k-th record, 0 for
+        padding) and positions that restart per record."""
         ...
 
     def batch_inputs(self, batch: dict) -> dict:
         """The keyword arguments of `hidden_states` beyond ids and mask that a
         training batch (a flat dict of batch-major arrays) carries for this
-        model: its images, and for a multimodal-RoPE model the positions."""
+        model: its images, for a multimodal-RoPE model the positions, and for
+        a packed batch its `segment_ids` and per-record positions."""
         ...
 
     def output_head(self) -> jax.Array:

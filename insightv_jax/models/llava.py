@@ -30,7 +30,7 @@ from insightv_jax.config import DecoderConfig, ModelConfig
 from insightv_jax.errors import DataError
 from insightv_jax.models import anyres
 from insightv_jax.models.cache import KVCache
-from insightv_jax.models.decoder import Decoder
+from insightv_jax.models.decoder import Decoder, packed_inputs
 from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.vision import VisionTower
 from insightv_jax.parallel import constrain_sharding
@@ -160,19 +160,27 @@ class LlavaModel(nnx.Module):
     # ------------------------------------------------------------ decoder
 
     def hidden_states(
-        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        pixel_values=None,
+        image_sizes=None,
+        segment_ids=None,
     ) -> jax.Array:
         """Final-normed hidden states (B, T, D) for the per-sample batch layout."""
         embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
-        return self.decoder.hidden_from_embeds(embeds, attention_mask, positions)
+        return self.decoder.hidden_from_embeds(embeds, attention_mask, positions, segment_ids)
 
     @staticmethod
     def batch_inputs(batch: dict) -> dict:
         """`hidden_states`' image arguments from a training batch (its
         per-sample `pixel_values` / `image_sizes`; {} for a text batch)."""
+        packed = packed_inputs(batch)
         if "pixel_values" not in batch:
-            return {}
-        return {"pixel_values": batch["pixel_values"], "image_sizes": batch.get("image_sizes")}
+            return packed
+        images = {"pixel_values": batch["pixel_values"], "image_sizes": batch.get("image_sizes")}
+        return {**images, **packed}
 
     def forward_cached(
         self, inputs_embeds, cache: KVCache, attention_mask=None, positions=None

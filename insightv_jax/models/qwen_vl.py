@@ -41,7 +41,7 @@ from flax import nnx
 
 from insightv_jax.config import DecoderConfig, ModelConfig
 from insightv_jax.models.cache import KVCache
-from insightv_jax.models.decoder import Decoder
+from insightv_jax.models.decoder import Decoder, packed_inputs
 from insightv_jax.models.mrope import get_rope_index, mm_token_types
 from insightv_jax.models.qwen_vision import (
     QwenVisionTower,
@@ -280,6 +280,19 @@ class BatchImages:
         ]
         return BatchImages(self.cfg, patch_bucket(max(patches)) if patches else None)
 
+    def record_positions(self, example: dict) -> np.ndarray:
+        """One training example's M-RoPE ids (3, L) computed alone, as a
+        packed row (`data.packing`) needs them: counted from 0, its images'
+        and videos' grids included; three equal 0..L-1 for text."""
+        ids = np.asarray(example["input_ids"])[None]
+        positions = rope_positions(
+            self.cfg, ids, np.ones_like(ids), example.get("image_grid_thw"),
+            example.get("video_grid_thw"), example.get("second_per_grid_ts"),
+        )  # fmt: skip
+        if positions is None:
+            return np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), (3, ids.shape[1]))
+        return positions[:, 0]
+
     def __call__(self, examples: list[dict], input_ids, attention_mask) -> dict[str, np.ndarray]:
         pixels, grids = _gathered(examples, "image_grid_thw", ("pixel_values", "image_grid_thw"))
         videos, video_grids, seconds = _gathered(
@@ -367,21 +380,29 @@ class QwenVL(nnx.Module):
         return constrain_sharding(merged, "act_batch", "act_length", "act_embed")
 
     def hidden_states(
-        self, input_ids, attention_mask=None, positions=None, pixel_values=None, image_sizes=None
+        self,
+        input_ids,
+        attention_mask=None,
+        positions=None,
+        pixel_values=None,
+        image_sizes=None,
+        segment_ids=None,
     ) -> jax.Array:
         """Final-normed hidden states (B, T, D); `positions` (3, B, T) M-RoPE
         ids (`rope_positions`), (B, T), or None (0..T-1); `pixel_values` a
         `PackedVision` or None (see `embed_inputs`)."""
         embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
-        return self.decoder.hidden_from_embeds(embeds, attention_mask, positions)
+        return self.decoder.hidden_from_embeds(embeds, attention_mask, positions, segment_ids)
 
     @staticmethod
     def batch_inputs(batch: dict) -> dict:
         """`hidden_states`' keyword arguments from a training batch
         (`batch_arrays`' keys): the `PackedVision` and the M-RoPE ids back in
-        the (3, B, T) order; {} for a batch without images."""
+        the (3, B, T) order, and a packed batch's `segment_ids`; {} for an
+        unpacked batch without images."""
+        packed = packed_inputs(batch)  # per-record positions (and segments)
         if "vision_rows" not in batch:
-            return {}
+            return packed
         layout = VisionLayout(
             batch["vision_order"], batch["vision_positions"], batch["vision_full_segments"],
             batch["vision_window_segments"], batch["vision_restore"],
@@ -389,6 +410,7 @@ class QwenVL(nnx.Module):
         return {
             "positions": jnp.moveaxis(jnp.asarray(batch["positions"]), 1, 0),
             "pixel_values": PackedVision(batch["pixel_values"], layout, batch["vision_rows"]),
+            **packed,
         }
 
     def forward_cached(

@@ -174,6 +174,38 @@ def chunked_sequence_nll(
     return total, count
 
 
+def chunked_segment_nll(
+    hidden: jax.Array,
+    targets: jax.Array,
+    segment_ids: jax.Array,
+    num_segments: int,
+    logits_fn: Callable[[jax.Array], jax.Array],
+    chunk: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """`chunked_sequence_nll` per segment of packed rows: (summed NLL, label
+    tokens), each (B, num_segments) fp32, column k - 1 for segment id k
+    (`segment_ids` (B, T); 0, padding, and ids past `num_segments` are left
+    out). A target at position t counts to the segment of token t; a packed
+    row blanks each record's first label, so no target crosses a boundary."""
+    hs, ts = _token_chunks(hidden, targets, chunk)
+    n, B, c = ts.shape
+    pad = n * c - segment_ids.shape[1]
+    ss = jnp.pad(segment_ids, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
+    ids = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+
+    @jax.checkpoint
+    def one(h, t, s):
+        onehot = (s[..., None] == ids).astype(jnp.float32)  # (B, chunk, S)
+        return jnp.einsum("bc,bcs->bs", _chunk_nll(logits_fn, h, t), onehot)
+
+    def body(total, xs):
+        return total + one(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((B, num_segments), jnp.float32), (hs, ts, ss))
+    scored = ((targets != IGNORE)[..., None] & (segment_ids[..., None] == ids)).astype(jnp.float32)
+    return total, jnp.sum(scored, axis=1)
+
+
 def _chunk_nll(logits_fn, h: jax.Array, t: jax.Array) -> jax.Array:
     """Per-token NLL (B, chunk) fp32 of one chunk; 0 where the target is IGNORE."""
     logits = logits_fn(h).astype(jnp.float32)

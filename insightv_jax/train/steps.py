@@ -44,7 +44,7 @@ from insightv_jax.train.optim import (
 # The model inputs of a training batch: LLaVA's images per sample, Qwen-VL's
 # laid out per row with their M-RoPE positions (`models.qwen_vl.BATCH_KEYS`).
 BATCH_KEYS = tuple(
-    dict.fromkeys(("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes",
+    dict.fromkeys(("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "segment_ids",
                    *QWEN_VL_BATCH_KEYS))
 )  # fmt: skip
 

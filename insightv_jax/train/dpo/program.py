@@ -6,6 +6,13 @@ A DPO batch is a dict of arrays in pair layout: `input_ids`, `attention_mask`,
 plus `ref_logps` (B, 2) summed reference log-probs. Keeping a pair's two
 sequences on one row keeps them on one device and in one micro-batch; inside
 the step the batch is reshaped to (2B, T) and run through ONE forward.
+
+A packed pair batch (`data.packing.pack_pairs`) holds up to P pairs per row
+instead: `input_ids`, `attention_mask`, `labels`, `segment_ids`, `positions`
+(B, T) (pair j's chosen side is segment 2j + 1, its rejected side 2j + 2),
+`pair_mask` (B, P) marking real pairs and `ref_logps` (B, P, 2). Log-probs are
+summed per segment (`chunked_segment_nll`); the loss, metrics and log-prob
+pass then work on (B, P, 2) as on (B, 2), empty pair slots masked out.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from insightv_jax.config import ConfigError, DPOConfig
 from insightv_jax.train.losses import (
     IGNORE,
+    chunked_segment_nll,
     chunked_sequence_nll,
     chunked_token_nll,
     dpo_pair_losses,
@@ -56,7 +64,15 @@ class DPOProgram(SFTProgram):
         self._passes: dict = {}
 
     def _sequence_nll(self, model, mb: dict) -> tuple[jax.Array, jax.Array]:
-        """(summed NLL, label tokens) per side, both (B, 2): one forward of 2B rows."""
+        """(summed NLL, label tokens) per side, both (B, 2): one forward of 2B
+        rows; of a packed pair batch, both (B, P, 2): one forward of its rows."""
+        if "segment_ids" in mb:
+            B, P = mb["pair_mask"].shape
+            nll, count = chunked_segment_nll(
+                self._hidden(model, mb), shift_labels(mb["labels"]), mb["segment_ids"], 2 * P,
+                model.logits, self.cfg.loss_chunk,
+            )  # fmt: skip
+            return nll.reshape(B, P, 2), count.reshape(B, P, 2)
         rows = {k: _rows(mb[k]) for k in BATCH_KEYS if k in mb}
         hidden = self._hidden(model, rows)
         nll, count = chunked_sequence_nll(
@@ -68,6 +84,13 @@ class DPOProgram(SFTProgram):
 
     def _totals(self, batch: dict) -> dict:
         valid = (shift_labels(batch["labels"]) != IGNORE).astype(jnp.float32)
+        if "segment_ids" in batch:  # packed: chosen sides are the odd segments
+            chosen = (batch["segment_ids"] % 2 == 1).astype(jnp.float32)
+            return {
+                "pairs": jnp.sum(batch["pair_mask"].astype(jnp.float32)),
+                "chosen_tokens": jnp.sum(valid * chosen),
+                "tokens": jnp.sum(valid),
+            }
         return {
             "pairs": jnp.asarray(batch["labels"].shape[0], jnp.float32),
             "chosen_tokens": jnp.sum(valid[:, 0]),
@@ -84,21 +107,23 @@ class DPOProgram(SFTProgram):
                 raise ConfigError("dpo: the batch has no ref_logps (precompute them first)")
             ref = jnp.zeros_like(logps)
         per_pair, rw_c, rw_r = dpo_pair_losses(
-            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1],
+            logps[..., 0], logps[..., 1], ref[..., 0], ref[..., 1],
             beta=d.beta, loss=d.loss, label_smoothing=d.label_smoothing,
             dpop_lambda=d.dpop_lambda,
         )  # fmt: skip
-        chosen_nll = jnp.sum(nll[:, 0])
-        share = jnp.sum(per_pair) / totals["pairs"]
+        # (B,) pairs, or (B, P) pair slots of a packed batch (empty ones masked)
+        real = mb["pair_mask"].astype(jnp.float32) if "pair_mask" in mb else 1.0
+        chosen_nll = jnp.sum(nll[..., 0])
+        share = jnp.sum(per_pair * real) / totals["pairs"]
         share += d.gamma * chosen_nll / jnp.maximum(totals["chosen_tokens"], 1.0)
         sums = {
-            "pref": jnp.sum(per_pair),
+            "pref": jnp.sum(per_pair * real),
             "chosen_nll": chosen_nll,
-            "correct": jnp.sum((rw_c > rw_r).astype(jnp.float32)),
-            "margin": jnp.sum(rw_c - rw_r),
-            "logp_chosen": jnp.sum(logps[:, 0]),
-            "logp_rejected": jnp.sum(logps[:, 1]),
-            "kl": jnp.sum(ref.astype(jnp.float32) - logps),
+            "correct": jnp.sum((rw_c > rw_r).astype(jnp.float32) * real),
+            "margin": jnp.sum((rw_c - rw_r) * real),
+            "logp_chosen": jnp.sum(logps[..., 0] * real),
+            "logp_rejected": jnp.sum(logps[..., 1] * real),
+            "kl": jnp.sum((ref.astype(jnp.float32) - logps) * jnp.expand_dims(real, -1)),
         }
         return share, sums
 
@@ -126,6 +151,8 @@ class DPOProgram(SFTProgram):
         return {"sum": -nll, "mean": -nll / jnp.maximum(count, 1.0), "tokens": count}
 
     def _token_pass(self, params: dict, batch: dict) -> dict:
+        if "segment_ids" in batch:
+            raise ValueError("token log-probs of a packed pair batch are not supported")
         model = nnx.merge(self.graphdef, params, self.rest)
         rows = {k: _rows(batch[k]) for k in BATCH_KEYS if k in batch}
         targets = shift_labels(rows["labels"])
@@ -153,7 +180,8 @@ class DPOProgram(SFTProgram):
         return self._pass_fn("sums", self._logprob_pass, batch)
 
     def _run_pass(self, name: str, fn: Callable, params: dict, batch: dict) -> dict:
-        batch = {k: np.asarray(v) for k, v in batch.items() if k in BATCH_KEYS}
+        keep = (*BATCH_KEYS, "pair_mask")  # a packed batch's pair slots shape its output
+        batch = {k: np.asarray(v) for k, v in batch.items() if k in keep}
         shardings = self.batch_shardings(batch)
         arrays = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
         with jax.set_mesh(self.mesh):

@@ -130,6 +130,11 @@ def _check_dpo(cfg: RunConfig) -> None:
         raise ConfigError("dpo: train.init must name the policy to start from")
     if cfg.data.group_by_length:
         raise ConfigError("dpo: data.group_by_length applies to SFT data, not preference pairs")
+    if cfg.data.packing:
+        raise ConfigError(
+            "dpo: data.packing: the DPO step takes packed pair batches, but the DPO run's "
+            "pair loader does not pack yet"
+        )
     if cfg.dpo.dpop_lambda < 0 or (cfg.dpo.dpop_lambda and cfg.dpo.loss != "sigmoid"):
         raise ConfigError(
             f"dpo.dpop_lambda={cfg.dpo.dpop_lambda} must be >= 0 and needs dpo.loss=sigmoid"
