@@ -154,11 +154,14 @@ def decode_vs_transformers(
     new: int = 64,
     device: str = "cpu",
     pair=None,
+    repeat: int = 3,
+    min_seconds: float = 0.5,
 ) -> dict:
     """Decode and prefill tokens/s against `transformers` generate (the same
     weights, in the decoder's parameter dtype, on torch `device`), and the
     decode step's read bandwidth against `peak` bytes/s. `pair` is a
-    `decode_pair` to reuse (built here when None)."""
+    `decode_pair` to reuse (built here when None); each side is timed in turn
+    for `repeat` rounds and `min_seconds` at least."""
     import torch
 
     from insightv_jax.hf.peer import synchronize
@@ -196,7 +199,7 @@ def decode_vs_transformers(
         return out
 
     t_gen, t_pre, t_hf_gen, t_hf_pre = _timed_in_turn(
-        ours_generate, ours_prefill, hf_generate, hf_prefill
+        ours_generate, ours_prefill, hf_generate, hf_prefill, repeat=repeat, min_seconds=min_seconds
     )
     ours_decode = batch * new / max(t_gen - t_pre, 1e-9)
     hf_decode = batch * new / max(t_hf_gen - t_hf_pre, 1e-9)
@@ -230,16 +233,19 @@ def bench_decode(
     device: str | None = None,
     read_mib: int = 2048,
     progress=None,
+    repeat: int = 3,
+    min_seconds: float = 0.5,
 ) -> dict:
     """Decode against `transformers` generate at each batch size, on the
     accelerator JAX runs on (the peer on torch's, `hf.peer.torch_device`),
     in the decoder's own dtype: the device check's sampling figures. The read
     peak streams `read_mib` MiB (a GPU needs GiBs for its launch to be noise);
-    `progress(out)` is called with the figures so far after each batch size."""
+    `progress(out)` is called with the figures so far after each batch size;
+    `repeat` and `min_seconds` as in `decode_vs_transformers`."""
     from insightv_jax.hf.peer import torch_device
 
     device = device or torch_device()
-    peak = read_bandwidth_peak(mib=read_mib)
+    peak = read_bandwidth_peak(mib=read_mib, min_seconds=4 * min_seconds)
     out = {
         "read_peak_gb_per_s": round(peak / 1e9, 1),
         "dtype": dcfg.dtype,
@@ -249,7 +255,9 @@ def bench_decode(
     }
     pair = decode_pair(dcfg, device)
     for b in batches:
-        out[f"batch_{b}"] = decode_vs_transformers(dcfg, peak, b, prompt, new, device, pair)
+        out[f"batch_{b}"] = decode_vs_transformers(
+            dcfg, peak, b, prompt, new, device, pair, repeat, min_seconds
+        )
         if progress is not None:
             progress(dict(out))
     return out

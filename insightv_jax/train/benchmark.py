@@ -189,10 +189,12 @@ def bench_one(
     profile: bool = False,
     device: str = "cpu",
     nominal: float | None = None,
+    steps: int = 3,
 ) -> dict:
     """One model's row: tokens/s, MFU (against `peak`, and `nominal` when
     given) and first-step loss of our step and of `transformers`' (eager, and
-    compiled when `torch_compile`), and their ratio. The peer runs first and
+    compiled when `torch_compile`), and their ratio; each timed over `steps`
+    and `min_seconds` at least, after a warm-up step. The peer runs first and
     is dropped before ours starts: on a GPU both would not fit at 1B."""
     batch = _batch(cfg)
     tokens = batch["input_ids"].size
@@ -211,13 +213,13 @@ def bench_one(
             row[f"{prefix}_mfu_vs_nominal"] = round(flops / seconds / nominal, 3)
 
     torch_losses: list[float] = []
-    t_eager = timed(torch_step(cfg, batch, device, losses=torch_losses), min_seconds)
+    t_eager = timed(torch_step(cfg, batch, device, losses=torch_losses), min_seconds, steps)
     record("torch_eager", t_eager)
     row["torch_loss"] = round(torch_losses[0], 4)
     release(device)
     if torch_compile:
         try:
-            t_comp = timed(torch_step(cfg, batch, device, compile=True), min_seconds)
+            t_comp = timed(torch_step(cfg, batch, device, compile=True), min_seconds, steps)
             row["torch_compile_tokens_per_s"] = round(tokens / t_comp, 1)
         except Exception as e:  # inductor needs a working C++ toolchain
             t_comp = None
@@ -225,7 +227,7 @@ def bench_one(
         release(device)
     jax_losses: list[float] = []
     step = jax_step(cfg, batch, jax_losses)
-    t_jax = timed(step, min_seconds)
+    t_jax = timed(step, min_seconds, steps)
     record("jax", t_jax)
     row["jax_loss"] = round(jax_losses[0], 4)
     row["ratio_vs_eager"] = round(t_eager / t_jax, 2)
@@ -246,10 +248,12 @@ def bench_train(
     overrides=(),
     peak: float | None = None,
     progress=None,
+    steps: int = 3,
 ) -> dict:
     """tokens/s and MFU of our SFT step vs transformers, per config of `size`
-    (module docstring); `peak` FLOP/s is measured here unless given;
-    `progress(out)` is called with the figures so far after each model."""
+    (module docstring), each side timed over `steps` and `min_seconds` at
+    least; `peak` FLOP/s is measured here unless given; `progress(out)` is
+    called with the figures so far after each model."""
     import jax
 
     from insightv_jax.hf.peer import torch_device
@@ -275,7 +279,7 @@ def bench_train(
     for name, cfg in runs.items():
         # where our step's time goes (XLA op kinds), for the fixed CPU config
         out[name] = bench_one(
-            name, cfg, peak, min_seconds, torch_compile, name == "bench-20m", device, nominal
+            name, cfg, peak, min_seconds, torch_compile, name == "bench-20m", device, nominal, steps
         )
         if progress is not None:
             progress(dict(out))
