@@ -134,12 +134,27 @@ def section_peak(ctx: dict) -> dict:
 
 
 def section_train(ctx: dict) -> dict:
-    """`bench train` at the check's size (toy on a CPU), the peer uncompiled."""
-    from insightv_jax.train.benchmark import bench_train
+    """`bench train` at the check's size (toy on a CPU), the peer uncompiled;
+    one model at a time, so that one failing (out of memory, say) leaves the
+    other measured."""
+    from insightv_jax.hf.peer import torch_device
+    from insightv_jax.train.benchmark import bench_train, release
 
     seconds, steps = (0.0, 1) if ctx["cpu"] else (2.0, 3)  # on a CPU: the code path only
-    return bench_train(seconds, False, ctx["size"], ctx["overrides"], ctx.get("peak"),
-                       progress=ctx["partial"], steps=steps)  # fmt: skip
+    out, errors = {}, []
+    for name in ("decoder", "vlm"):
+        try:
+            out.update(bench_train(seconds, False, ctx["size"], ctx["overrides"], ctx.get("peak"),
+                                   steps=steps, names=[name]))  # fmt: skip
+            ctx["peak"] = out["matmul_peak_gflops"] * 1e9  # measured once
+        except Exception as e:
+            out[name] = {"error": _one_line(e)}
+            errors.append(f"{name}: {_one_line(e)}")
+            release(torch_device())
+        ctx["partial"](out)
+    if errors:
+        out["error_summary"] = "; ".join(errors)
+    return out
 
 
 def section_sample(ctx: dict) -> dict:
@@ -178,7 +193,7 @@ def section_tests(ctx: dict) -> dict:
     if not ctx["cpu"]:
         env["JAX_PLATFORMS"] = "cuda,cpu"  # tests/conftest.py keeps a platform that is set
     cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *ctx["tests"]]
-    limit = max(10.0, ctx["deadline"] - time.monotonic() - 5)
+    limit = max(10.0, ctx["deadline"] - time.time() - 5)  # its counts, before the guard ends it
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
         text, rc, timed_out = proc.stdout + proc.stderr, proc.returncode, False
@@ -242,6 +257,11 @@ def record(out: Path, name: str, mode: str, seconds: float, result: dict, error=
     write_json(path, {**row, **result})
 
 
+def section_limit(guard: float, until: float) -> float:
+    """Seconds a section starting now may take: its guard, within the budget."""
+    return max(1.0, min(guard, until - time.time()))
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
@@ -255,9 +275,10 @@ def worker(args) -> int:
     size = "toy" if args.cpu else "1b"
     ctx = {"cpu": args.cpu, "size": size, "overrides": args.set, "tests": tests}
     mode = "cpu" if args.cpu else "device"
-    for name, guard in zip(args.sections, args.guards):
+    guards = CPU_GUARDS if args.cpu else GUARDS
+    for name in args.sections:
         print(f"{MARK} start {name}", flush=True)
-        ctx["deadline"] = time.monotonic() + guard
+        ctx["deadline"] = time.time() + section_limit(guards[name], args.until)
         t0 = time.perf_counter()
 
         def partial(result, name=name, t0=t0):
@@ -318,6 +339,7 @@ class _Check:
         self.mode = "cpu" if args.cpu else "device"
         self.guards = CPU_GUARDS if args.cpu else GUARDS
         self.start = time.monotonic()
+        self.until = time.time() + args.budget  # wall clock: the worker reads it too
         self.left = list(args.sections)
         self.summary = {"mode": self.mode, "argv": list(args.argv), "budget_s": args.budget}
         self.summary["sections"] = {}
@@ -337,19 +359,18 @@ class _Check:
         write_json(self.out / "summary.json", self.summary)
         self.left.remove(name)
 
-    def worker_command(self, guards: list[float]) -> list[str]:
+    def worker_command(self) -> list[str]:
         """The worker process's command line for the sections left."""
         a = self.args
         cmd = [sys.executable, "-m", "insightv_jax.device_check", "--worker", "--out",
-               str(self.out), "--sections", ",".join(self.left),
-               "--guards", ",".join(f"{g:.0f}" for g in guards)]  # fmt: skip
+               str(self.out), "--sections", ",".join(self.left), f"--until={self.until}"]  # fmt: skip
         cmd += (["--cpu"] if a.cpu else []) + [f"--set={kv}" for kv in a.set]
         return cmd + [f"--tests={t}" for t in a.tests]
 
-    def worker(self, guards: list[float]) -> None:
+    def worker(self) -> None:
         """One worker for the sections left, watched until it ends or is ended."""
         a = self.args
-        cmd = self.worker_command(guards)
+        cmd = self.worker_command()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_worker_env(a.cpu), text=True, bufsize=1,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)  # fmt: skip
@@ -360,10 +381,9 @@ class _Check:
                                   daemon=True)]  # fmt: skip
         for t in pumps:
             t.start()
-        own = dict(zip(self.left, guards))
         # between sections the worker has until the end of the budget (and a little)
         idle = self.start + a.budget + 30
-        current, deadline = None, idle
+        current, deadline, limit = None, idle, 0.0
         while True:
             try:
                 event = events.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -372,13 +392,14 @@ class _Check:
                 proc.wait()
                 name = current or (self.left[0] if self.left else None)
                 if name is not None:
-                    self.end(name, f"timed out after {own[name]:.0f} s", own[name])
+                    self.end(name, f"timed out after {limit:.0f} s", limit)
                 return
             if event[0] in ("start", "done") and event[1] not in self.left:
                 continue  # not a section this worker was given
             if event[0] == "start":
                 current = event[1]
-                deadline = time.monotonic() + own[current] + 2
+                limit = section_limit(self.guards[current], self.until)
+                deadline = time.monotonic() + limit + 2  # the worker's own limit ends first
             elif event[0] == "done":
                 self.end(event[1])
                 current, deadline = None, idle
@@ -394,7 +415,7 @@ class _Check:
     def run(self) -> dict:
         """Workers until every section is recorded; the summary."""
         while self.left:
-            budget_left = self.args.budget - (time.monotonic() - self.start)
+            budget_left = self.until - time.time()
             env = self.summary["sections"].get("env")
             env_failed = env is not None and not env["ok"]
             if budget_left < 3 or env_failed:
@@ -402,7 +423,7 @@ class _Check:
                 for name in list(self.left):
                     self.end(name, f"skipped: {why}")
                 break
-            self.worker([min(self.guards[n], budget_left) for n in self.left])
+            self.worker()
         self.summary["ok"] = all(s["ok"] for s in self.summary["sections"].values())
         write_json(self.out / "summary.json", self.summary)
         return self.summary
@@ -445,9 +466,7 @@ def parse(argv=None):
         help="test files or node ids for the tests section (repeatable)",
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--guards", type=lambda s: [float(x) for x in s.split(",")], help=argparse.SUPPRESS
-    )
+    p.add_argument("--until", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
@@ -455,6 +474,8 @@ def parse(argv=None):
     args.sections = [s for s in SECTIONS if s in args.sections]  # env first
     if args.budget is None:
         args.budget = 540.0 if args.cpu else 300.0
+    if args.until is None:
+        args.until = time.time() + args.budget
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 

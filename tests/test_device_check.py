@@ -76,7 +76,7 @@ class _Stand(device_check._Check):
 
     script = ""
 
-    def worker_command(self, guards):
+    def worker_command(self):
         return [sys.executable, "-c", self.script, ",".join(self.left)]
 
 

@@ -247,18 +247,18 @@ def bench_train(
     size: str = "20m",
     overrides=(),
     peak: float | None = None,
-    progress=None,
     steps: int = 3,
+    names=None,
 ) -> dict:
     """tokens/s and MFU of our SFT step vs transformers, per config of `size`
-    (module docstring), each side timed over `steps` and `min_seconds` at
-    least; `peak` FLOP/s is measured here unless given; `progress(out)` is
-    called with the figures so far after each model."""
+    (module docstring; `names` picks some of them), each side timed over
+    `steps` and `min_seconds` at least; `peak` FLOP/s is measured here unless
+    given."""
     import jax
 
     from insightv_jax.hf.peer import torch_device
 
-    runs = size_configs(size, overrides)
+    runs = {k: v for k, v in size_configs(size, overrides).items() if not names or k in names}
     bf16 = any(c.model.decoder.dtype == "bfloat16" for c in runs.values())
     dtype = "bfloat16" if bf16 else "float32"
     kind = jax.devices()[0].device_kind
@@ -281,8 +281,6 @@ def bench_train(
         out[name] = bench_one(
             name, cfg, peak, min_seconds, torch_compile, name == "bench-20m", device, nominal, steps
         )
-        if progress is not None:
-            progress(dict(out))
     out["convention"] = (
         f"MFU = 6·N_matmul·tokens + causal attention (halved) + LLaVA tower forward "
         f"/ measured {dtype} peak (and / data-sheet peak)"
