@@ -127,3 +127,11 @@ def test_guard_records_a_dead_worker_keeps_its_partial_figures_and_goes_on(tmp_p
     assert list(summary["sections"]) == list(device_check.SECTIONS)
     for name in device_check.SECTIONS[2:]:
         assert summary["sections"][name]["error"] == "worker died (exit 3): out of memory"
+
+
+def test_bench_size_is_for_train_and_sample_only(capsys):
+    from insightv_jax import cli
+
+    assert cli.main(["bench", "dpo", "--size", "toy"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: bench dpo takes no --size (only sample, train)"

@@ -81,11 +81,14 @@ def trainable_parameters(hf, trainable) -> list:
 def parity_inputs(cfg: ModelConfig, batch: int = 2, seq: int = 64, seed: int = 0) -> dict:
     """A random batch in the Hugging Face processor's layout: token ids (row 1
     right-padded by a quarter), its attention mask and, for LLaVA-1.5, one
-    image a row, whose placeholders follow the first token."""
+    image a row, whose placeholders follow the first token (rows lengthened
+    to twice the image's tokens when `seq` is shorter)."""
     import numpy as np
 
     from insightv_jax.vision_grid import tokens_per_tile
 
+    if cfg.is_vlm:
+        seq = max(seq, 2 * (tokens_per_tile(cfg) + 1))
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, cfg.decoder.vocab_size, (batch, seq)).astype(np.int32)
     mask = np.ones((batch, seq), np.int32)
