@@ -106,6 +106,7 @@ def section_env(ctx: dict) -> dict:
         },
     }
     if not ctx["cpu"] and out["backend"] == "cpu":
+        ctx["partial"](out)  # the versions say why
         raise RuntimeError("no accelerator: JAX runs on the CPU (run with --cpu for the CPU mode)")
     return out
 
@@ -287,14 +288,17 @@ def worker(args) -> int:
             record(out, name, mode, time.perf_counter() - t0, data, "cut short while running")
 
         ctx["partial"] = partial
+        error = None
         try:
             result = RUN[name](ctx)
             error = result.pop("error_summary", None)
             record(out, name, mode, time.perf_counter() - t0, result, error)
         except Exception as e:
-            tb = traceback.format_exc().strip().splitlines()[-12:]
-            record(out, name, mode, time.perf_counter() - t0, {}, _one_line(e), tb)
+            error, tb = _one_line(e), traceback.format_exc().strip().splitlines()[-12:]
+            record(out, name, mode, time.perf_counter() - t0, {}, error, tb)
         print(f"{MARK} done {name}", flush=True)
+        if name == "env" and error:  # nothing else can run (the parent skips the rest)
+            break
     return 0
 
 
@@ -314,6 +318,15 @@ def _pump(stream, queue: Queue, sink, tail: deque | None = None) -> None:
         sink.flush()
     if tail is None:
         queue.put(["exit"])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill the worker and what it started (its own process group)."""
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:  # it has ended already
+        pass
+    proc.wait()
 
 
 def _worker_env(cpu: bool) -> dict:
@@ -390,8 +403,7 @@ class _Check:
             try:
                 event = events.get(timeout=max(0.0, deadline - time.monotonic()))
             except Empty:  # past the current section's guard
-                os.killpg(proc.pid, 9)
-                proc.wait()
+                _stop(proc)
                 name = current or (self.left[0] if self.left else None)
                 if name is not None:
                     self.end(name, f"timed out after {limit:.0f} s", limit)
@@ -405,6 +417,9 @@ class _Check:
             elif event[0] == "done":
                 self.end(event[1])
                 current, deadline = None, idle
+                if not self.summary["sections"][event[1]]["ok"] and event[1] == "env":
+                    _stop(proc)  # the rest is skipped
+                    return
             else:  # the worker's stdout closed: it ended
                 rc = proc.wait()
                 for t in pumps:

@@ -135,3 +135,12 @@ def test_bench_size_is_for_train_and_sample_only(capsys):
     assert cli.main(["bench", "dpo", "--size", "toy"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: bench dpo takes no --size (only sample, train)"
+
+
+def test_without_an_accelerator_env_fails_and_the_rest_is_skipped(tmp_path):
+    assert device_check.main(["--out", str(tmp_path), "--sections", "env,peak"]) == 1
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["ok"] is False and env["error"].startswith("RuntimeError: no accelerator")
+    assert env["backend"] == "cpu" and env["versions"]["jaxlib"]  # what was found, kept
+    peak = json.loads((tmp_path / "peak.json").read_text())
+    assert peak["error"] == "skipped: the env section failed"
