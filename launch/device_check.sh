@@ -3,7 +3,7 @@
 # exercise it, measured matmul peaks, `bench train` (~1B decoder and LLaVA-shaped VLM, bf16)
 # and `bench sample` (decode at batch 1 and 8) against transformers on the same GPU, and fp32
 # parity -- about five minutes, one JSON file per section written as each finishes
-# (insightv_jax/device_check.py says what each holds).
+# (insightv_jax/device_check/ says what each holds).
 #
 #   launch/device_check.sh [--out DIR] [--cpu] [--budget S] [--sections env,peak,...]
 #                          [--set model.decoder.attention=cudnn] [--tests tests/test_x.py]

@@ -1,4 +1,4 @@
-"""The device check (launch/device_check.sh, insightv_jax/device_check.py): its
+"""The device check (launch/device_check.sh, insightv_jax/device_check/): its
 CPU mode runs every section at toy sizes and writes one JSON file per section;
 its guard records a section that overruns or kills the worker and goes on."""
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from insightv_jax import device_check
+from insightv_jax.device_check import guard
+from insightv_jax.device_check.sections import SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,23 +31,23 @@ def test_cpu_mode_writes_one_json_per_section(tmp_path):
         text=True,
         timeout=600,
     )
-    sections = {n: json.loads((out / f"{n}.json").read_text()) for n in device_check.SECTIONS}
-    failed = {n: s["error"] for n, s in sections.items() if not s["ok"]}
+    rows = {n: json.loads((out / f"{n}.json").read_text()) for n in SECTIONS}
+    failed = {n: s["error"] for n, s in rows.items() if not s["ok"]}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-2000:])
-    assert {p.name for p in out.iterdir()} == {f"{n}.json" for n in device_check.SECTIONS} | {
+    assert {p.name for p in out.iterdir()} == {f"{n}.json" for n in SECTIONS} | {
         "summary.json",
         "device_check.log",
     }
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ok"] and list(summary["sections"]) == list(device_check.SECTIONS)
-    assert all(s["mode"] == "cpu" and s["seconds"] > 0 for s in sections.values())
+    assert summary["ok"] and list(summary["sections"]) == list(SECTIONS)
+    assert all(s["mode"] == "cpu" and s["seconds"] > 0 for s in rows.values())
 
-    env_, peak = sections["env"], sections["peak"]
+    env_, peak = rows["env"], rows["peak"]
     assert env_["backend"] == "cpu" and env_["versions"]["jax"] and env_["card"]
     assert not any(env_["data_packages_installed"].values())  # the check ran without them
     assert peak["bf16_tflops"] > 0 and peak["nominal_bf16_tflops"] is None  # no data sheet
 
-    train = sections["train"]
+    train = rows["train"]
     assert train["size"] == "toy" and train["peer_device"] == "cpu"
     for model in ("decoder", "vlm"):
         row = train[model]
@@ -56,21 +57,21 @@ def test_cpu_mode_writes_one_json_per_section(tmp_path):
         # both sides start from random weights on the same batch: an LM loss near ln(512)
         assert abs(row["jax_loss"] - row["torch_loss"]) < 0.5, row
 
-    sample = sections["sample"]
+    sample = rows["sample"]
     for batch in (1, 8):
         row = sample[f"batch_{batch}"]
         assert row["decode_tokens_per_s"] > 0 and row["hf_decode_tokens_per_s"] > 0
 
-    parity = sections["parity"]
+    parity = rows["parity"]
     assert parity["ok_highest"]
     for model in ("decoder", "vlm"):
         assert parity[model]["max_abs_diff_highest"] <= 1e-4 < parity[model]["max_abs_logit"]
 
-    tests = sections["tests"]
+    tests = rows["tests"]
     assert tests["passed"] >= 1 and tests["failed"] == 0 and tests["errors"] == 0
 
 
-class _Stand(device_check._Check):
+class _Stand(guard._Check):
     """The guard watching a stand-in worker: `script` runs with the sections
     left as its argument, as the worker would run them."""
 
@@ -81,7 +82,7 @@ class _Stand(device_check._Check):
 
 
 def _check(tmp_path, script: str, budget: float):
-    args = device_check.parse(["--out", str(tmp_path), "--cpu", "--budget", str(budget)])
+    args = guard.parse(["--out", str(tmp_path), "--cpu", "--budget", str(budget)])
     check = _Stand(args)
     check.script = script
     return check.run()
@@ -89,12 +90,12 @@ def _check(tmp_path, script: str, budget: float):
 
 def test_guard_records_an_overrun_then_skips_the_rest_when_env_fails(tmp_path):
     # env starts and never ends: killed at its guard (the budget, 4 s, + 2 s of grace)
-    script = f"import time; print('{device_check.MARK} start env', flush=True); time.sleep(60)"
+    script = f"import time; print('{guard.MARK} start env', flush=True); time.sleep(60)"
     summary = _check(tmp_path, script, budget=4)
     assert summary["ok"] is False
     assert summary["sections"]["env"]["error"] == "timed out after 4 s"
     assert summary["seconds"] < 30
-    for name in device_check.SECTIONS[1:]:
+    for name in SECTIONS[1:]:
         row = json.loads((tmp_path / f"{name}.json").read_text())
         assert row["ok"] is False and row["error"] == "skipped: the env section failed"
 
@@ -102,12 +103,12 @@ def test_guard_records_an_overrun_then_skips_the_rest_when_env_fails(tmp_path):
 def test_guard_records_a_dead_worker_keeps_its_partial_figures_and_goes_on(tmp_path):
     # env passes; peak writes a partial record, then the worker dies; the worker
     # started again for the sections left dies before it starts one
-    mark = device_check.MARK
+    mark = guard.MARK
     script = "\n".join(
         [
             "import sys",
             "from pathlib import Path",
-            "from insightv_jax.device_check import record",
+            "from insightv_jax.device_check.guard import record",
             f"out, left = Path({str(tmp_path)!r}), sys.argv[1].split(',')",
             "if left[0] == 'env':",
             f"    print('{mark} start env', flush=True)",
@@ -124,8 +125,8 @@ def test_guard_records_a_dead_worker_keeps_its_partial_figures_and_goes_on(tmp_p
     peak = json.loads((tmp_path / "peak.json").read_text())
     assert peak["ok"] is False and peak["error"] == "worker died (exit 3): out of memory"
     assert peak["bf16_tflops"] == 1.0  # what it measured before it died
-    assert list(summary["sections"]) == list(device_check.SECTIONS)
-    for name in device_check.SECTIONS[2:]:
+    assert list(summary["sections"]) == list(SECTIONS)
+    for name in SECTIONS[2:]:
         assert summary["sections"][name]["error"] == "worker died (exit 3): out of memory"
 
 
@@ -138,7 +139,7 @@ def test_bench_size_is_for_train_and_sample_only(capsys):
 
 
 def test_without_an_accelerator_env_fails_and_the_rest_is_skipped(tmp_path):
-    assert device_check.main(["--out", str(tmp_path), "--sections", "env,peak"]) == 1
+    assert guard.main(["--out", str(tmp_path), "--sections", "env,peak"]) == 1
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["ok"] is False and env["error"].startswith("RuntimeError: no accelerator")
     assert env["backend"] == "cpu" and env["versions"]["jaxlib"]  # what was found, kept
