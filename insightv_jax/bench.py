@@ -66,8 +66,9 @@ def bench_sample(size: str | None = None, progress=None) -> dict:
     dcfg = size_configs(size)["decoder"].model.decoder
     if size == "toy":
         # a rehearsal of the code path: one timed round, no minimum time
-        return bench_decode(dcfg, (8, 1), prompt=8, new=8, read_mib=64, progress=progress, repeat=1,
-                            min_seconds=0.0)  # fmt: skip
+        return bench_decode(
+            dcfg, (8, 1), prompt=8, new=8, read_mib=64, progress=progress, repeat=1, min_seconds=0
+        )
     # batch 8 first: the figure the device check must bring back if its time runs out
     return bench_decode(dcfg, (8, 1), prompt=64, new=64, progress=progress)
 
