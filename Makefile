@@ -12,12 +12,13 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The CPU build of jax; on an accelerator, `pip install -e ".[cuda13]"` (or cuda12, tpu).
 $(STAMP_RUN): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[cpu]"
 	touch $@
 
 $(STAMP_TEST): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[cpu,test]"
 	touch $@ $(STAMP_RUN)
 
 demo: $(STAMP_RUN)

@@ -1,7 +1,8 @@
 """`insightv bench NAME`: small throughput benchmarks, one function per name.
 
 Add a benchmark by writing `def bench_x(args) -> dict` and registering it in
-`BENCHES`; the CLI prints each result line. Each benchmark imports what it
+`BENCHES`; the CLI prints each result line. Those in `SIZED` take `size=`
+(`insightv bench NAME --size S`). Each benchmark imports what it
 runs inside its function: the CLI reads `BENCHES` without starting jax.
 """
 
@@ -56,18 +57,34 @@ def bench_data(n: int = 512, batch_size: int = 32, workers: tuple[int, ...] = (0
     return {"records_per_s": results, "batch_size": batch_size, "records": n, "packing": packing}
 
 
-def bench_sample() -> dict:
-    """Sampler figures (see `insightv_jax.sample.benchmark`)."""
-    from insightv_jax.sample.benchmark import bench_sample as run
+def bench_sample(size: str | None = None, progress=None) -> dict:
+    """Sampler figures (see `insightv_jax.sample.benchmark`); with a `size`
+    (1b, toy: train/benchmark.py's), decode of that decoder at batch 1 and 8
+    against `transformers` generate on the accelerator JAX runs on
+    (`progress(out)` after each batch size)."""
+    if size is None:
+        from insightv_jax.sample.benchmark import bench_sample as run
 
-    return run()
+        return run()
+    from insightv_jax.sample.benchmark import bench_decode
+    from insightv_jax.train.benchmark import size_configs
+
+    dcfg = size_configs(size)["decoder"].model.decoder
+    if size == "toy":
+        # a rehearsal of the code path: one timed round, no minimum time
+        return bench_decode(
+            dcfg, (8, 1), prompt=8, new=8, read_mib=64, progress=progress, repeat=1, min_seconds=0
+        )
+    # batch 8 first: the figure the device check must bring back if its time runs out
+    return bench_decode(dcfg, (8, 1), prompt=64, new=64, progress=progress)
 
 
-def bench_train() -> dict:
-    """SFT step tokens/s and MFU vs transformers (torch CPU); see train/benchmark.py."""
+def bench_train(size: str | None = None) -> dict:
+    """SFT step tokens/s and MFU vs transformers; see train/benchmark.py (size
+    20m by default: torch CPU; 1b: bf16, the peer on the GPU when there is one)."""
     from insightv_jax.train.benchmark import bench_train as run
 
-    return run()
+    return run(size=size or "20m")
 
 
 def bench_dpo(pairs: int = 4, min_seconds: float = 3.0) -> dict:
@@ -141,6 +158,7 @@ def bench_serve() -> dict:
     return run()
 
 
+SIZED = ("sample", "train")
 BENCHES: dict[str, Callable[..., dict]] = {
     "dpo": bench_dpo,
     "rl": bench_rl,

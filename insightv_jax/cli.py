@@ -174,9 +174,12 @@ def _data_validate(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    from insightv_jax.bench import BENCHES
+    from insightv_jax.bench import BENCHES, SIZED
 
-    print(json.dumps({args.name: BENCHES[args.name]()}, indent=2))
+    if args.size and args.name not in SIZED:
+        raise InsightVError(f"bench {args.name} takes no --size (only {', '.join(SIZED)})")
+    kwargs = {"size": args.size} if args.size else {}
+    print(json.dumps({args.name: BENCHES[args.name](**kwargs)}, indent=2))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -335,6 +338,12 @@ def _add_bench(sub) -> None:
 
     bench = sub.add_parser("bench", help="throughput benchmarks")
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    bench.add_argument(
+        "--size",
+        choices=("1b", "toy"),
+        help="train, sample: the ~1B bf16 decoder and VLM (configs/bench-1b.yaml, "
+        "bench-vlm-1b.yaml) against transformers on the GPU JAX runs on; toy: them shrunk",
+    )
     bench.set_defaults(func=_bench)
 
 

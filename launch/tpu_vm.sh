@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Create a TPU VM / pod slice (on-demand), install this repo on every worker and run
-# `insightv sft` on all workers at once. JAX on a TPU pod initialises itself
-# (insightv_jax.parallel.initialize_distributed); every worker runs the same command.
+# Create a TPU VM / pod slice (on-demand), install this repo on every worker (with the
+# `tpu` extra: jax[tpu]) and run `insightv sft` on all workers at once. JAX on a TPU pod
+# initialises itself (insightv_jax.parallel.initialize_distributed); every worker runs
+# the same command. --repo (a git URL the workers can clone) is required.
 #
-#   launch/tpu_vm.sh --name iv-sft --zone us-east5-a --type v5p-128 \
+#   launch/tpu_vm.sh --name iv-sft --zone us-east5-a --type v5p-128 --repo URL \
 #       --config configs/train/reasoning-sft-llava-next-llama3-8b.yaml [--dry-run] [-- k=v ...]
 set -euo pipefail
 NAME=insightv-sft ZONE=us-east5-a TYPE=v5p-128 VERSION=v2-alpha-tpuv5 PROJECT=""
-CONFIG=configs/train/reasoning-sft-llava-next-llama3-8b.yaml REPO=https://github.com/insightv/insightv-jax.git
+CONFIG=configs/train/reasoning-sft-llava-next-llama3-8b.yaml REPO=""
 BRANCH=main DRY=0 CREATE=1 DELETE=0 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -19,6 +20,10 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
+if [[ -z $REPO ]]; then
+  echo "error: --repo URL is required (the git repository every worker clones this project from)" >&2
+  exit 2
+fi
 run() { if [[ $DRY == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 PROJ=(); [[ -n $PROJECT ]] && PROJ=(--project "$PROJECT")
 
@@ -28,7 +33,7 @@ if [[ $CREATE == 1 ]]; then
 fi
 SETUP="set -e; if [ ! -d insightv-jax ]; then git clone -b $BRANCH $REPO insightv-jax; fi; \
 cd insightv-jax && git pull --ff-only && python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
-.venv/bin/pip install -q -e . 'jax[tpu]'"
+.venv/bin/pip install -q -e '.[tpu]'"
 run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJ[@]}" --worker=all --command "$SETUP"
 TRAIN="cd insightv-jax && .venv/bin/insightv sft --config $CONFIG ${OVERRIDES[*]:-}"
 run gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJ[@]}" --worker=all --command "$TRAIN"

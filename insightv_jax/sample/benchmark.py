@@ -1,7 +1,8 @@
 """`insightv bench sample`: sampler throughput as ratios measured in one run.
 
-Peers: `transformers` `generate` (torch CPU, greedy, KV cache on) on the same
-weights (exported by our exporter), the same batch and lengths. Figures:
+Peers: `transformers` `generate` (greedy, KV cache on; torch CPU, or the GPU
+in `bench_decode`) on the same weights (exported by our exporter), the same
+batch and lengths. Figures:
 decode and prefill tokens/s; constrained vs unconstrained cost per token;
 progressive generation with cache reuse vs re-encoding every turn; N samples
 with a shared prefill vs decoding alone; decode time per token at contexts 128
@@ -28,7 +29,6 @@ from insightv_jax.data.conversation import build_tokenizer
 from insightv_jax.data.images import ImageProcessor
 from insightv_jax.data.prompts import Prompts
 from insightv_jax.data.synthetic.writer import write_llava
-from insightv_jax.hf.convert import export_hf
 from insightv_jax.models.factory import construct
 from insightv_jax.sample.constrain import StepConstraint
 from insightv_jax.sample.prompting import PromptEncoder
@@ -146,27 +146,27 @@ def _bandwidth(model, batch: int, cache_slots: int, seconds_per_step: float, pea
     return {"read_gb_per_s": round(rate / 1e9, 1), "mbu": round(rate / peak, 3)}
 
 
-def _hf_peer(model, cfg: ModelConfig):
-    """The same weights as a transformers model, via our exporter."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, cfg, Path(tmp))
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    return hf
-
-
 def decode_vs_transformers(
-    dcfg: DecoderConfig, peak: float, batch: int = 8, prompt: int = 32, new: int = 64
+    dcfg: DecoderConfig,
+    peak: float,
+    batch: int = 8,
+    prompt: int = 32,
+    new: int = 64,
+    device: str = "cpu",
+    pair=None,
+    repeat: int = 3,
+    min_seconds: float = 0.5,
 ) -> dict:
-    """Decode and prefill tokens/s against `transformers` generate, and the
-    decode step's read bandwidth against `peak` bytes/s."""
+    """Decode and prefill tokens/s against `transformers` generate (the same
+    weights, in the decoder's parameter dtype, on torch `device`), and the
+    decode step's read bandwidth against `peak` bytes/s. `pair` is a
+    `decode_pair` to reuse (built here when None); each side is timed in turn
+    for `repeat` rounds and `min_seconds` at least."""
     import torch
 
-    cfg = ModelConfig(decoder=dcfg)
-    model = construct(cfg, seed=0)
-    sampler = Sampler(model, pad_id=0)
+    from insightv_jax.hf.peer import synchronize
+
+    model, sampler, hf = pair or decode_pair(dcfg, device)
     prompts = np.random.RandomState(0).randint(1, dcfg.vocab_size, (batch, prompt))
     params = SamplingParams(max_new_tokens=new)
 
@@ -177,12 +177,11 @@ def decode_vs_transformers(
         state = sampler.start(batch, prompt + new)
         return sampler.extend(state, prompts.tolist()).logits
 
-    hf = _hf_peer(model, cfg)
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts).to(device)
 
     def hf_generate():
         with torch.no_grad():
-            return hf.generate(
+            out = hf.generate(
                 ids,
                 max_new_tokens=new,
                 min_new_tokens=new,
@@ -190,13 +189,17 @@ def decode_vs_transformers(
                 pad_token_id=0,
                 use_cache=True,
             )
+        synchronize(device)
+        return out
 
     def hf_prefill():
         with torch.no_grad():
-            return hf(ids, use_cache=True).logits
+            out = hf(ids, use_cache=True).logits
+        synchronize(device)
+        return out
 
     t_gen, t_pre, t_hf_gen, t_hf_pre = _timed_in_turn(
-        ours_generate, ours_prefill, hf_generate, hf_prefill
+        ours_generate, ours_prefill, hf_generate, hf_prefill, repeat=repeat, min_seconds=min_seconds
     )
     ours_decode = batch * new / max(t_gen - t_pre, 1e-9)
     hf_decode = batch * new / max(t_hf_gen - t_hf_pre, 1e-9)
@@ -211,6 +214,53 @@ def decode_vs_transformers(
         "ms_per_step": round(step * 1e3, 3),
         **_bandwidth(model, batch, slots, step, peak),
     }
+
+
+def decode_pair(dcfg: DecoderConfig, device: str = "cpu"):
+    """(model, its sampler, the transformers peer with its weights on torch `device`)."""
+    from insightv_jax.hf.peer import hf_model
+
+    cfg = ModelConfig(decoder=dcfg)
+    model = construct(cfg, seed=0)
+    return model, Sampler(model, pad_id=0), hf_model(cfg, device, model=model)
+
+
+def bench_decode(
+    dcfg: DecoderConfig,
+    batches=(1, 8),
+    prompt: int = 64,
+    new: int = 128,
+    device: str | None = None,
+    read_mib: int = 2048,
+    progress=None,
+    repeat: int = 3,
+    min_seconds: float = 0.5,
+) -> dict:
+    """Decode against `transformers` generate at each batch size, on the
+    accelerator JAX runs on (the peer on torch's, `hf.peer.torch_device`),
+    in the decoder's own dtype: the device check's sampling figures. The read
+    peak streams `read_mib` MiB (a GPU needs GiBs for its launch to be noise);
+    `progress(out)` is called with the figures so far after each batch size;
+    `repeat` and `min_seconds` as in `decode_vs_transformers`."""
+    from insightv_jax.hf.peer import torch_device
+
+    device = device or torch_device()
+    peak = read_bandwidth_peak(mib=read_mib, min_seconds=4 * min_seconds)
+    out = {
+        "read_peak_gb_per_s": round(peak / 1e9, 1),
+        "dtype": dcfg.dtype,
+        "prompt": prompt,
+        "new_tokens": new,
+        "peer_device": device,
+    }
+    pair = decode_pair(dcfg, device)
+    for b in batches:
+        out[f"batch_{b}"] = decode_vs_transformers(
+            dcfg, peak, b, prompt, new, device, pair, repeat, min_seconds
+        )
+        if progress is not None:
+            progress(dict(out))
+    return out
 
 
 def constrained_cost(dcfg: DecoderConfig, batch: int = 8) -> dict:

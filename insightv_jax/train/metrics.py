@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from insightv_jax.config import DecoderConfig, ModelConfig
 from insightv_jax.jsonl import append_jsonl
+from insightv_jax.vision_grid import tokens_per_tile
 
 
 def decoder_matmul_params(d: DecoderConfig) -> int:
@@ -50,6 +51,50 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, trainable=("projector"
     # causal attention: 2 matmuls × 2 FLOPs × T keys × N·H, halved
     attn = 2 * seq_len * d.num_heads * d.resolved_head_dim * d.num_layers
     return float(mult * (dense + attn))
+
+
+def vision_flops_per_tile(cfg: ModelConfig, trainable=("projector", "llm")) -> float:
+    """Model FLOPs of one image tile through a LLaVA tower (the layers up to its
+    feature layer) and projector in one SFT step: forward-only for a frozen
+    part, ×3 for a trained one; a frozen projector under a trained tower ×2."""
+    v = cfg.vision
+    tokens = v.patches_per_side**2 + (1 if v.family == "clip" else 0)  # CLIP's class token
+    layer = cfg.llava.feature_layer
+    layers = layer if layer >= 0 else v.num_layers + 1 + layer  # hidden state 0 = embeddings
+    per_token = 2 * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    per_token += 2 * 2 * tokens * v.hidden_size  # QKᵀ and AV over all tokens (not causal)
+    tower = 2 * v.num_channels * v.patch_size**2 * v.hidden_size * tokens
+    tower += layers * per_token * tokens
+    D = cfg.decoder.hidden_size
+    projector = 2 * (v.hidden_size * D + D * D) * tokens_per_tile(cfg)
+    tower_mult = 3 if "vision" in trainable else 1
+    proj_mult = 3 if "projector" in trainable else 2 if "vision" in trainable else 1
+    return float(tower_mult * tower + proj_mult * projector)
+
+
+# Dense bf16 matmul peaks from the vendors' data sheets (FLOP/s, no sparsity), by a
+# substring of `jax.Device.device_kind`; the first match wins (the PCIe and NVL H100s
+# before the SXM one, v5e before v5p).
+NOMINAL_BF16_PEAKS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5", 459e12),  # v5p
+    ("TPU v6 lite", 918e12),
+)
+
+
+def nominal_bf16_peak(device_kind: str) -> float | None:
+    """The data-sheet dense bf16 peak of a device kind, None when not listed."""
+    for name, peak in NOMINAL_BF16_PEAKS:
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
 
 
 def measure_matmul_peak(

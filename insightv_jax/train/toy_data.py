@@ -2,14 +2,14 @@
 
 Synthetic token sequences in the training batch format (`input_ids`,
 `attention_mask`, `labels`), served by a grain pipeline so that the iterator
-has real `get_state()` / `set_state()` and resumes exactly. Each sample is a
-"prompt" (unsupervised) followed by an "answer" that continues a per-sample
-arithmetic pattern (learnable), then right padding.
+has real `get_state()` / `set_state()` and resumes exactly (grain is imported
+by `toy_batches` alone: the benchmarks take `ToySource`'s rows without it).
+Each sample is a "prompt" (unsupervised) followed by an "answer" that
+continues a per-sample arithmetic pattern (learnable), then right padding.
 """
 
 from __future__ import annotations
 
-import grain
 import jax
 import numpy as np
 
@@ -39,13 +39,14 @@ class ToySource:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class TakeRows(grain.transforms.Map):
-    """Keep this process's rows of a global batch (rows split in process order)."""
+class TakeRows:
+    """Keep this process's rows of a global batch (rows split in process order);
+    a callable, which grain's `map` takes as it takes its own transforms."""
 
     def __init__(self, index: int, count: int):
         self.index, self.count = index, count
 
-    def map(self, batch):
+    def __call__(self, batch):
         return {k: np.array_split(v, self.count)[self.index] for k, v in batch.items()}
 
 
@@ -60,6 +61,8 @@ def toy_batches(
     process_count: int | None = None,
 ):
     """An endless grain iterator of this process's share of each global batch."""
+    import grain
+
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if global_batch % count:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -43,6 +43,14 @@ from insightv_jax.parallel import make_mesh, state_shardings
 from insightv_jax.train.metrics import MetricsLogger, measure_matmul_peak, train_flops_per_token
 from insightv_jax.train.optim import split_trainable
 from insightv_jax.train.steps import SFTProgram
+
+
+def _grain_iterator(it) -> bool:
+    """Whether `it` is a grain dataset iterator. grain is looked up, not imported:
+    an iterator grain made means grain is loaded, and a model-only install has
+    no grain to import."""
+    grain = sys.modules.get("grain")
+    return grain is not None and isinstance(it, grain.DatasetIterator)
 
 
 def effective_model_config(cfg: RunConfig) -> ModelConfig:
@@ -195,7 +203,9 @@ class Trainer:
         it = self.batches
         if restore and not (self.run_dir / "checkpoints" / str(step) / "data").is_dir():
             return {}
-        if isinstance(it, grain.DatasetIterator):
+        if _grain_iterator(it):
+            import grain
+
             cls = grain.checkpoint.CheckpointRestore if restore else grain.checkpoint.CheckpointSave
             return {"data": cls(it)}
         if hasattr(it, "get_state") and hasattr(it, "set_state") and jax.process_count() == 1:
@@ -240,7 +250,7 @@ class Trainer:
             **self._data_args(restore=True, step=step),
         )
         restored = self.manager.restore(step, args=args)
-        if "data" in restored and not isinstance(self.batches, grain.DatasetIterator):
+        if "data" in restored and not _grain_iterator(self.batches):
             self.batches.set_state(restored["data"])
         params, frozen = split_trainable(restored["model"], self.cfg.train.trainable)
         return {"params": params, "frozen": frozen, **restored["train"]}
