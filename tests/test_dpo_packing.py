@@ -129,3 +129,29 @@ def test_hosts_read_strided_rows_of_each_packed_step():
     with pytest.raises(DataError, match="split over 2 hosts"):
         PackedPairSteps(src, plan, 3, shard_options(0, 2))
     assert [len(h) for h in hosts] == [2, 2]
+
+
+class WordTransform:
+    """Counts a side's tokens as its words (the prompt's and the response's)."""
+
+    def length(self, rec):
+        return sum(len(t["value"].split()) for t in rec["conversations"])
+
+
+def test_a_pair_longer_than_a_packed_row_is_a_bad_record(tmp_path):
+    """Under packing a pair's two sides together must fit one row: `check_pair`
+    plus that (each side alone fits `limits`)."""
+    from insightv_jax.data.pairs import FitsPackedRow, PairTransform
+    from insightv_jax.data.validate import Limits
+
+    p, limits = pair(0), Limits(max_length=1000)
+    n = PairTransform(WordTransform()).packed_length(p)
+    assert n == 2 * (7 + 13)  # prompt and chain words, both sides
+    assert FitsPackedRow(PairTransform(WordTransform()), n)(p, tmp_path, limits) is None
+    short = FitsPackedRow(PairTransform(WordTransform()), n - 1)
+    assert short(p, tmp_path, limits) == (
+        f"chosen + rejected = {n} tokens, more than a packed row of {n - 1} "
+        "(the largest of data.buckets)"
+    )
+    same = {**p, "rejected": p["chosen"]}  # check_pair's own reasons come first
+    assert short(same, tmp_path, limits) == "chosen and rejected are identical"
