@@ -10,8 +10,8 @@ from insightv_jax.config.base import ConfigError
 class DPOConfig:
     """Preference optimisation of the reasoning agent (`insightv dpo`) and the
     iterative rounds (`insightv iterate`), docs/method.md. The optimiser,
-    batch (`train.global_batch` = pairs per step) and run directory come from
-    `train:`; `train.init` is the policy to start from (M_1)."""
+    batch (`train.global_batch` = pairs per step, with `data.packing` too) and
+    run directory come from `train:`; `train.init` is the policy to start from (M_1)."""
 
     beta: float = 0.1
     gamma: float = 1.0  # weight of the token-mean CE on the chosen response

@@ -25,6 +25,12 @@ scored against the first token of record k + 1, so a packed row has exactly
 the label tokens of its records run unpacked, and their losses (sums over
 label tokens, divided by the batch's label-token count) are equal.
 
+DPO (`pair_steps`, `data.pairs.PackedPairLoader`) packs pairs, never splitting
+one: a pair's chosen and rejected sides are consecutive segments of one row.
+Its plan keeps the unpacked run's steps (the same pairs per optimizer step, in
+the pair loader's order), each step's pairs first-fit into as many rows as the
+most demanding step needs, so its losses equal the unpacked run's.
+
 `packing_efficiency` measures what packing buys: the fraction of a batch's
 token slots that hold real tokens, with and without packing.
 """
@@ -182,6 +188,77 @@ def pack_pairs(
     if all("ref_logps" in e for row in rows for e in row):
         batch["ref_logps"] = ref
     return batch
+
+
+def pair_steps(
+    lengths: Sequence[int],
+    capacity: int,
+    pairs_per_step: int,
+    steps: int,
+    seed: int,
+    row_multiple: int = 1,
+) -> tuple[list[list[list[int]]], int, int]:
+    """The packed DPO plan: (per step, its rows of pair indices; rows a step;
+    pair slots a row), fixed at start for `steps` optimizer steps.
+
+    Step s takes the `pairs_per_step` pairs the unpacked pair loader's step s
+    takes, in its order (grain's seeded shuffle of the indices, a fresh one each
+    pass, the passes back to back), and first-fits them into rows of `capacity`
+    tokens, a pair (`lengths[i]`: its chosen plus rejected tokens) whole in one
+    row (all of a step's rows stay open: `data.packing_window` does not apply).
+    So a packed run's steps hold the unpacked run's pairs and its losses equal
+    the unpacked ones. Static shapes: every step gets the rows of the
+    step that needs the most (rounded up to `row_multiple`; the extra rows
+    empty), every row as many pair slots as the fullest row holds."""
+    import grain  # the data pipeline's; not needed to import the packer
+
+    if pairs_per_step < 1 or steps < 1 or row_multiple < 1:
+        raise DataError(f"pair_steps: pairs_per_step={pairs_per_step}, steps={steps} and "
+                        f"row_multiple={row_multiple} must be >= 1")  # fmt: skip
+    if not len(lengths):
+        raise DataError("pair_steps: no pairs to pack")
+    order = grain.MapDataset.range(len(lengths)).seed(seed).shuffle().repeat(None)
+    plan = []
+    for s in range(steps):
+        pairs = [int(order[s * pairs_per_step + k]) for k in range(pairs_per_step)]
+        plan.append(first_fit(lengths, pairs, capacity, window=pairs_per_step))
+    rows = max(len(step) for step in plan)
+    rows += -rows % row_multiple
+    return plan, rows, max(len(row) for step in plan for row in step)
+
+
+class PackedPairSteps:
+    """A map source whose item s is this host's rows of step s of a `pair_steps`
+    plan (lists of pair records; empty rows pad a step to `rows`), the host's
+    strided share of the step's rows."""
+
+    def __init__(self, source, plan: list[list[list[int]]], rows: int, shard):
+        if rows % shard.shard_count:
+            raise DataError(
+                f"{rows} packed rows a step do not split over {shard.shard_count} hosts"
+            )
+        self.source, self.plan, self.rows = source, plan, rows
+        self.shard_index, self.shard_count = shard.shard_index, shard.shard_count
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, s: int) -> list[list]:
+        step = self.plan[s] + [[]] * (self.rows - len(self.plan[s]))
+        return [[self.source[i] for i in row] for row in step[self.shard_index :: self.shard_count]]
+
+
+class PackPairs:
+    """Transforms a step's rows of pair records (`data.pairs.PairTransform`) and
+    lays them out with `pack_pairs` (picklable)."""
+
+    def __init__(self, transform, capacity: int, pairs_per_row: int, pad_id: int = 0, images=None):
+        self.transform, self.capacity, self.pairs_per_row = transform, capacity, pairs_per_row
+        self.pad_id, self.images = pad_id, images
+
+    def __call__(self, rows: list[list]) -> dict[str, np.ndarray]:
+        examples = [[self.transform(r) for r in row] for row in rows]
+        return pack_pairs(examples, self.capacity, self.pairs_per_row, self.pad_id, self.images)
 
 
 def unpacked_fraction(lengths: Sequence[int], batch_size: int, buckets: Sequence[int]) -> float:

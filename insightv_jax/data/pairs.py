@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from insightv_jax.data.conversation import IGNORE, encode_text
-from insightv_jax.data.loader import Collate, Loader
+from insightv_jax.data.loader import Collate, Loader, Subset, shard_options
+from insightv_jax.data.packing import PackedPairSteps, PackPairs, pair_steps
 from insightv_jax.data.sources import BadRecord
-from insightv_jax.data.validate import Limits, check_record
+from insightv_jax.data.validate import Limits, check_record, validate_source
 from insightv_jax.errors import DataError
 
 REQUIRED = {
@@ -184,6 +185,13 @@ class PairTransform:
             raise DataError(f"{type(self.transform).__name__} cannot count tokens (no .length)")
         return max(count(side(rec, s)) for s in ("chosen", "rejected"))
 
+    def packed_length(self, rec: dict) -> int:
+        """Tokens of both sides together: what the pair takes of a packed row."""
+        count = getattr(self.transform, "length", None)
+        if count is None:
+            raise DataError(f"{type(self.transform).__name__} cannot count tokens (no .length)")
+        return sum(count(side(rec, s)) for s in ("chosen", "rejected"))
+
 
 class PairCollate:
     """Pads chosen and rejected to one common bucket length (`images`: as
@@ -232,3 +240,87 @@ def pair_loader(
         check=check_pair,
         **kw,
     )
+
+
+class FitsPackedRow:
+    """`check_pair`, and under `data.packing` a pair's two sides together within
+    one packed row of `capacity` tokens (a pair is never split over rows), so a
+    longer pair is a bad record like any other (picklable)."""
+
+    def __init__(self, transform: PairTransform, capacity: int):
+        self.transform, self.capacity = transform, capacity
+
+    def __call__(self, rec, root: Path, limits: Limits) -> str | None:
+        reason = check_pair(rec, root, limits)
+        if reason is None:
+            n = self.transform.packed_length(rec)
+            if n > self.capacity:
+                return (f"chosen + rejected = {n} tokens, more than a packed row of "
+                        f"{self.capacity} (the largest of data.buckets)")  # fmt: skip
+        return reason
+
+
+class PackedPairLoader:
+    """Packed DPO batches (`data.packing.pack_pairs`) of a fixed plan: step s
+    packs the `pairs_per_step` pairs the unpacked `pair_loader` (same source,
+    seed and hosts) gives at step s into `rows` rows of the largest bucket, with
+    `pairs_per_row` pair slots each (`data.packing.pair_steps`), for `steps`
+    steps. Validation as the pair loader's plus `FitsPackedRow`; resumable
+    (`get_state`/`set_state`, grain's iterator state)."""
+
+    def __init__(
+        self,
+        source,
+        transform,
+        *,
+        pairs_per_step: int,
+        steps: int,
+        buckets: tuple[int, ...],
+        seed: int = 0,
+        shard=None,
+        on_bad_record: str = "fail",
+        limits: Limits | None = None,
+        pad_id: int = 0,
+        truncate: bool = False,
+        row_multiple: int = 1,
+        read_threads: int = 1,
+        prefetch: int = 64,
+    ):
+        import grain
+
+        self.capacity = capacity = max(buckets)
+        tf = PairTransform(transform, truncate)
+        limits = limits or Limits(max_length=capacity)
+        self.report = validate_source(source, limits, check=FitsPackedRow(tf, capacity))
+        if self.report.bad and on_bad_record == "fail":
+            rid, reason = self.report.bad[0]
+            raise DataError(f"bad record {rid}: {reason} (on_bad_record=fail)")
+        if not self.report.good:
+            raise DataError("no valid pairs to load")
+        good = Subset(source, self.report.good)
+        lengths = [tf.packed_length(good[i]) for i in range(len(good))]
+        shard = shard or shard_options()
+        # every host's share of a step the same number of rows
+        row_multiple = math.lcm(row_multiple, shard.shard_count)
+        self.plan, self.rows, self.pairs_per_row = pair_steps(
+            lengths, capacity, pairs_per_step, steps, seed, row_multiple
+        )
+        real = sum(lengths[i] for step in self.plan for row in step for i in row)
+        self.fill = real / (len(self.plan) * self.rows * capacity)
+        images = getattr(transform, "batch_images", None)
+        ds = grain.MapDataset.source(PackedPairSteps(good, self.plan, self.rows, shard))
+        ds = ds.map(PackPairs(tf, capacity, self.pairs_per_row, pad_id, images))
+        read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+        self._it = iter(ds.to_iter_dataset(read))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)

@@ -1,5 +1,9 @@
 """What a DPO run did: log-probs of pairs and chains under a policy, the reference
-log-probs, the preference statistics and KL of `round_probe`, held-out rewards."""
+log-probs, the preference statistics and KL of `round_probe`, held-out rewards.
+
+These passes take pair-layout batches (`PairData.batches`) even in a run with
+`data.packing`: they run once per run, outside the training loop, and only the
+training step packs (the per-token pass cannot take packed batches)."""
 
 from __future__ import annotations
 

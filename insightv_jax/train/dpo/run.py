@@ -72,6 +72,16 @@ def train_dpo(
     The run takes `train.steps` steps, else `train.epochs` passes over the usable
     pairs (`step_budget`, printed before training).
 
+    `data.packing`: `train.global_batch` stays the pairs per optimizer step, and
+    each step holds exactly the pairs the unpacked run's step holds, packed into
+    rows of the largest bucket (`data.pairs.PackedPairLoader`; a pair's two sides
+    share a row, so a pair longer than the largest bucket is a bad record). The
+    loss stays the mean over the step's pairs (plus `dpo.gamma` times the chosen
+    tokens' mean CE), so a packed run's per-step losses equal the unpacked run's;
+    the rows a step are derived from the pairs' lengths and printed. Only the
+    training step packs: the reference precompute, the probe and the held-out
+    pass score pairs in the pair layout.
+
     After the last update `round_probe` compares the start and the end policy on
     the pairs (the same batches for both) and, given `chains` (conversation
     records whose responses were sampled from the start policy), measures the
@@ -103,7 +113,9 @@ def train_dpo(
         )
         if cfg.dpo.ref_logps == "precomputed":
             ref_params = None  # not kept in memory while training
-        trainer.batches = _training_batches(cfg, train_path, root, data, program, ref_params)
+        trainer.batches = _training_batches(
+            cfg, train_path, root, data, program, ref_params, total, print_fn
+        )
         result = trainer.run()
         held, probe = {}, {}
         if not result.preempted:
@@ -130,11 +142,6 @@ def _check_dpo(cfg: RunConfig) -> None:
         raise ConfigError("dpo: train.init must name the policy to start from")
     if cfg.data.group_by_length:
         raise ConfigError("dpo: data.group_by_length applies to SFT data, not preference pairs")
-    if cfg.data.packing:
-        raise ConfigError(
-            "dpo: data.packing: the DPO step takes packed pair batches, but the DPO run's "
-            "pair loader does not pack yet"
-        )
     if cfg.dpo.dpop_lambda < 0 or (cfg.dpo.dpop_lambda and cfg.dpo.loss != "sigmoid"):
         raise ConfigError(
             f"dpo.dpop_lambda={cfg.dpo.dpop_lambda} must be >= 0 and needs dpo.loss=sigmoid"
@@ -156,11 +163,14 @@ def _usable_pairs(
     cfg: RunConfig, records, chains, data: PairData, pairs_path: Path, print_fn
 ) -> tuple[list[dict], list[dict], int]:
     """The usable pairs and chains, and the step budget (printed)."""
-    from insightv_jax.data.pairs import check_pair
+    from insightv_jax.data.pairs import FitsPackedRow, PairTransform, check_pair
     from insightv_jax.data.validate import check_record
 
     bad_rule = cfg.data.on_bad_record
-    records = usable_records(records, check_pair, data, bad_rule, "pair", print_fn)
+    check = check_pair
+    if cfg.data.packing:  # the packed loader's own check: its pairs are the ones counted
+        check = FitsPackedRow(PairTransform(data.transform, data.truncate), max(data.buckets))
+    records = usable_records(records, check, data, bad_rule, "pair", print_fn)
     # a chain too long for the buckets only leaves the KL estimate, never fails the run
     chains = usable_records(chains or [], check_record, data, "skip", "chain", print_fn)
     gb = cfg.train.global_batch
@@ -242,20 +252,41 @@ def _start_policy(
 
 
 def _training_batches(cfg: RunConfig, train_path: Path, root: Path, data: PairData, program,
-                      ref_params):  # fmt: skip
-    """The resumable pair-layout batches the trainer draws (with on-the-fly
-    reference log-probs when `ref_params` is given)."""
-    from insightv_jax.data.pairs import pair_loader
+                      ref_params, total: int, print_fn):  # fmt: skip
+    """The resumable batches the trainer draws: pair-layout batches of
+    `train.global_batch` pairs, or with `data.packing` the same pairs per step
+    packed (`data.pairs.PackedPairLoader`, a plan for the run's `total` steps);
+    with on-the-fly reference log-probs when `ref_params` is given."""
+    from insightv_jax.data.pairs import PackedPairLoader, pair_loader
     from insightv_jax.data.sources import JsonlSource
 
-    loader = pair_loader(
-        JsonlSource(train_path, root), data.transform,
-        batch_size=cfg.train.global_batch // jax.process_count(),
-        buckets=data.buckets, seed=cfg.data.shuffle_seed, num_epochs=None,
-        on_bad_record=cfg.data.on_bad_record, limits=data.transform.limits(max(data.buckets)),
-        pad_id=data.pad_id, truncate=data.truncate,
-    )  # fmt: skip
-    batches = PairBatches(loader)
+    source = JsonlSource(train_path, root)
+    limits = data.transform.limits(max(data.buckets))
+    if cfg.data.packing:
+        # rows a step: a multiple of the micro-batches times the batch-sharding ways,
+        # so each micro-batch splits evenly over the devices
+        ways = program.mesh.shape["data"] * program.mesh.shape["fsdp"]
+        loader = PackedPairLoader(
+            source, data.transform, pairs_per_step=cfg.train.global_batch, steps=total,
+            buckets=data.buckets, seed=cfg.data.shuffle_seed,
+            on_bad_record=cfg.data.on_bad_record, limits=limits, pad_id=data.pad_id,
+            truncate=data.truncate, row_multiple=cfg.train.micro_batches * ways,
+        )  # fmt: skip
+        print_fn(
+            f"packed: {cfg.train.global_batch} pairs a step in {loader.rows} rows of "
+            f"{loader.capacity} tokens, up to {loader.pairs_per_row} pairs a row "
+            f"({loader.fill:.0%} of token slots real)"
+        )
+        batches = loader
+    else:
+        loader = pair_loader(
+            source, data.transform,
+            batch_size=cfg.train.global_batch // jax.process_count(),
+            buckets=data.buckets, seed=cfg.data.shuffle_seed, num_epochs=None,
+            on_bad_record=cfg.data.on_bad_record, limits=limits,
+            pad_id=data.pad_id, truncate=data.truncate,
+        )  # fmt: skip
+        batches = PairBatches(loader)
     if ref_params is not None:
         batches = WithRefLogps(batches, program, ref_params)
     return batches
