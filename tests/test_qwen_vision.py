@@ -170,15 +170,23 @@ def test_layout_matches_hf(family, towers):
 
 
 @pytest.mark.parametrize(
-    "family, unrolled", [("qwen2_vl", False), ("qwen2_5_vl", False), ("qwen2_5_vl", True)]
-)
-def test_tower_and_every_block_match_hf(family, unrolled, towers):
+    "family, variant",
+    [("qwen2_vl", "scan"), ("qwen2_5_vl", "scan"), ("qwen2_5_vl", "unrolled"),
+     ("qwen2_5_vl", "blockwise")],
+)  # fmt: skip
+def test_tower_and_every_block_match_hf(family, variant, towers):
     """Two images and a video in one padded call: the embeddings and every
     block's output in processing order (Qwen2.5-VL: HF's window order), then
-    the merged tokens before and after the return to image order."""
+    the merged tokens before and after the return to image order. `blockwise`:
+    the segments as attention segment ids over 16-patch key blocks (several
+    blocks per window and frame), never the (L, L) scores."""
     hf, cfg, state, ours = towers[family]
-    if unrolled:  # the unrolled loop with rematerialisation: same numbers
+    if variant == "unrolled":  # the unrolled loop with rematerialisation: same numbers
         ours = load_qwen_vision(state, dataclasses.replace(cfg, scan_layers=False, remat="full"))
+    if variant == "blockwise":
+        ours = load_qwen_vision(
+            state, dataclasses.replace(cfg, attention="blockwise", attention_block_size=16)
+        )
     px = _pixels(GRIDS)
     L, n_tokens = num_patches(GRIDS), int(merged_tokens(GRIDS, 2).sum())
     ref = _hf_forward(hf, px, GRIDS)

@@ -41,6 +41,11 @@ class QwenVisionConfig:
     dtype: str = "float32"  # compute dtype; norms, softmax and rotary stay fp32
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True  # lax.scan over the block stack; False unrolls
+    # the blocks' attention within each frame or window, as DecoderConfig.attention;
+    # `blockwise` never holds the (L, L) scores of a sample's patches (the hub's
+    # max_pixels gives ~16k patches an image)
+    attention: Literal["auto", "xla", "cudnn", "splash", "blockwise"] = "xla"
+    attention_block_size: int = 512
 
     @property
     def head_dim(self) -> int:

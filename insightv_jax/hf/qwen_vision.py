@@ -21,6 +21,7 @@ from flax import nnx
 from insightv_jax.config.base import DTYPES, ConfigError
 from insightv_jax.config.qwen_vision import QwenVisionConfig
 from insightv_jax.errors import CheckpointError
+from insightv_jax.models.factory import attention_impl
 from insightv_jax.models.qwen_vision import QwenVisionTower
 
 _FAMILIES = {
@@ -305,7 +306,9 @@ def load_qwen_vision(
     `state_dict` (see `import_qwen_vision`); nothing is randomly initialised."""
     prefix = find_prefix(state_dict.keys()) if prefix is None else prefix
     with nnx.use_eager_sharding(False):  # as models.factory builds every model
-        abstract = nnx.eval_shape(lambda: QwenVisionTower(cfg, rngs=nnx.Rngs(0)))
+        impl = attention_impl(cfg)
+        abstract = nnx.eval_shape(lambda: QwenVisionTower(cfg, attention_impl=impl,
+                                                          rngs=nnx.Rngs(0)))  # fmt: skip
     graphdef, state = nnx.split(abstract)
     params = nnx.to_pure_dict(state)
     _fill(params, cfg, state_dict, prefix)

@@ -27,6 +27,12 @@ def _attention(part, platform: str) -> str:
     return attention.resolve(part.attention, platform, part.dtype)
 
 
+def attention_impl(part, platform: str | None = None) -> str:
+    """The attention implementation of a decoder or vision config (`part`) where
+    JAX runs (or on `platform`): for code that builds one part alone."""
+    return _attention(part, platform or current_platform())
+
+
 def construct(cfg: ModelConfig, seed: int = 0, platform: str | None = None) -> CausalLM:
     """Build the model named by `cfg.kind` with random weights (unsharded), its
     kernels chosen for `platform` (cpu, gpu, tpu; default: where JAX runs)."""
@@ -50,6 +56,7 @@ def construct(cfg: ModelConfig, seed: int = 0, platform: str | None = None) -> C
             return QwenVL(
                 cfg,
                 attention_impl=_attention(cfg.decoder, platform),
+                vision_attention_impl=_attention(cfg.qwen_vision, platform),
                 rngs=nnx.Rngs(seed),
             )
     raise ValueError(f"unknown model kind {cfg.kind!r}")

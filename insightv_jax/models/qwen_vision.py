@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from insightv_jax.config.qwen_vision import QwenVisionConfig
+from insightv_jax.models.attention import attention
 from insightv_jax.models.decoder import RMSNorm
 from insightv_jax.models.linear import dense, param, zeros
 from insightv_jax.models.rope import apply_rope
@@ -223,12 +224,17 @@ def _gather_rows(x: jax.Array, index) -> jax.Array:
 
 class QwenVisionAttention(nnx.Module):
     """Multi-head self-attention with biases on q, k, v and the output,
-    rotated by the 2-D rotary embedding, restricted to a segment."""
+    rotated by the 2-D rotary embedding, restricted to a segment (a frame or a
+    window of one). `attention_impl` (`attention.resolve` of the config's
+    `attention`): the XLA implementations take the block-diagonal mask of
+    `segment_attention`; the others (blockwise, splash, cudnn's fallback) the
+    segments as `models.attention` segment ids, never holding (L, L) scores."""
 
-    def __init__(self, cfg: QwenVisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVisionConfig, *, attention_impl: str, rngs: nnx.Rngs):
         D, N, H = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
+        self.attention_impl = attention_impl
         for name in ("q", "k", "v"):
             w = param(rngs, (D, N, H), ("vision_embed", "vision_heads", "head_dim"), pd)
             setattr(self, f"{name}_proj", w)
@@ -244,7 +250,17 @@ class QwenVisionAttention(nnx.Module):
             return dense(x, w[...].astype(dt)) + b[...].astype(dt)
 
         q, k = apply_rope(project("q"), rope), apply_rope(project("k"), rope)
-        out = segment_attention(q, k, project("v"), segments)
+        if self.attention_impl.startswith("xla"):
+            out = segment_attention(q, k, project("v"), segments)
+        else:
+            B, L = segments.shape
+            positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+            out = attention(
+                q, k, project("v"), positions, positions, jnp.ones((B, L), bool),
+                causal=False, backend=self.attention_impl,
+                block_size=self.cfg.attention_block_size,
+                q_segment_ids=segments + 1,  # attention's id 0 is padding; ours start at 0
+            )  # fmt: skip
         return dense(out, self.o_proj[...].astype(dt), axes=2) + self.o_bias[...].astype(dt)
 
 
@@ -289,9 +305,9 @@ def _norm(cfg: QwenVisionConfig, dim: int):
 class QwenVisionBlock(nnx.Module):
     """x + attn(norm1(x)), then + mlp(norm2(x))."""
 
-    def __init__(self, cfg: QwenVisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVisionConfig, *, attention_impl: str, rngs: nnx.Rngs):
         self.norm1 = _norm(cfg, cfg.hidden_size)
-        self.attn = QwenVisionAttention(cfg, rngs=rngs)
+        self.attn = QwenVisionAttention(cfg, attention_impl=attention_impl, rngs=rngs)
         self.norm2 = _norm(cfg, cfg.hidden_size)
         self.mlp = QwenVisionMLP(cfg, rngs=rngs)
 
@@ -332,14 +348,16 @@ class QwenVisionTower(nnx.Module):
     stacked) and returns (B, L / merge unit, O) tokens in image order; rows
     past a sample's real patches belong to padding."""
 
-    def __init__(self, cfg: QwenVisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: QwenVisionConfig, *, attention_impl: str, rngs: nnx.Rngs):
         cfg.validate()
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.patch_embed = param(
             rngs, (cfg.patch_dim, cfg.hidden_size), ("patch", "vision_embed"), pd
         )
-        self.blocks = stack_layers(lambda r: QwenVisionBlock(cfg, rngs=r), cfg.depth, rngs)
+        self.blocks = stack_layers(
+            lambda r: QwenVisionBlock(cfg, attention_impl=attention_impl, rngs=r), cfg.depth, rngs
+        )
         self.merger = PatchMerger(cfg, rngs=rngs)
 
     def embed(self, pixel_values: jax.Array) -> jax.Array:

@@ -347,13 +347,15 @@ class QwenVL(nnx.Module):
     `mrope_section`); no projector (the tower's merger ends in the decoder's
     width).
 
-    `attention_impl`: the decoder's attention implementation
-    (`attention.resolve`); the tower's segment attention is its own."""
+    `attention_impl` / `vision_attention_impl`: the decoder's and the tower's
+    attention implementations (`attention.resolve`)."""
 
-    def __init__(self, cfg: ModelConfig, *, attention_impl: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, attention_impl: str, vision_attention_impl: str,
+                 rngs: nnx.Rngs):  # fmt: skip
         cfg.validate()
         self.cfg = cfg
-        self.vision = QwenVisionTower(cfg.qwen_vision, rngs=rngs)
+        self.vision = QwenVisionTower(cfg.qwen_vision, attention_impl=vision_attention_impl,
+                                      rngs=rngs)  # fmt: skip
         self.decoder = Decoder(cfg.decoder, attention_impl=attention_impl, rngs=rngs)
 
     @property
