@@ -150,6 +150,7 @@ class ToyConfig:
     save_every: int = 10
     seed: int = 0
     val_limit: int = 1000  # held-out questions used (the first k of each split)
+    pass_chunk: int = 125  # questions per sampling batch of the start's pass@G (its draws)
 
 
 def toy_config(workdir: str, overrides=(), **fields) -> ToyConfig:
@@ -166,7 +167,7 @@ def toy_config(workdir: str, overrides=(), **fields) -> ToyConfig:
                             f"the toy's answers need {ANSWER_MAX}")  # fmt: skip
     toy = ToyConfig(workdir=workdir, run=cfg, **fields)
     for name in ("steps", "questions", "sft_batch", "sft_max_steps", "sft_check_every",
-                 "save_every", "val_limit"):  # fmt: skip
+                 "save_every", "val_limit", "pass_chunk"):  # fmt: skip
         if getattr(toy, name) < 1:
             raise InsightVError(f"rl-toy: {name}={getattr(toy, name)} must be >= 1")
     if not 0.0 < toy.start_accuracy <= 1.0:
@@ -203,7 +204,9 @@ def sample(model, prompts: list[list[int]], n: int, temperature: float, top_p: f
 
 
 def greedy_correct(model, pairs: np.ndarray, batch: int = 500) -> np.ndarray:
-    """Per question: is the greedy answer exactly right (bool array)."""
+    """Per question: is the greedy answer exactly right (bool array); batches of at
+    most `batch` questions, the last padded (one compiled shape)."""
+    batch = max(1, min(batch, len(pairs)))
     out = []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i : i + batch]
@@ -213,12 +216,14 @@ def greedy_correct(model, pairs: np.ndarray, batch: int = 500) -> np.ndarray:
     return np.asarray(out, bool)
 
 
-def pass_at(model, pairs: np.ndarray, n: int, temperature: float, seed: int = 0) -> dict:
-    """Sampled accuracy: pass@1 (mean over samples) and pass@n (any of n right)."""
+def pass_at(model, pairs: np.ndarray, n: int, temperature: float, seed: int = 0,
+            chunk_size: int = 125) -> dict:  # fmt: skip
+    """Sampled accuracy: pass@1 (mean over samples) and pass@n (any of n right), the
+    questions sampled `chunk_size` at a time (the draws depend on it)."""
     ok = []
-    for i in range(0, len(pairs), 125):
-        chunk = pairs[i : i + 125]
-        pad = np.concatenate([chunk, np.repeat(chunk[-1:], 125 - len(chunk), 0)])
+    for i in range(0, len(pairs), chunk_size):
+        chunk = pairs[i : i + chunk_size]
+        pad = np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - len(chunk), 0)])
         res = sample(model, prompts_of(pad), n, temperature, 1.0, ANSWER_MAX, seed + i)
         rows = np.asarray([is_correct(*pad[j // n], r) for j, r in enumerate(res)])
         ok.append(rows.reshape(-1, n)[: len(chunk)])
@@ -468,7 +473,8 @@ def report(toy: ToyConfig, names=("rl", "control"), print_fn=print) -> dict:
     G = toy.run.rl.group_size
     start_model = load_model(root / "start")[0]
     out = {"accuracy": {n: {s: float(c.mean()) for s, c in v.items()} for n, v in correct.items()},
-           "start_sampled_val": pass_at(start_model, held["val"], G, toy.run.rl.temperature),
+           "start_sampled_val": pass_at(start_model, held["val"], G, toy.run.rl.temperature,
+                                        chunk_size=toy.pass_chunk),
            "differences": {}}  # fmt: skip
     for a, b in (("rl", "start"), ("control", "start"), ("rl", "control")):
         if a in correct and b in correct:
