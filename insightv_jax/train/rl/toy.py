@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -351,7 +350,7 @@ def rl_run(toy: ToyConfig, start: Path, name: str, shuffle: bool, print_fn=print
     from flax import nnx
 
     from insightv_jax.checkpoint import load_model, save_model_dir
-    from insightv_jax.parallel import make_mesh
+    from insightv_jax.parallel import run_mesh
     from insightv_jax.train.rl.losses import group_advantages
     from insightv_jax.train.rl.program import RLProgram
     from insightv_jax.train.trainer import build_program, global_batch
@@ -360,9 +359,7 @@ def rl_run(toy: ToyConfig, start: Path, name: str, shuffle: bool, print_fn=print
     if (run_dir / "final" / "params").exists():
         return run_dir
     rl = toy.run.rl
-    m = toy.run.mesh
-    sizes = (m.data, m.fsdp, m.tensor)  # a mesh smaller than the host: its first devices
-    mesh = make_mesh(m, jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)])
+    mesh = run_mesh(toy.run.mesh)  # a mesh smaller than the host: its first devices
     start_model, model_cfg = load_model(start, mesh)[:2]
     updates = toy.steps * rl.updates_per_batch
     cfg = toy.run
