@@ -86,6 +86,16 @@ def platform(mesh: Mesh | None = None) -> str:
     return jax.default_backend()
 
 
+def run_mesh(cfg: MeshConfig) -> Mesh:
+    """The mesh of an RL run (`insightv rl`, `rl-toy`): `make_mesh(cfg)`, except that on
+    one host a mesh of explicit sizes (no -1) smaller than the host takes its first
+    devices, e.g. `mesh.fsdp=1` for a single-device run beside fake CPU devices."""
+    sizes = (cfg.data, cfg.fsdp, cfg.tensor)
+    if -1 in sizes or jax.process_count() > 1:
+        return make_mesh(cfg)
+    return make_mesh(cfg, jax.devices()[: math.prod(sizes)])
+
+
 def single_device_mesh() -> Mesh:
     """A 1×1×1 mesh on the first device (unsharded reference runs)."""
     return make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])

@@ -163,6 +163,8 @@ def test_rl_without_questions_names_the_key():
 
 
 def test_rl_two_rounds_then_rerun_skips_them(tmp_path, monkeypatch):
+    """On one device (`mesh.fsdp=1`, `parallel.run_mesh`): the rounds on the 8 fake
+    devices are the demo's (tests/test_demo.py), the RL step's 8 = 1 test_rl_program's."""
     write_llava(tmp_path / "suite", 24, seed=0)
     src = open_source(tmp_path / "suite" / "train.json")
     corpus = [t["value"] for r in src.records for t in r["conversations"]]
@@ -181,7 +183,7 @@ def test_rl_two_rounds_then_rerun_skips_them(tmp_path, monkeypatch):
         "rl.max_response_tokens=16", "rl.minibatches=2", "rl.logprob_batch=8", "rl.beta=0.04",
         "dpo.summary_max_tokens=6", "data.buckets=[128, 256, 384]", "data.max_length=384",
         "rl.agent=both", f"rl.given_chains={given}", "rl.dynamic_sampling=true",
-        "rl.refill_draws=1",
+        "rl.refill_draws=1", "mesh.fsdp=1",
     ])  # fmt: skip
     from insightv_jax.sample import infer
 

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from fast_init import numpy_params
 
 from insightv_jax.config import MeshConfig
-from insightv_jax.models.factory import init_model
 from insightv_jax.parallel import make_mesh
 from insightv_jax.train.losses import IGNORE, shift_labels
 from insightv_jax.train.optim import merge
@@ -41,8 +40,7 @@ def single(tmp_path_factory, eight_devices):
     tmp = tmp_path_factory.mktemp("rl")
     mesh = make_mesh(MeshConfig(1, 1, 1), eight_devices[:1])
     program = make_program(tmp, mesh)
-    params = nnx.to_pure_dict(nnx.state(init_model(program_model(tmp), mesh, 0), nnx.Param))
-    return program, jax.tree.map(np.asarray, jax.device_get(params))
+    return program, numpy_params(program_model(tmp), seed=0)
 
 
 def program_model(tmp):

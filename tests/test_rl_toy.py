@@ -28,7 +28,11 @@ from insightv_jax.train.rl.toy import (
 ROOT = Path(__file__).resolve().parents[1]
 # one device: the killed worker and the in-process runs must compute alike
 OVERRIDES = ["mesh.fsdp=1", "rl.minibatches=2"]
-FIELDS = {"steps": 24, "val_limit": 300, "eval_every": 0, "save_every": 5}
+# one checkpoint (the last step) per run; pass@G sampled as many questions at a time
+# as a rollout batch has (its compiled sampler)
+FIELDS = {"steps": 24, "val_limit": 300, "eval_every": 0, "save_every": 24, "pass_chunk": 32}
+# the killed run checkpoints at step 12 and dies after step 13's update
+KILL_FIELDS = {**FIELDS, "save_every": 12}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 from pathlib import Path
 from insightv_jax.train.rl.toy import rl_run, toy_config
 
-def print_fn(line):  # after step 13's update: checkpoint 10 is written, 11-13 are lost
+def print_fn(line):  # after step 13's update: checkpoint 12 is written, 13 is lost
     if line.startswith("rl step 13/"):
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -86,15 +90,15 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(toy_run, tmp_path):
     toy, _ = toy_run
     start = Path(toy.workdir) / "start"
     script = WORKER.format(root=str(ROOT), cache=os.environ["JAX_COMPILATION_CACHE_DIR"],
-                           workdir=str(tmp_path), overrides=OVERRIDES, fields=FIELDS,
+                           workdir=str(tmp_path), overrides=OVERRIDES, fields=KILL_FIELDS,
                            start=str(start))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     ckpts = sorted(int(p.name) for p in (tmp_path / "rl" / "checkpoints").iterdir()
                    if p.name.isdigit())  # fmt: skip
-    assert ckpts[-1] == 10, ckpts
+    assert ckpts[-1] == 12, ckpts
     lines = []
-    resumed = toy_config(str(tmp_path), OVERRIDES, **FIELDS)
+    resumed = toy_config(str(tmp_path), OVERRIDES, **KILL_FIELDS)
     rl_run(resumed, start, "rl", shuffle=False, print_fn=lines.append)
     assert any("resumed from" in line for line in lines)
     assert [r["step"] for r in read_jsonl(tmp_path / "rl" / "log.jsonl")] == list(range(1, 25))

@@ -314,9 +314,9 @@ class Iteration:
         if path not in self.agents:
             mesh = None
             if self.update == "rl":
-                from insightv_jax.parallel import make_mesh
+                from insightv_jax.parallel import run_mesh
 
-                mesh = make_mesh(self.cfg.mesh)
+                mesh = run_mesh(self.cfg.mesh)
             self.agents[path] = load_agent(path, mesh)
         return self.agents[path]
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -150,6 +149,7 @@ class ToyConfig:
     save_every: int = 10
     seed: int = 0
     val_limit: int = 1000  # held-out questions used (the first k of each split)
+    pass_chunk: int = 125  # questions per sampling batch of the start's pass@G (its draws)
 
 
 def toy_config(workdir: str, overrides=(), **fields) -> ToyConfig:
@@ -166,7 +166,7 @@ def toy_config(workdir: str, overrides=(), **fields) -> ToyConfig:
                             f"the toy's answers need {ANSWER_MAX}")  # fmt: skip
     toy = ToyConfig(workdir=workdir, run=cfg, **fields)
     for name in ("steps", "questions", "sft_batch", "sft_max_steps", "sft_check_every",
-                 "save_every", "val_limit"):  # fmt: skip
+                 "save_every", "val_limit", "pass_chunk"):  # fmt: skip
         if getattr(toy, name) < 1:
             raise InsightVError(f"rl-toy: {name}={getattr(toy, name)} must be >= 1")
     if not 0.0 < toy.start_accuracy <= 1.0:
@@ -203,7 +203,9 @@ def sample(model, prompts: list[list[int]], n: int, temperature: float, top_p: f
 
 
 def greedy_correct(model, pairs: np.ndarray, batch: int = 500) -> np.ndarray:
-    """Per question: is the greedy answer exactly right (bool array)."""
+    """Per question: is the greedy answer exactly right (bool array); batches of at
+    most `batch` questions, the last padded (one compiled shape)."""
+    batch = max(1, min(batch, len(pairs)))
     out = []
     for i in range(0, len(pairs), batch):
         chunk = pairs[i : i + batch]
@@ -213,12 +215,14 @@ def greedy_correct(model, pairs: np.ndarray, batch: int = 500) -> np.ndarray:
     return np.asarray(out, bool)
 
 
-def pass_at(model, pairs: np.ndarray, n: int, temperature: float, seed: int = 0) -> dict:
-    """Sampled accuracy: pass@1 (mean over samples) and pass@n (any of n right)."""
+def pass_at(model, pairs: np.ndarray, n: int, temperature: float, seed: int = 0,
+            chunk_size: int = 125) -> dict:  # fmt: skip
+    """Sampled accuracy: pass@1 (mean over samples) and pass@n (any of n right), the
+    questions sampled `chunk_size` at a time (the draws depend on it)."""
     ok = []
-    for i in range(0, len(pairs), 125):
-        chunk = pairs[i : i + 125]
-        pad = np.concatenate([chunk, np.repeat(chunk[-1:], 125 - len(chunk), 0)])
+    for i in range(0, len(pairs), chunk_size):
+        chunk = pairs[i : i + chunk_size]
+        pad = np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - len(chunk), 0)])
         res = sample(model, prompts_of(pad), n, temperature, 1.0, ANSWER_MAX, seed + i)
         rows = np.asarray([is_correct(*pad[j // n], r) for j, r in enumerate(res)])
         ok.append(rows.reshape(-1, n)[: len(chunk)])
@@ -346,7 +350,7 @@ def rl_run(toy: ToyConfig, start: Path, name: str, shuffle: bool, print_fn=print
     from flax import nnx
 
     from insightv_jax.checkpoint import load_model, save_model_dir
-    from insightv_jax.parallel import make_mesh
+    from insightv_jax.parallel import run_mesh
     from insightv_jax.train.rl.losses import group_advantages
     from insightv_jax.train.rl.program import RLProgram
     from insightv_jax.train.trainer import build_program, global_batch
@@ -355,9 +359,7 @@ def rl_run(toy: ToyConfig, start: Path, name: str, shuffle: bool, print_fn=print
     if (run_dir / "final" / "params").exists():
         return run_dir
     rl = toy.run.rl
-    m = toy.run.mesh
-    sizes = (m.data, m.fsdp, m.tensor)  # a mesh smaller than the host: its first devices
-    mesh = make_mesh(m, jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)])
+    mesh = run_mesh(toy.run.mesh)  # a mesh smaller than the host: its first devices
     start_model, model_cfg = load_model(start, mesh)[:2]
     updates = toy.steps * rl.updates_per_batch
     cfg = toy.run
@@ -468,7 +470,8 @@ def report(toy: ToyConfig, names=("rl", "control"), print_fn=print) -> dict:
     G = toy.run.rl.group_size
     start_model = load_model(root / "start")[0]
     out = {"accuracy": {n: {s: float(c.mean()) for s, c in v.items()} for n, v in correct.items()},
-           "start_sampled_val": pass_at(start_model, held["val"], G, toy.run.rl.temperature),
+           "start_sampled_val": pass_at(start_model, held["val"], G, toy.run.rl.temperature,
+                                        chunk_size=toy.pass_chunk),
            "differences": {}}  # fmt: skip
     for a, b in (("rl", "start"), ("control", "start"), ("rl", "control")):
         if a in correct and b in correct:

@@ -185,7 +185,7 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
 
     from insightv_jax.checkpoint import aux_dirs, save_model_dir
     from insightv_jax.data.prompts import write_prompts
-    from insightv_jax.parallel import make_mesh
+    from insightv_jax.parallel import run_mesh
     from insightv_jax.train import model_config_for_run
     from insightv_jax.train.dpo.data import PairData, full_params_of
     from insightv_jax.train.rl.program import RLProgram
@@ -218,7 +218,7 @@ def rl_update(cfg: RunConfig, rd: Path, policy: str, items, samples, root: Path,
     total = rl.epochs * rl.minibatches
     train = dataclasses.replace(cfg.train, global_batch=mb, steps=total)
     run_cfg = dataclasses.replace(cfg, model=model_cfg, train=train)
-    mesh = make_mesh(cfg.mesh)
+    mesh = run_mesh(cfg.mesh)
     program = build_program(model_cfg, run_cfg, mesh, total,
                             functools.partial(RLProgram, rl=rl))  # fmt: skip
     params = full_params_of(policy, mesh)
