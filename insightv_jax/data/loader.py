@@ -282,7 +282,24 @@ def build_dataset(
     return it
 
 
-class Loader:
+class GrainBatches:
+    """Iteration and resume state of a loader whose batches come from a grain
+    iterator `self._it` (grain's own state: the position to resume from)."""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+
+class Loader(GrainBatches):
     """A validated, resumable batch iterator over one source."""
 
     def __init__(
@@ -357,18 +374,6 @@ class Loader:
             "skipped": len(r.bad),
             "reasons": r.reasons(),
         }
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
-
-    def get_state(self) -> dict:
-        return self._it.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self._it.set_state(state)
 
 
 def loader_from_config(

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from insightv_jax.data.conversation import IGNORE, encode_text
-from insightv_jax.data.loader import Collate, Loader, Subset, shard_options
+from insightv_jax.data.loader import Collate, GrainBatches, Loader, Subset, shard_options
 from insightv_jax.data.packing import PackedPairSteps, PackPairs, pair_steps
 from insightv_jax.data.sources import BadRecord
 from insightv_jax.data.validate import Limits, check_record, validate_source
@@ -260,7 +260,7 @@ class FitsPackedRow:
         return reason
 
 
-class PackedPairLoader:
+class PackedPairLoader(GrainBatches):
     """Packed DPO batches (`data.packing.pack_pairs`) of a fixed plan: step s
     packs the `pairs_per_step` pairs the unpacked `pair_loader` (same source,
     seed and hosts) gives at step s into `rows` rows of the largest bucket, with
@@ -312,15 +312,3 @@ class PackedPairLoader:
         ds = ds.map(PackPairs(tf, capacity, self.pairs_per_row, pad_id, images))
         read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         self._it = iter(ds.to_iter_dataset(read))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
-
-    def get_state(self) -> dict:
-        return self._it.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self._it.set_state(state)
