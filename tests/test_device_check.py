@@ -1,6 +1,11 @@
 """The device check (launch/device_check.sh, insightv_jax/device_check/): its
 CPU mode runs every section at toy sizes and writes one JSON file per section;
-its guard records a section that overruns or kills the worker and goes on."""
+its guard records a section that overruns or kills the worker and goes on.
+
+The CPU mode runs as on the GPU image, with grain, tensorflow-datasets and
+tensorboardX refused (tests/model_only/sitecustomize.py): it is also the
+model-only install's test, since its sections import, build, train and sample
+the models through the same code a training run uses."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ unpacked loader's order."""
 import shutil
 
 import pytest
+from fast_init import numpy_model
 
 from insightv_jax.checkpoint import save_model_dir
 from insightv_jax.data import conversation as conv
@@ -14,7 +15,6 @@ from insightv_jax.data.loader import shard_options
 from insightv_jax.data.packing import pair_steps
 from insightv_jax.errors import DataError
 from insightv_jax.jsonl import read_jsonl, write_jsonl
-from insightv_jax.models.factory import construct
 from insightv_jax.train.dpo import train_dpo
 from insightv_jax.train.toy_data import toy_run_config
 
@@ -46,7 +46,7 @@ def micro(tmp_path_factory):
     corpus = [t for p in pairs for t in (p["prompt"][0]["value"], p["chosen"], p["rejected"])]
     conv.build_tokenizer(corpus, root / "tok", template="minimal", vocab_size=300)
     cfg = toy_run_config(str(root), *MICRO).model
-    model = save_model_dir(construct(cfg, seed=0), cfg, root / "m0", tokenizer_dir=root / "tok")
+    model = save_model_dir(numpy_model(cfg), cfg, root / "m0", tokenizer_dir=root / "tok")
     write_jsonl(root / "pairs.jsonl", pairs)
     return root, model
 
