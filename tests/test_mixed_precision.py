@@ -2,7 +2,7 @@
 DPO and RL steps run in fp32; bf16 parameters with an fp32 master copy
 (`train.master_weights`) track fp32 training while plain bf16 parameters drift;
 the master copy (of the trainable parameters below fp32 only) is sharded like
-its parameters and a checkpoint of such a run resumes bit-identically."""
+its parameters and a checkpoint restores it bit-identically."""
 
 import functools
 from pathlib import Path

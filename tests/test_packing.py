@@ -1,7 +1,8 @@
-"""Sequence packing: packed rows give the unpacked loss and gradients (text
-decoder, Qwen2.5-VL with images and M-RoPE); the packer's plan, determinism and
-exact resume; the packing-efficiency figure; configs that cannot pack. Packed
-preference pairs: tests/test_dpo_packing.py."""
+"""Sequence packing: text records keep apart in a packed row; packed rows give
+the unpacked loss and gradients (Qwen2.5-VL with images, M-RoPE and text
+records); the packer's plan, determinism and exact resume; the
+packing-efficiency figure; configs that cannot pack. Packed preference pairs
+(a text decoder's DPO run): tests/test_dpo_packing.py."""
 
 import json
 
@@ -11,7 +12,6 @@ import pytest
 from fast_init import numpy_params
 
 from insightv_jax.config import (
-    DecoderConfig,
     MeshConfig,
     ModelConfig,
     RunConfig,
@@ -31,10 +31,7 @@ from insightv_jax.train.losses import IGNORE
 from insightv_jax.train.steps import SFTProgram
 from insightv_jax.train.trainer import build_program, global_batch
 
-TINY = DecoderConfig(
-    vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-    num_kv_heads=2, qkv_bias=True, scan_layers=False,
-)  # fmt: skip
+VOCAB = 97  # the text records' token ids
 
 
 def _text_example(rng, n: int, vocab: int) -> dict:
@@ -78,7 +75,7 @@ def test_packed_text_rows_keep_records_apart():
     among its rows) and tests/test_dpo_packing.py (a text decoder's packed DPO
     run, step by step)."""
     rng = np.random.default_rng(0)
-    examples = [_text_example(rng, int(n), TINY.vocab_size) for n in rng.integers(6, 30, 9)]
+    examples = [_text_example(rng, int(n), VOCAB) for n in rng.integers(6, 30, 9)]
     rows = first_fit([len(e["input_ids"]) for e in examples], range(9), 64, window=4)
     assert len(rows) < 9
     packed = PackCollate(None, 64).collate([[examples[i] for i in row] for row in rows])
