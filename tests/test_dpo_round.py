@@ -135,3 +135,30 @@ def test_round_table_names_the_training_sample_accuracy():
     header, line = format_table([row]).splitlines()
     assert header.split()[2] == "train_sample_acc" and "val_two_agent_acc" in header
     assert "0.6931" not in line and "0.6930" in line and line.split()[-1] == "0.400"
+
+
+def test_judge_by_claim_judges_a_chain_by_its_own_answer():
+    """`dpo.judge_by`: with "summary" a chain whose slip the summary agent repaired
+    counts as right; with "claim" it is judged by the answer it states itself, and a
+    chain that states none falls back to the summary agent's answer."""
+    from insightv_jax.pipeline.backends import OracleJudgeBackend
+    from insightv_jax.train.rollouts import assess
+
+    class FlatScorer:  # every correct chain scores 50
+        def score_many(self, requests):
+            return [[50.0] * len(chains) for _, chains in requests]
+
+    items = [{"id": "q", "question": "how many red squares plus blue circles?", "answer": "6"}]
+    samples = [
+        {"id": "q", "sample": 0, "chain": "Compute: 4 + 2 = 7\nAnswer: answer 7",
+         "answer": "6"},  # a slip the summary agent repaired
+        {"id": "q", "sample": 1, "chain": "Compute: 4 + 2 = 6\nAnswer: answer 6",
+         "answer": "5"},  # a right chain it overturned
+        {"id": "q", "sample": 2, "chain": "Compute: 4 + 2", "answer": "6"},  # no claim
+    ]  # fmt: skip
+    judge = OracleJudgeBackend()
+    by_summary = assess(items, samples, judge, FlatScorer(), 1.0, judge_by="summary")
+    by_claim = assess(items, samples, judge, FlatScorer(), 1.0, judge_by="claim")
+    assert [s["correct"] for s in by_summary] == [True, False, True]
+    assert [s["correct"] for s in by_claim] == [False, True, True]
+    assert [s["score"] for s in by_claim] == [1.0, 50.0, 50.0]

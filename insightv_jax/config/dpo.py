@@ -45,12 +45,20 @@ class DPOConfig:
     # (the shared prefix carries no preference)
     truncate_at_divergence: bool = False
     question_seed: int = 0  # the shuffled order rounds draw fresh questions from
+    # what the judge checks for each sampled chain: "summary", the summary agent's
+    # answer from it (the method: a chain has no answer of its own); "claim", the
+    # chain's own final answer where its format states one (`chain_final_claim`),
+    # else the summary agent's. With "summary" a chain with a slip the summary agent
+    # repairs counts as right, and a right chain it overturns as wrong.
+    judge_by: Literal["summary", "claim"] = "summary"
 
     def validate(self) -> None:
         if self.beta <= 0 or self.gamma < 0:
             raise ConfigError(f"dpo: beta={self.beta} must be > 0 and gamma={self.gamma} >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.judge_by not in ("summary", "claim"):
+            raise ConfigError(f"dpo.judge_by={self.judge_by!r} must be 'summary' or 'claim'")
         if self.samples_per_question < 2:
             raise ConfigError("dpo.samples_per_question must be >= 2 (pairs need two chains)")
         if min(self.logprob_batch, self.sample_batch, self.rounds) < 1:

@@ -507,7 +507,9 @@ class Iteration:
                           items, d.samples_per_question, seed)  # fmt: skip
             write_jsonl(gens_path, gens)
         if not samples_path.exists():
-            samples = assess(items, read_jsonl(gens_path), self.judge, self.scorer, d.floor_score)
+            samples = assess(
+                items, read_jsonl(gens_path), self.judge, self.scorer, d.floor_score, d.judge_by
+            )
             write_jsonl(samples_path, samples)
         return read_jsonl(samples_path)
 

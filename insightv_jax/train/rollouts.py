@@ -88,14 +88,22 @@ def sample_chain_groups(cfg: RunConfig, reasoner, summarizer, items: list[dict],
 # ------------------------------------------------------------ 2. assess
 
 
-def assess(items: list[dict], samples: list[dict], judge, scorer, floor: float) -> list[dict]:
+def assess(items: list[dict], samples: list[dict], judge, scorer, floor: float,
+           judge_by: str = "summary") -> list[dict]:  # fmt: skip
     """Samples + `correct` (judge), `score` (scorer; wrong = floor; None = unscored)
-    and `reward` (= score, the per-sample reward an on-policy update would use)."""
+    and `reward` (= score, the per-sample reward an on-policy update would use).
+    The judge checks the summary agent's answer (`judge_by="summary"`) or the
+    chain's own final claim where it states one (`"claim"`, `dpo.judge_by`)."""
+    from insightv_jax.eval.extract import chain_final_claim
+
+    def answer_of(s: dict) -> str:
+        claim = chain_final_claim(s["chain"]) if judge_by == "claim" else None
+        return s["answer"] if claim is None else claim
+
     by_id = {it["id"]: it for it in items}
     correct, scores = judge_and_score(
-        by_id, samples, judge, scorer,
-        answer_of=lambda s: s["answer"], chain_of=lambda s: thoughts(s["chain"]),
-    )  # fmt: skip
+        by_id, samples, judge, scorer, answer_of=answer_of, chain_of=lambda s: thoughts(s["chain"])
+    )
     out = []
     for s, ok, score in zip(samples, correct, scores):
         score = (None if score is None else float(score)) if ok else float(floor)
