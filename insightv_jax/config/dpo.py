@@ -57,8 +57,6 @@ class DPOConfig:
             raise ConfigError(f"dpo: beta={self.beta} must be > 0 and gamma={self.gamma} >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.judge_by not in ("summary", "claim"):
-            raise ConfigError(f"dpo.judge_by={self.judge_by!r} must be 'summary' or 'claim'")
         if self.samples_per_question < 2:
             raise ConfigError("dpo.samples_per_question must be >= 2 (pairs need two chains)")
         if min(self.logprob_batch, self.sample_batch, self.rounds) < 1:
