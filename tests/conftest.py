@@ -40,6 +40,28 @@ import pytest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def small_matmul_peak():
+    """Training runs report MFU against a matmul peak they measure on 2048-cubed
+    products, one per device (~6 s on the 8 fake devices, each time). In-process
+    test runs measure it on 256-cubed ones, once per dtype and device count: the
+    MFU path still runs, without the benchmark's seconds in every training test.
+    Session-scoped, so the session and module fixtures that train see it too."""
+    from insightv_jax.train import metrics, trainer
+
+    peaks = {}
+
+    def small(dtype="float32", n=2048, reps=5, mesh=None):
+        key = (str(dtype), None if mesh is None else mesh.devices.size)
+        if key not in peaks:
+            peaks[key] = metrics.measure_matmul_peak(dtype, n=256, reps=2, mesh=mesh)
+        return peaks[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "measure_matmul_peak", small)
+        yield
+
+
 @pytest.fixture(scope="session")
 def eight_devices():
     devices = jax.devices()
@@ -49,32 +71,51 @@ def eight_devices():
     return devices
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` fills once per test session, shared by the xdist
+    workers (the first to take the lock builds it; the others wait and read it),
+    for session fixtures that train or write what their tests only read."""
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # no xdist: this process is the session
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name  # the session's, beside gw0, gw1
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def micro_llava_agent(tmp_path_factory):
     """(data root, run dir): the tiny LLaVA preset trained by `insightv sft` for
     30 steps on 64 synthetic questions (mesh data 4 x fsdp 2), once a session
-    for the tests that need a trained agent with our tokenizer."""
-    from insightv_jax import cli
-    from insightv_jax.data import conversation as conv
-    from insightv_jax.data.sources import open_source
-    from insightv_jax.data.synthetic.writer import write_llava
+    for the tests that need a trained agent with our tokenizer (they only read it)."""
 
-    root = tmp_path_factory.mktemp("micro_llava_agent")
-    write_llava(root / "d", 64, seed=0)
-    records = open_source(root / "d" / "train.json").records
-    corpus = [t["value"] for r in records for t in r["conversations"]]
-    conv.build_tokenizer(corpus * 2, root / "tok", template="minimal", vocab_size=508)
-    run = root / "run"
-    args = [
-        "sft", "--config", "configs/sft/tiny-synthetic.yaml",
-        f"train.data={root / 'd' / 'train.json'}", f"train.tokenizer={root / 'tok'}",
-        f"train.workdir={run}", "train.steps=30", "train.global_batch=16",
-        "train.log_every=10", "train.checkpoint_every=0", "mesh.fsdp=2", "mesh.data=4",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:  # no MFU: its matmul benchmark takes seconds
-        mp.setattr("insightv_jax.train.trainer.measure_matmul_peak", lambda *a, **k: 0.0)
+    def build(root):
+        from insightv_jax import cli
+        from insightv_jax.data import conversation as conv
+        from insightv_jax.data.sources import open_source
+        from insightv_jax.data.synthetic.writer import write_llava
+
+        write_llava(root / "d", 64, seed=0)
+        records = open_source(root / "d" / "train.json").records
+        corpus = [t["value"] for r in records for t in r["conversations"]]
+        conv.build_tokenizer(corpus * 2, root / "tok", template="minimal", vocab_size=508)
+        args = [
+            "sft", "--config", "configs/sft/tiny-synthetic.yaml",
+            f"train.data={root / 'd' / 'train.json'}", f"train.tokenizer={root / 'tok'}",
+            f"train.workdir={root / 'run'}", "train.steps=30", "train.global_batch=16",
+            "train.log_every=10", "train.checkpoint_every=0", "mesh.fsdp=2", "mesh.data=4",
+        ]  # fmt: skip
         assert cli.main(args) == 0
-    return root, run
+
+    root = built_once(tmp_path_factory, "micro_llava_agent", build)
+    return root, root / "run"
 
 
 @pytest.fixture(scope="session")

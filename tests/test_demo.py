@@ -39,6 +39,9 @@ MICRO = {
             "samples_per_question": 2,
             "reason_max_tokens": 12,
             "min_gap": 0.0,
+            "eval_limit": 4,
+            "sample_batch": 8,
+            "logprob_batch": 8,
         },
     },  # fmt: skip
     "rl": {

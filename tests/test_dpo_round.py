@@ -96,7 +96,10 @@ def test_round_lowers_the_preference_loss_on_its_own_pairs(micro, tmp_path):
     # the policy starts as the reference: ln 2; after the round the loss is below it
     assert out["pref_loss_start"] == pytest.approx(math.log(2), abs=1e-6)
     assert out["pref_loss_end"] < out["pref_loss_start"] - 0.05
-    assert out["dpo_loss_end"] <= out["pref_loss_end"] + 1e-9 and out["dpo_loss_end"] < math.log(2)
+    # the plain DPO term is the preference loss less its DPOP penalty (>= 0); the two
+    # are summed in a different order, so they agree to float32 rounding at best
+    assert out["dpo_loss_end"] <= out["pref_loss_end"] * (1 + 1e-5) + 1e-7
+    assert out["dpo_loss_end"] < math.log(2)
     assert out["reward_accuracy_end"] > 0.5 and out["reward_margin_end"] > 0
     assert out["kl_tokens"] > 0 and out["kl_k3_per_token"] >= 0 and out["kl_per_token"] > -1
     probe = json.loads((tmp_path / "run" / "probe.json").read_text())

@@ -71,14 +71,12 @@ def run(suite, tmp_path_factory):
     """`insightv sft` of the micro preset on mixed.json: 16 steps, one
     sequence bucket (so one compiled step), its run directory."""
     run = tmp_path_factory.mktemp("qwen_sft") / "run"
-    with pytest.MonkeyPatch.context() as mp:  # no MFU: its matmul benchmark takes seconds
-        mp.setattr("insightv_jax.train.trainer.measure_matmul_peak", lambda *a, **k: 0.0)
-        code = cli.main([
-            "sft", "--config", SFT_CONFIG, f"train.data={suite / 'd' / 'mixed.json'}",
-            f"train.tokenizer={suite / 'tok'}", f"train.workdir={run}", "train.steps=16",
-            "train.global_batch=16", "train.log_every=8", "train.checkpoint_every=0",
-            "data.buckets=[128]",
-        ])  # fmt: skip
+    code = cli.main([
+        "sft", "--config", SFT_CONFIG, f"train.data={suite / 'd' / 'mixed.json'}",
+        f"train.tokenizer={suite / 'tok'}", f"train.workdir={run}", "train.steps=16",
+        "train.global_batch=16", "train.log_every=8", "train.checkpoint_every=0",
+        "data.buckets=[128]",
+    ])  # fmt: skip
     assert code == 0
     return run
 
