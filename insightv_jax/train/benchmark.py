@@ -29,8 +29,7 @@ from insightv_jax.train.metrics import (
     decoder_matmul_params,
     measure_matmul_peak,
     nominal_bf16_peak,
-    train_flops_per_token,
-    vision_flops_per_tile,
+    step_flops,
 )
 from insightv_jax.train.profile import op_breakdown
 from insightv_jax.train.toy_data import ToySource
@@ -102,17 +101,6 @@ def _batch(cfg, seed: int = 0) -> dict:
         batch["pixel_values"] = rng.standard_normal((B, 1, 1, 3, t, t), np.float32)
         batch["image_sizes"] = np.full((B, 1, 2), t, np.int32)
     return batch
-
-
-def step_flops(cfg, batch: dict) -> float:
-    """Model FLOPs of one SFT step on `batch` (MFU convention, metrics.py):
-    the decoder over every position, a LLaVA tower and projector per image."""
-    tokens = batch["input_ids"].size
-    flops = train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.trainable) * tokens
-    if "pixel_values" in batch:
-        tiles = int(np.prod(batch["pixel_values"].shape[:3]))
-        flops += vision_flops_per_tile(cfg.model, cfg.train.trainable) * tiles
-    return flops
 
 
 def jax_step(cfg, batch: dict, losses: list | None = None):
@@ -198,7 +186,7 @@ def bench_one(
     is dropped before ours starts: on a GPU both would not fit at 1B."""
     batch = _batch(cfg)
     tokens = batch["input_ids"].size
-    flops = step_flops(cfg, batch)
+    flops = step_flops(cfg.model, batch, cfg.train.trainable)
     row = {
         "params_M": round(decoder_matmul_params(cfg.model.decoder) / 1e6, 1),
         "batch": list(batch["input_ids"].shape),

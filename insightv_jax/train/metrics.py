@@ -72,6 +72,52 @@ def vision_flops_per_tile(cfg: ModelConfig, trainable=("projector", "llm")) -> f
     return float(tower_mult * tower + proj_mult * projector)
 
 
+def _attended_pairs(segments: np.ndarray) -> int:
+    """Query-key pairs of attention restricted to segments: over every row, the
+    sum of each segment's length squared (padding slots form a segment too)."""
+    rows = np.asarray(segments).reshape(-1, np.shape(segments)[-1])
+    return sum(int((np.unique(r, return_counts=True)[1].astype(np.int64) ** 2).sum()) for r in rows)
+
+
+def qwen_vision_flops(cfg: ModelConfig, batch: dict, trainable=("projector", "llm")) -> float:
+    """Model FLOPs of a Qwen-VL batch's patches (`models.qwen_vl.BATCH_KEYS`, padding
+    slots included) through the tower and merger in one SFT step: patch embedding,
+    the blocks' projections and MLP, attention within each block's segments (its
+    frame for full-attention blocks, its window otherwise), the merger per merged
+    token. Multipliers as `vision_flops_per_tile` (the merger is the projector)."""
+    v = cfg.qwen_vision
+    pixels = np.shape(batch["pixel_values"])  # (B, L, C*T*p*p)
+    patches = int(np.prod(pixels[:-1]))
+    D, F = v.hidden_size, v.intermediate_size
+    mlp_matrices = 3 if v.family == "qwen2_5_vl" else 2  # gate-up-down / fc1-fc2
+    full = sum(not v.windowed or i in v.fullatt_block_indexes for i in range(v.depth))
+    pairs = full * _attended_pairs(batch["vision_full_segments"])
+    pairs += (v.depth - full) * _attended_pairs(batch["vision_window_segments"])
+    tower = 2 * pixels[-1] * D * patches  # patch embedding
+    tower += v.depth * 2 * (4 * D * D + mlp_matrices * D * F) * patches
+    tower += 2 * 2 * D * pairs  # QKᵀ and AV over the attended pairs (not causal)
+    unit = v.spatial_merge_size**2
+    merger = 2 * (D * unit * D * unit + D * unit * v.out_hidden_size) * (patches // unit)
+    tower_mult = 3 if "vision" in trainable else 1
+    proj_mult = 3 if "projector" in trainable else 2 if "vision" in trainable else 1
+    return float(tower_mult * tower + proj_mult * merger)
+
+
+def step_flops(cfg: ModelConfig, batch: dict, trainable=("projector", "llm")) -> float:
+    """Model FLOPs of one SFT step on `batch` (the shapes of its arrays; Qwen-VL's
+    segment ids on the host): the decoder over every position at the batch's own
+    length, and the images -- a LLaVA tower and projector per tile, a Qwen-VL tower
+    and merger per patch. The MFU convention of this module."""
+    B, T = np.shape(batch["input_ids"])[:2]
+    flops = train_flops_per_token(cfg, T, trainable) * B * T
+    if "pixel_values" not in batch:
+        return flops
+    if cfg.is_qwen_vl:
+        return flops + qwen_vision_flops(cfg, batch, trainable)
+    tiles = int(np.prod(np.shape(batch["pixel_values"])[:3]))  # (B, images, tiles, ...)
+    return flops + vision_flops_per_tile(cfg, trainable) * tiles
+
+
 # Dense bf16 matmul peaks from the vendors' data sheets (FLOP/s, no sparsity), by a
 # substring of `jax.Device.device_kind`; the first match wins (the PCIe and NVL H100s
 # before the SXM one, v5e before v5p).
@@ -128,14 +174,12 @@ class MetricsLogger:
         total_steps: int,
         log_every: int = 10,
         tb_dir: str | Path | None = None,
-        flops_per_token: float = 0.0,
         peak_flops: float = 0.0,
         print_fn=print,
         jsonl_path: str | Path | None = None,
     ):
         self.total = total_steps
         self.log_every = max(1, log_every)
-        self.flops_per_token = flops_per_token
         self.peak = peak_flops
         self.print = print_fn
         self.main = jax.process_index() == 0
@@ -147,23 +191,28 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(tb_dir))
         self._t0 = time.perf_counter()
         self._tokens = 0
+        self._flops = 0.0
         self._steps = 0
         self.started = time.perf_counter()
 
     def reset_clock(self) -> None:
         """Restart the throughput window (after compilation, for example)."""
-        self._t0, self._tokens, self._steps = time.perf_counter(), 0, 0
+        self._t0, self._tokens, self._flops, self._steps = time.perf_counter(), 0, 0.0, 0
 
-    def log(self, step: int, metrics: dict, tokens: int, lr: float, skipped: int) -> dict:
-        """Record one finished step (1-based `step`); print/write on log steps."""
+    def log(
+        self, step: int, metrics: dict, tokens: int, lr: float, skipped: int, flops: float = 0.0
+    ) -> dict:
+        """Record one finished step (1-based `step`) of `tokens` positions and
+        `flops` model FLOPs (`step_flops`); print/write on log steps."""
         self._tokens += tokens
+        self._flops += flops
         self._steps += 1
         if step % self.log_every and step != self.total:
             return {}
         dt = max(time.perf_counter() - self._t0, 1e-9)
         tok_s = self._tokens / dt
         # no measured peak (DPO), no MFU: a 0 % would read as a measurement
-        mfu = tok_s * self.flops_per_token / self.peak if self.peak else None
+        mfu = self._flops / dt / self.peak if self.peak else None
         row = {
             "loss": float(metrics["loss"]),
             "grad_norm": float(metrics["grad_norm"]),

@@ -40,7 +40,7 @@ from insightv_jax.errors import CheckpointError
 from insightv_jax.hf.files import copy_aux_dirs
 from insightv_jax.models.factory import construct, init_model
 from insightv_jax.parallel import make_mesh, state_shardings
-from insightv_jax.train.metrics import MetricsLogger, measure_matmul_peak, train_flops_per_token
+from insightv_jax.train.metrics import MetricsLogger, measure_matmul_peak, step_flops
 from insightv_jax.train.optim import split_trainable
 from insightv_jax.train.steps import SFTProgram
 
@@ -348,15 +348,20 @@ class Trainer:
                 step += 1
                 losses.append(metrics["loss"])
                 if logger is None:
-                    logger = self._logger(batch["input_ids"].shape[1])
+                    logger = self._logger()
                 tokens = int(np.prod(batch["input_ids"].shape))
+                flops = 0.0
+                if logger.peak:  # this host's batch, as many on every host
+                    flops = jax.process_count() * step_flops(
+                        self.model_cfg, local, self.cfg.train.trainable
+                    )
                 if self.on_step is not None:
                     self.on_step(step, metrics, local, state)
                 lr, skipped = 0.0, 0
                 if step % max(1, tcfg.log_every) == 0 or step == self.total_steps:
                     skipped = int(state["skipped"])
                     lr = self.program.lr_at(step - skipped)
-                logger.log(step, metrics, tokens, lr, skipped)
+                logger.log(step, metrics, tokens, lr, skipped, flops)
                 if step == start + 1:
                     jax.block_until_ready(metrics)
                     logger.reset_clock()  # the first step includes compilation
@@ -382,8 +387,7 @@ class Trainer:
             program=self.program,
         )
 
-    def _logger(self, seq_len: int) -> MetricsLogger:
-        flops = train_flops_per_token(self.model_cfg, seq_len, self.cfg.train.trainable)
+    def _logger(self) -> MetricsLogger:
         peak = 0.0
         if self.measure_peak:
             peak = measure_matmul_peak(self.model_cfg.decoder.dtype, mesh=self.mesh)
@@ -391,7 +395,6 @@ class Trainer:
             self.total_steps,
             self.cfg.train.log_every,
             self.run_dir / "tb",
-            flops_per_token=flops,
             peak_flops=peak,
             print_fn=self.print,
             jsonl_path=self.run_dir / "metrics.jsonl",
