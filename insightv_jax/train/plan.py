@@ -199,7 +199,7 @@ def compile_step(cfg, devices: int | None = None):
 def step_report(cfg, program, batch: dict, compiled, seconds: float) -> dict:
     """The report dict of a `compile_step`: XLA's per-device memory analysis,
     the hand estimate, parameter counts and model FLOPs."""
-    from insightv_jax.train.metrics import train_flops_per_token
+    from insightv_jax.train.metrics import step_flops, train_flops_per_token
 
     model_cfg = program_model_cfg(cfg)
     B, T = cfg.train.global_batch, cfg.train.seq_len
@@ -215,7 +215,10 @@ def step_report(cfg, program, batch: dict, compiled, seconds: float) -> dict:
     xla["total"] = xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temporaries"]
     n_params = sum(math.prod(x.shape) for x in _leaves(program.abstract_state["params"]))
     n_frozen = sum(math.prod(x.shape) for x in _leaves(program.abstract_state["frozen"]))
-    flops = train_flops_per_token(model_cfg, T, cfg.train.trainable) * B * T
+    if model_cfg.is_qwen_vl:  # its tower's attention spans depend on the images themselves
+        flops, counted = train_flops_per_token(model_cfg, T, cfg.train.trainable) * B * T, "decoder"
+    else:
+        flops, counted = step_flops(model_cfg, batch, cfg.train.trainable), "decoder and images"
     return {
         "mesh": dict(program.mesh.shape),
         "devices": program.mesh.size,
@@ -230,6 +233,7 @@ def step_report(cfg, program, batch: dict, compiled, seconds: float) -> dict:
         "xla_per_device": xla,
         "hand_per_device": hand_estimate(cfg, program, T, patches),
         "model_flops_per_step": flops,
+        "model_flops_of": counted,
     }
 
 
@@ -253,7 +257,7 @@ def format_report(r: dict) -> str:
     lines += [f"  {k:<18}{g(v)}" for k, v in r["hand_per_device"].items()]
     lines.append(
         f"model FLOPs per step: {r['model_flops_per_step']:.3e} "
-        f"({r['model_flops_per_step'] / r['devices']:.3e} per device)"
+        f"({r['model_flops_per_step'] / r['devices']:.3e} per device; {r['model_flops_of']})"
     )
     return "\n".join(lines)
 

@@ -351,7 +351,9 @@ class Trainer:
                     logger = self._logger()
                 tokens = int(np.prod(batch["input_ids"].shape))
                 flops = 0.0
-                if logger.peak:  # this host's batch, as many on every host
+                # this host's batch times the hosts: their shapes are equal, and a
+                # Qwen-VL tower's attention spans are taken from this host's images
+                if logger.peak:
                     flops = jax.process_count() * step_flops(
                         self.model_cfg, local, self.cfg.train.trainable
                     )

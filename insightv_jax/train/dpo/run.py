@@ -6,8 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import re
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -32,15 +30,6 @@ from insightv_jax.train.dpo.probe import (
     round_probe,
 )
 from insightv_jax.train.dpo.program import DPOProgram, PairBatches, WithRefLogps
-
-_MFU = re.compile(r" MFU [0-9.]+%")
-
-
-def _without_mfu(print_fn: Callable[[str], None]) -> Callable[[str], None]:
-    """`print_fn` minus the training log's MFU field: DPO measures no matmul peak
-    (and its pair-layout steps are not the SFT FLOP count the logger assumes), so
-    the field would always read a meaningless `MFU 0.0%`."""
-    return lambda line: print_fn(_MFU.sub("", line))
 
 
 def step_budget(train, pairs: int) -> int:
@@ -88,7 +77,6 @@ def train_dpo(
     per-token KL between them; written to RUN/probe.json and returned beside the
     means of the last epoch's training steps.
     """
-    print_fn = _without_mfu(print_fn)
     _check_dpo(cfg)
     cfg, tok, proc = _with_policy_model(cfg, print_fn)
     records = read_jsonl(pairs_path)  # a bad pair file fails before the run dir exists
