@@ -30,11 +30,13 @@ lint: $(STAMP_TEST)
 
 # mimalloc preloaded as `insightv` does (insightv_jax/allocator.py): fewer page faults per XLA step.
 # Two pytest workers (one per core of CI's machine), a test file's tests on one worker (their
-# module fixtures are built once); PYTEST_WORKERS=0 runs in one process.
+# module fixtures are built once), files in collection order: the longest first
+# (tests/conftest.py); PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 pytest: $(STAMP_TEST)
 	LD_PRELOAD="$$($(BIN)/python -m insightv_jax.allocator) $$LD_PRELOAD" \
-		$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+		$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--durations=15 $(PYTEST_ARGS)
 
 test: lint pytest
 

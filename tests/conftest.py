@@ -40,6 +40,24 @@ import pytest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+# The longest test files (seconds of test time on CI's 2 cores), collected first. `make
+# test` runs `--dist loadfile --no-loadscope-reorder`: each worker takes the next file in
+# collection order, so the long ones start early and the short ones fill in around them
+# (xdist's default order, most tests first, left the demo's single test until last while
+# the other worker idled).
+LONGEST_FIRST = (
+    "test_demo.py", "test_quickstart.py", "test_attention.py", "test_train_resume.py",
+    "test_sampler.py", "test_dpo_iterate.py", "test_serve.py", "test_rl_toy.py",
+    "test_rl_loop.py", "test_device_check.py", "test_train_steps.py", "test_vlm_sampling.py",
+    "test_train_multihost.py", "test_constrain.py", "test_qwen_vl_train.py", "test_dpo_step.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def small_matmul_peak():
     """Training runs report MFU against a matmul peak they measure on 2048-cubed
