@@ -53,6 +53,15 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, trainable=("projector"
     return float(mult * (dense + attn))
 
 
+def _trained(tower: float, projector: float, trainable) -> float:
+    """Step FLOPs of a vision tower and its projector from their forward FLOPs:
+    x3 for a trained part, forward-only for a frozen one, and x2 for a frozen
+    projector that the trained tower's gradients pass back through."""
+    tower_mult = 3 if "vision" in trainable else 1
+    proj_mult = 3 if "projector" in trainable else 2 if "vision" in trainable else 1
+    return float(tower_mult * tower + proj_mult * projector)
+
+
 def vision_flops_per_tile(cfg: ModelConfig, trainable=("projector", "llm")) -> float:
     """Model FLOPs of one image tile through a LLaVA tower (the layers up to its
     feature layer) and projector in one SFT step: forward-only for a frozen
@@ -67,9 +76,7 @@ def vision_flops_per_tile(cfg: ModelConfig, trainable=("projector", "llm")) -> f
     tower += layers * per_token * tokens
     D = cfg.decoder.hidden_size
     projector = 2 * (v.hidden_size * D + D * D) * tokens_per_tile(cfg)
-    tower_mult = 3 if "vision" in trainable else 1
-    proj_mult = 3 if "projector" in trainable else 2 if "vision" in trainable else 1
-    return float(tower_mult * tower + proj_mult * projector)
+    return _trained(tower, projector, trainable)
 
 
 def _attended_pairs(segments: np.ndarray) -> int:
@@ -84,7 +91,7 @@ def qwen_vision_flops(cfg: ModelConfig, batch: dict, trainable=("projector", "ll
     slots included) through the tower and merger in one SFT step: patch embedding,
     the blocks' projections and MLP, attention within each block's segments (its
     frame for full-attention blocks, its window otherwise), the merger per merged
-    token. Multipliers as `vision_flops_per_tile` (the merger is the projector)."""
+    token. The merger counts as the projector (`_trained`)."""
     v = cfg.qwen_vision
     pixels = np.shape(batch["pixel_values"])  # (B, L, C*T*p*p)
     patches = int(np.prod(pixels[:-1]))
@@ -98,9 +105,7 @@ def qwen_vision_flops(cfg: ModelConfig, batch: dict, trainable=("projector", "ll
     tower += 2 * 2 * D * pairs  # QKᵀ and AV over the attended pairs (not causal)
     unit = v.spatial_merge_size**2
     merger = 2 * (D * unit * D * unit + D * unit * v.out_hidden_size) * (patches // unit)
-    tower_mult = 3 if "vision" in trainable else 1
-    proj_mult = 3 if "projector" in trainable else 2 if "vision" in trainable else 1
-    return float(tower_mult * tower + proj_mult * merger)
+    return _trained(tower, merger, trainable)
 
 
 def step_flops(cfg: ModelConfig, batch: dict, trainable=("projector", "llm")) -> float:
